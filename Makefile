@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up first.
+SHELL := /bin/bash
+RUN := scripts/run.sh
+
+.PHONY: setup demo test lint protos kafka-start kafka-stop
+
+setup:
+	bash scripts/bootstrap.sh
+
+demo: setup
+	$(RUN) policyloop demo
+
+test: setup
+	$(RUN) pytest
+
+lint:
+	$(RUN) ruff check .
+
+protos:
+	$(RUN) bash scripts/gen_protos.sh
+
+kafka-start:
+	bash scripts/kafka.sh start
+
+kafka-stop:
+	bash scripts/kafka.sh stop

@@ -1,0 +1,393 @@
+"""The model registry: numbered, immutable versions of each policy's ONNX model.
+
+Trainers and the online learner publish; servers poll ``current()`` and load what it names.
+A rollback only moves the ``CURRENT`` pointer, so it is instant and needs no artefact.
+Torch-free: serving reads the registry without torch installed.
+
+On disk (``LocalRegistry``), for a shared volume::
+
+    ROOT/<policy>/versions/00000007/{model.onnx, manifest.json, <extra files>}
+    ROOT/<policy>/CURRENT        text: the current version number
+    ROOT/<policy>/.lock          flock'ed by publishers and by set_current
+
+A version is written into a temp folder beside ``versions/`` and renamed into place, and
+``CURRENT`` is replaced atomically, so a reader sees a complete version or none. Old versions
+are renamed out of ``versions/`` before they are deleted, for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from models.signature import Manifest
+from policyloop.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+CURRENT_FILE = "CURRENT"
+_LOCK_FILE = ".lock"
+_TEMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+_POLICY_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# Extra files: a plain name, no separators, never starting with a dot (so never "." or "..").
+_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_RESERVED_FILES = frozenset({MODEL_FILE, MANIFEST_FILE})
+
+
+def check_policy_name(policy: str) -> str:
+    """Return ``policy`` when it is a valid policy name; it becomes a folder name."""
+    if not isinstance(policy, str) or not _POLICY_RE.fullmatch(policy):
+        raise InvalidArgument(
+            f"policy name {policy!r} is invalid: expected [a-z0-9][a-z0-9_-]{{0,63}}")
+    return policy
+
+
+def _check_file_name(name: str) -> str:
+    if not isinstance(name, str) or not _FILE_RE.fullmatch(name) or ".." in name:
+        raise InvalidArgument(
+            f"file name {name!r} is invalid: expected a plain name without path separators, "
+            "'..' or a leading dot")
+    return name
+
+
+def _check_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidArgument(f"version {version!r} is invalid: expected an integer >= 1")
+    return version
+
+
+def _read_inside(path: Path, root: Path, what: str) -> bytes:
+    """Read ``path`` after checking that it resolves inside ``root`` (no symlink escapes)."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise ModelRejected(f"{what} {path} is missing") from exc
+    if not resolved.is_relative_to(root.resolve()):
+        raise ModelRejected(f"{what} {path} resolves to {resolved}, outside the registry {root}")
+    try:
+        return resolved.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelRejected(f"{what} {path} is missing") from exc
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published version of a policy's model, as stored in the registry.
+
+    ``path`` is the version's folder, ``ROOT/<policy>/versions/<version>``; the registry root is
+    therefore ``path.parents[2]``, which bounds where its files may resolve to.
+    """
+
+    policy: str
+    version: int
+    manifest: Manifest
+    path: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def _root(self) -> Path:
+        return self.path.parents[2]
+
+    def read_model(self) -> bytes:
+        """The ONNX bytes, checked against ``manifest.sha256``; ModelRejected when the file is
+        missing, altered, or a link out of the registry."""
+        data = _read_inside(self.model_path, self._root,
+                            f"model of policy {self.policy!r} version {self.version}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.manifest.sha256:
+            raise ModelRejected(
+                f"model of policy {self.policy!r} version {self.version} has sha256 {digest}, "
+                f"manifest says {self.manifest.sha256}")
+        return data
+
+    def read_file(self, name: str) -> bytes:
+        """An extra file published with this version, e.g. ``head.npz``."""
+        _check_file_name(name)
+        path = self.path / name
+        if not path.exists():
+            raise NotFound(
+                f"policy {self.policy!r} version {self.version} has no file {name!r}")
+        return _read_inside(path, self._root,
+                            f"file {name!r} of policy {self.policy!r} version {self.version}")
+
+
+class Registry(Protocol):
+    """What serving and the learners need from a registry, whatever stores it."""
+
+    def publish(self, policy: str, model: bytes, manifest: Manifest,
+                files: Mapping[str, bytes] | None = None, *,
+                make_current: bool = True) -> ModelVersion: ...
+
+    def versions(self, policy: str) -> list[int]: ...
+
+    def get(self, policy: str, version: int) -> ModelVersion: ...
+
+    def current(self, policy: str) -> ModelVersion: ...
+
+    def set_current(self, policy: str, version: int) -> ModelVersion: ...
+
+    def policies(self) -> list[str]: ...
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalRegistry:
+    """A registry in a folder, safe for concurrent publishers (threads and processes on one
+    host, via ``flock``) and lock-free readers.
+
+    ``keep_last`` versions per policy survive each publish, plus the current one whatever its
+    age; ``max_model_bytes`` bounds a published model.
+    """
+
+    def __init__(self, root: str | Path, *, keep_last: int = 10,
+                 max_model_bytes: int = 256 * 2**20) -> None:
+        if keep_last < 1:
+            raise InvalidArgument(f"keep_last {keep_last!r} is invalid: expected >= 1")
+        if max_model_bytes < 1:
+            raise InvalidArgument(
+                f"max_model_bytes {max_model_bytes!r} is invalid: expected >= 1")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.max_model_bytes = max_model_bytes
+
+    def __repr__(self) -> str:
+        return (f"LocalRegistry({str(self.root)!r}, keep_last={self.keep_last}, "
+                f"max_model_bytes={self.max_model_bytes})")
+
+    # ---- reading
+
+    def policies(self) -> list[str]:
+        """Policies with a ``versions`` folder, sorted; empty when the root does not exist."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if _POLICY_RE.fullmatch(p.name) and (p / "versions").is_dir())
+
+    def versions(self, policy: str) -> list[int]:
+        """Published versions of ``policy`` still on disk, ascending."""
+        folder = self._policy_dir(policy) / "versions"
+        if not folder.is_dir():
+            raise NotFound(f"policy {policy!r} does not exist in registry {self.root}")
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit()
+                      and p.is_dir())
+
+    def get(self, policy: str, version: int) -> ModelVersion:
+        _check_version(version)
+        path = self._version_dir(policy, version)
+        try:
+            text = (path / MANIFEST_FILE).read_text()
+        except FileNotFoundError as exc:
+            raise NotFound(f"policy {policy!r} has no version {version} in registry "
+                           f"{self.root}") from exc
+        try:
+            manifest = Manifest.from_json(text)
+        except InvalidArgument as exc:
+            raise ModelRejected(
+                f"manifest of policy {policy!r} version {version} is malformed: {exc}") from exc
+        if manifest.policy != policy or manifest.version != version:
+            raise ModelRejected(
+                f"manifest at {path} names policy {manifest.policy!r} version "
+                f"{manifest.version}, expected {policy!r} version {version}")
+        return ModelVersion(policy=policy, version=version, manifest=manifest, path=path)
+
+    def current(self, policy: str) -> ModelVersion:
+        """The version ``CURRENT`` names. Retries when retention deleted that version between
+        reading ``CURRENT`` and the manifest, which only happens after ``CURRENT`` moved on."""
+        for _ in range(3):
+            version = self._current_version(policy)
+            if version is None:
+                raise NotFound(
+                    f"policy {policy!r} has no current version in registry {self.root}")
+            try:
+                return self.get(policy, version)
+            except NotFound:
+                if self._current_version(policy) == version:
+                    raise
+        return self.get(policy, version)
+
+    # ---- writing
+
+    def publish(self, policy: str, model: bytes, manifest: Manifest,
+                files: Mapping[str, bytes] | None = None, *,
+                make_current: bool = True) -> ModelVersion:
+        """Store ``model`` as the next version of ``policy`` and, by default, make it current.
+
+        The registry fills in the manifest's ``version``, ``sha256``, ``created_at`` (when
+        empty) and ``parent_version`` (when None: the version current at publish time).
+        """
+        check_policy_name(policy)
+        if manifest.policy != policy:
+            raise InvalidArgument(
+                f"manifest.policy {manifest.policy!r} differs from policy {policy!r}")
+        model = bytes(model)
+        if not model:
+            raise InvalidArgument(f"model of policy {policy!r} is empty")
+        if len(model) > self.max_model_bytes:
+            raise ResourceExhausted(
+                f"model of policy {policy!r} is {len(model)} bytes, over max_model_bytes "
+                f"{self.max_model_bytes}")
+        extras = {_check_file_name(name): bytes(data) for name, data in (files or {}).items()}
+        clash = _RESERVED_FILES.intersection(extras)
+        if clash:
+            raise InvalidArgument(f"file name {sorted(clash)[0]!r} is reserved by the registry")
+
+        policy_dir = self._policy_dir(policy)
+        (policy_dir / "versions").mkdir(parents=True, exist_ok=True)
+        with self._locked(policy):
+            self._remove_leftovers(policy_dir)
+            existing = self.versions(policy)
+            version = existing[-1] + 1 if existing else 1
+            parent = manifest.parent_version
+            if parent is None:
+                parent = self._current_version(policy)
+            stored = dataclasses.replace(
+                manifest, version=version, parent_version=parent,
+                created_at=manifest.created_at or datetime.now(UTC).isoformat(
+                    timespec="milliseconds"),
+                sha256=hashlib.sha256(model).hexdigest())
+
+            temp = policy_dir / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+            temp.mkdir()
+            try:
+                _write_synced(temp / MODEL_FILE, model)
+                for name, data in extras.items():
+                    _write_synced(temp / name, data)
+                _write_synced(temp / MANIFEST_FILE, stored.to_json().encode())
+                _fsync_dir(temp)
+                os.rename(temp, self._version_dir(policy, version))
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
+            _fsync_dir(policy_dir / "versions")
+            if make_current:
+                self._write_current(policy, version)
+            self._apply_retention(policy)
+            return self.get(policy, version)
+
+    def set_current(self, policy: str, version: int) -> ModelVersion:
+        """Point ``CURRENT`` at an existing version (rollback or promotion)."""
+        with self._locked(policy):
+            target = self.get(policy, version)
+            self._write_current(policy, version)
+        return target
+
+    def rollback(self, policy: str, version: int | None = None) -> ModelVersion:
+        """Make ``version`` current; None means the newest version older than the current."""
+        if version is not None:
+            return self.set_current(policy, version)
+        with self._locked(policy):
+            now = self._current_version(policy)
+            if now is None:
+                raise NotFound(
+                    f"policy {policy!r} has no current version in registry {self.root}")
+            earlier = [v for v in self.versions(policy) if v < now]
+            if not earlier:
+                raise NotFound(f"policy {policy!r} has no version before {now} in "
+                               f"registry {self.root}")
+            target = self.get(policy, earlier[-1])
+            self._write_current(policy, target.version)
+        return target
+
+    # ---- internals
+
+    def _policy_dir(self, policy: str) -> Path:
+        return self.root / check_policy_name(policy)
+
+    def _version_dir(self, policy: str, version: int) -> Path:
+        return self._policy_dir(policy) / "versions" / f"{version:08d}"
+
+    def _current_version(self, policy: str) -> int | None:
+        """The version ``CURRENT`` names, or None when there is none; NotFound for an unknown
+        policy."""
+        policy_dir = self._policy_dir(policy)
+        if not policy_dir.is_dir():
+            raise NotFound(f"policy {policy!r} does not exist in registry {self.root}")
+        try:
+            text = (policy_dir / CURRENT_FILE).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return _check_version(int(text.strip()))
+        except (ValueError, InvalidArgument) as exc:
+            raise ModelRejected(
+                f"CURRENT of policy {policy!r} holds {text!r}, not a version number") from exc
+
+    def _write_current(self, policy: str, version: int) -> None:
+        policy_dir = self._policy_dir(policy)
+        temp = policy_dir / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            _write_synced(temp, f"{version}\n".encode())
+            os.replace(temp, policy_dir / CURRENT_FILE)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(policy_dir)
+
+    def _apply_retention(self, policy: str) -> None:
+        existing = self.versions(policy)
+        keep = set(existing[-self.keep_last:])
+        current = self._current_version(policy)
+        if current is not None:
+            keep.add(current)
+        policy_dir = self._policy_dir(policy)
+        for version in existing:
+            if version in keep:
+                continue
+            # Rename first: a reader then finds the whole version or no version at all.
+            trash = policy_dir / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
+            os.rename(self._version_dir(policy, version), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def _remove_leftovers(policy_dir: Path) -> None:
+        """Delete temp folders and files of crashed publishers; only called under the lock,
+        when no other publisher can be writing one."""
+        for entry in policy_dir.iterdir():
+            if entry.name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self, policy: str) -> Iterator[None]:
+        """Exclusive per-policy lock. flock locks belong to the open file description, so
+        this excludes other threads of this process as well as other processes."""
+        policy_dir = self._policy_dir(policy)
+        if not policy_dir.is_dir():
+            raise NotFound(f"policy {policy!r} does not exist in registry {self.root}")
+        with open(policy_dir / _LOCK_FILE, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)

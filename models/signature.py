@@ -1,0 +1,139 @@
+"""What a model expects and what it is: the manifest stored beside every ONNX file.
+
+Serving checks a new version's signature against the policy's feature schema before it swaps
+the version in, and callers learn from it how to build a request. Torch-free on purpose: the
+server and the learner read manifests without torch installed.
+
+Two policy kinds exist:
+
+- ``scoring``: variable candidate sets. Inputs ``context`` float32[B, Dc] and
+  ``action_features`` float32[B, K, Da]; outputs ``scores`` float32[B, K] and
+  ``embedding`` float32[B, K, H] (the neural-linear features of each candidate).
+- ``qnet``: a fixed action set of A actions. Input ``context`` float32[B, Dc]; outputs
+  ``scores`` float32[B, A] and ``embedding`` float32[B, H].
+
+In both, ``scores = embedding @ head.weight.T + head.bias``; ``head`` names the ONNX
+initializers holding that last linear layer so the online learner can replace it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from policyloop.errors import InvalidArgument
+
+PolicyKind = Literal["scoring", "qnet"]
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output; -1 marks a dynamic axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Names, in order, of the context features and of the per-action features."""
+
+    context: tuple[str, ...]
+    action: tuple[str, ...] = ()
+
+    @property
+    def hash(self) -> str:
+        """Stable digest of the names and their order; a model trained on another layout of
+        features must never be swapped in, even when the sizes agree."""
+        payload = json.dumps({"context": list(self.context), "action": list(self.action)})
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Where the neural-linear head lives in the ONNX graph.
+
+    ``weight`` is the name of an initializer of shape [A, H] (qnet) or [1, H] (scoring),
+    or its transpose when ``transposed`` is true; ``bias`` one of shape [A] or [1].
+    """
+
+    weight: str
+    bias: str
+    dim: int
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything about one model version except the weights."""
+
+    policy: str
+    kind: PolicyKind
+    features: FeatureSchema
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    head: HeadSpec
+    opset: int
+    actions: tuple[str, ...] = ()  # fixed action ids of a qnet policy
+    version: int = 0  # assigned by the registry at publish
+    parent_version: int | None = None
+    created_at: str = ""
+    sha256: str = ""  # of model.onnx, set by the registry at publish
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+            return cls(
+                policy=raw["policy"],
+                kind=raw["kind"],
+                features=FeatureSchema(
+                    context=tuple(raw["features"]["context"]),
+                    action=tuple(raw["features"].get("action", ())),
+                ),
+                inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+                             for t in raw["inputs"]),
+                outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+                              for t in raw["outputs"]),
+                head=HeadSpec(**raw["head"]),
+                opset=int(raw["opset"]),
+                actions=tuple(raw.get("actions", ())),
+                version=int(raw.get("version", 0)),
+                parent_version=raw.get("parent_version"),
+                created_at=raw.get("created_at", ""),
+                sha256=raw.get("sha256", ""),
+                training=dict(raw.get("training", {})),
+                evaluation=dict(raw.get("evaluation", {})),
+                format=int(raw.get("format", MANIFEST_FORMAT)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgument(f"manifest is malformed: {exc!r}") from exc
+
+    @property
+    def n_actions(self) -> int | None:
+        """Size of the fixed action set, or None for a scoring policy."""
+        return len(self.actions) if self.kind == "qnet" else None
+
+    def compatible_with(self, other: Manifest) -> str | None:
+        """Why ``other`` cannot replace ``self`` in serving, or None when it can."""
+        if other.policy != self.policy:
+            return f"policy {other.policy!r} != {self.policy!r}"
+        if other.kind != self.kind:
+            return f"kind {other.kind!r} != {self.kind!r}"
+        if other.features.hash != self.features.hash:
+            return (f"feature schema hash {other.features.hash} != {self.features.hash}")
+        if other.actions != self.actions:
+            return "fixed action set differs"
+        if [(t.name, t.dtype) for t in other.inputs] != [(t.name, t.dtype) for t in self.inputs]:
+            return "model inputs differ"
+        return None

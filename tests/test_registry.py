@@ -1,0 +1,312 @@
+"""The local model registry: numbering, atomic publishes under concurrency, rollback,
+retention, and refusal of corrupt or escaping files."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from models.registry import LocalRegistry, Registry
+from models.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
+from policyloop.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
+
+
+def _manifest(policy: str = "recs") -> Manifest:
+    return Manifest(
+        policy=policy, kind="qnet",
+        features=FeatureSchema(context=("age", "hour")),
+        inputs=(TensorSpec("context", "float32", (-1, 2)),),
+        outputs=(TensorSpec("scores", "float32", (-1, 3)),
+                 TensorSpec("embedding", "float32", (-1, 4))),
+        head=HeadSpec(weight="head.weight", bias="head.bias", dim=4),
+        opset=17, actions=("a", "b", "c"))
+
+
+def _model(tag: str, size: int = 4096) -> bytes:
+    """Distinct bytes per tag, long enough that a torn write would be visible."""
+    seed = hashlib.sha256(tag.encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def test_publish_get_current_round_trip(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path / "reg")
+    first = reg.publish("recs", _model("v1"), _manifest(), {"head.npz": b"head-1"})
+    second = reg.publish("recs", _model("v2"), _manifest())
+
+    assert (first.version, second.version) == (1, 2)
+    assert reg.versions("recs") == [1, 2]
+    assert reg.policies() == ["recs"]
+    assert reg.current("recs") == second
+    assert reg.get("recs", 1) == first
+    assert first.manifest.parent_version is None
+    assert second.manifest.parent_version == 1
+    assert first.manifest.sha256 == hashlib.sha256(_model("v1")).hexdigest()
+    assert first.manifest.version == 1
+    assert datetime.fromisoformat(first.manifest.created_at).utcoffset().total_seconds() == 0
+    assert first.read_model() == _model("v1")
+    assert first.read_file("head.npz") == b"head-1"
+    assert first.path == tmp_path / "reg" / "recs" / "versions" / "00000001"
+    assert first.model_path == first.path / "model.onnx"
+    assert (tmp_path / "reg" / "recs" / "CURRENT").read_text().strip() == "2"
+    on_disk = Manifest.from_json((first.path / "manifest.json").read_text())
+    assert on_disk == first.manifest
+
+
+def test_publish_keeps_given_parent_and_created_at(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    reg.publish("recs", _model("v1"), _manifest())
+    given = dataclasses.replace(_manifest(), parent_version=7, created_at="2020-01-01T00:00Z",
+                                version=99, sha256="stale")
+    v = reg.publish("recs", _model("v2"), given)
+    assert v.manifest.parent_version == 7
+    assert v.manifest.created_at == "2020-01-01T00:00Z"
+    assert v.manifest.version == 2
+    assert v.manifest.sha256 == hashlib.sha256(_model("v2")).hexdigest()
+
+
+def test_publish_without_make_current_leaves_current_alone(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    reg.publish("recs", _model("v1"), _manifest())
+    candidate = reg.publish("recs", _model("v2"), _manifest(), make_current=False)
+    assert candidate.version == 2 and candidate.manifest.parent_version == 1
+    assert reg.current("recs").version == 1
+    assert reg.set_current("recs", 2).version == 2
+    assert reg.current("recs").version == 2
+
+
+def test_missing_policy_or_version_is_not_found_naming_policy_and_root(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path / "nowhere")
+    assert reg.policies() == []
+    with pytest.raises(NotFound, match=r"'ghost'.*nowhere"):
+        reg.current("ghost")
+    with pytest.raises(NotFound, match="ghost"):
+        reg.versions("ghost")
+    reg.publish("recs", _model("v1"), _manifest(), make_current=False)
+    with pytest.raises(NotFound, match=r"'recs'.*nowhere"):
+        reg.current("recs")
+    with pytest.raises(NotFound, match=r"'recs'.*version 5.*nowhere"):
+        reg.get("recs", 5)
+
+
+def _publish_from_process(root: str, count: int, ready: multiprocessing.Event,
+                          go: multiprocessing.Event, out: multiprocessing.Queue) -> None:
+    reg = LocalRegistry(root, keep_last=1000)
+    ready.set()
+    go.wait(10)
+    out.put([reg.publish("recs", _model(f"proc-{i}"), _manifest()).version
+             for i in range(count)])
+
+
+def test_concurrent_publishers_and_readers_never_see_partial_versions(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path, keep_last=1000)
+    reg.publish("recs", _model("seed"), _manifest())
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_publish_from_process, args=(str(tmp_path), 6, ready, go, out))
+    proc.start()
+    assert ready.wait(10)
+
+    published: list[int] = []
+    errors: list[BaseException] = []
+    reads = [0]
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def publisher(name: str) -> None:
+        try:
+            for i in range(6):
+                v = reg.publish("recs", _model(f"{name}-{i}", size=65536), _manifest()).version
+                with lock:
+                    published.append(v)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader() -> None:
+        last = 0
+        try:
+            while not done.is_set():
+                mv = reg.current("recs")
+                mv.read_model()  # checks the sha256
+                assert mv.version >= last, "CURRENT went backwards"
+                last = mv.version
+                # The newest folder may not be current yet: it must be complete all the same.
+                reg.get("recs", reg.versions("recs")[-1]).read_model()
+                reads[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=publisher, args=(f"thread{t}",)) for t in range(3)]
+    for t in readers + writers:
+        t.start()
+    go.set()
+    for t in writers:
+        t.join(20)
+    published.extend(out.get(timeout=20))
+    proc.join(20)
+    done.set()
+    for t in readers:
+        t.join(5)
+
+    assert proc.exitcode == 0
+    assert errors == []
+    assert reads[0] > 0
+    assert sorted(published) == list(range(2, 26))
+    assert reg.versions("recs") == list(range(1, 26))
+    assert reg.current("recs").version == 25
+    tags = {reg.get("recs", v).read_model() for v in range(1, 26)}
+    expected = {_model("seed")} | {_model(f"proc-{i}") for i in range(6)} | {
+        _model(f"thread{t}-{i}", size=65536) for t in range(3) for i in range(6)}
+    assert tags == expected
+    assert all(reg.get("recs", v).manifest.parent_version == v - 1 for v in range(2, 26))
+    assert not [p for p in (tmp_path / "recs").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_rollback_to_a_named_version_and_to_the_previous_one(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    for i in range(4):
+        reg.publish("recs", _model(f"v{i}"), _manifest())
+    assert reg.rollback("recs", 2).version == 2
+    assert reg.current("recs").read_model() == _model("v1")
+    assert reg.rollback("recs").version == 1
+    with pytest.raises(NotFound, match="no version before 1"):
+        reg.rollback("recs")
+    with pytest.raises(NotFound, match="version 9"):
+        reg.set_current("recs", 9)
+    assert reg.current("recs").version == 1
+    assert reg.publish("recs", _model("v4"), _manifest()).manifest.parent_version == 1
+
+
+def test_retention_keeps_the_last_n_and_never_the_current_one(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path, keep_last=3)
+    for i in range(5):
+        reg.publish("recs", _model(f"v{i}"), _manifest())
+    assert reg.versions("recs") == [3, 4, 5]
+
+    reg.rollback("recs", 3)
+    for i in range(5, 9):
+        reg.publish("recs", _model(f"v{i}"), _manifest(), make_current=False)
+    assert reg.versions("recs") == [3, 7, 8, 9]
+    assert reg.current("recs").read_model() == _model("v2")
+    assert not [p for p in (tmp_path / "recs").iterdir() if p.name.startswith(".trash-")]
+
+
+def test_crashed_publisher_leftovers_are_ignored_then_cleaned(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    reg.publish("recs", _model("v1"), _manifest())
+    leftover = tmp_path / "recs" / ".tmp-crashed"
+    leftover.mkdir()
+    (leftover / "model.onnx").write_bytes(b"half")
+    assert reg.versions("recs") == [1]
+    assert reg.current("recs").version == 1
+    reg.publish("recs", _model("v2"), _manifest())
+    assert not leftover.exists()
+
+
+def test_corrupt_or_missing_model_file_is_rejected(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    mv = reg.publish("recs", _model("v1"), _manifest())
+    data = bytearray(mv.model_path.read_bytes())
+    data[100] ^= 0xFF
+    mv.model_path.write_bytes(bytes(data))
+    with pytest.raises(ModelRejected, match="sha256"):
+        mv.read_model()
+    mv.model_path.unlink()
+    with pytest.raises(ModelRejected, match="missing"):
+        mv.read_model()
+
+
+def test_symlinks_out_of_the_registry_are_rejected(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path / "reg")
+    mv = reg.publish("recs", _model("v1"), _manifest(), {"head.npz": b"head"})
+    outside = tmp_path / "evil.onnx"
+    outside.write_bytes(_model("v1"))  # same bytes: the checksum alone would pass
+    mv.model_path.unlink()
+    os.symlink(outside, mv.model_path)
+    with pytest.raises(ModelRejected, match="outside the registry"):
+        mv.read_model()
+    (mv.path / "head.npz").unlink()
+    os.symlink(outside, mv.path / "head.npz")
+    with pytest.raises(ModelRejected, match="outside the registry"):
+        mv.read_file("head.npz")
+
+
+def test_symlink_inside_the_registry_is_allowed(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    mv = reg.publish("recs", _model("v1"), _manifest())
+    copy = tmp_path / "recs" / "shared.onnx"
+    copy.write_bytes(_model("v1"))
+    mv.model_path.unlink()
+    os.symlink(copy, mv.model_path)
+    assert mv.read_model() == _model("v1")
+
+
+@pytest.mark.parametrize("policy", ["", "Recs", "-recs", "_recs", "a/b", "..", "a b",
+                                    "r" * 65, "recs\n"])
+def test_bad_policy_names_are_invalid(tmp_path: Path, policy: str) -> None:
+    reg = LocalRegistry(tmp_path)
+    with pytest.raises(InvalidArgument, match="policy name"):
+        reg.publish(policy, b"m", _manifest(policy))
+    with pytest.raises(InvalidArgument, match="policy name"):
+        reg.current(policy)
+
+
+def test_longest_valid_policy_name_is_accepted(tmp_path: Path) -> None:
+    name = "r" * 64
+    assert LocalRegistry(tmp_path).publish(name, b"m", _manifest(name)).version == 1
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "", ".hidden", "a\\b", "a..b",
+                                  "model.onnx", "manifest.json"])
+def test_bad_extra_file_names_are_invalid(tmp_path: Path, name: str) -> None:
+    reg = LocalRegistry(tmp_path)
+    with pytest.raises(InvalidArgument, match="file name"):
+        reg.publish("recs", b"m", _manifest(), {name: b"x"})
+    assert not (tmp_path / "recs").exists() or reg.versions("recs") == []
+
+
+@pytest.mark.parametrize("name", ["../manifest.json", "..", "a/b", ""])
+def test_read_file_refuses_paths(tmp_path: Path, name: str) -> None:
+    mv = LocalRegistry(tmp_path).publish("recs", b"m", _manifest())
+    with pytest.raises(InvalidArgument, match="file name"):
+        mv.read_file(name)
+
+
+def test_read_file_of_an_absent_file_is_not_found(tmp_path: Path) -> None:
+    mv = LocalRegistry(tmp_path).publish("recs", b"m", _manifest())
+    with pytest.raises(NotFound, match="head.npz"):
+        mv.read_file("head.npz")
+
+
+def test_oversized_model_is_resource_exhausted(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path, max_model_bytes=10)
+    assert reg.publish("recs", b"x" * 10, _manifest()).version == 1
+    with pytest.raises(ResourceExhausted, match="11 bytes"):
+        reg.publish("recs", b"x" * 11, _manifest())
+    assert reg.versions("recs") == [1]
+
+
+def test_manifest_for_another_policy_is_invalid(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="manifest.policy 'other'"):
+        LocalRegistry(tmp_path).publish("recs", b"m", _manifest("other"))
+
+
+@pytest.mark.parametrize("kwargs", [{"keep_last": 0}, {"max_model_bytes": 0}])
+def test_bad_registry_limits_are_invalid(tmp_path: Path, kwargs: dict[str, int]) -> None:
+    with pytest.raises(InvalidArgument, match=next(iter(kwargs))):
+        LocalRegistry(tmp_path, **kwargs)
+
+
+def test_another_registry_on_the_same_root_reads_equal_versions(tmp_path: Path) -> None:
+    publisher: Registry = LocalRegistry(tmp_path)
+    reader: Registry = LocalRegistry(tmp_path)
+    published = publisher.publish("recs", b"m", _manifest(), {"head.npz": b"h"})
+    assert reader.current("recs") == published
+    assert reader.get("recs", 1).read_file("head.npz") == b"h"
