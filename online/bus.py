@@ -1,0 +1,96 @@
+"""The event bus seen by serving and the learner: topics of keyed byte records.
+
+Two implementations share this contract: the embedded local durable log
+(``online/local_log.py``, the default, no broker needed) and Apache Kafka
+(``online/kafka_bus.py``). Callers never see either library's types.
+
+Delivery contract: ``send`` either accepts the record into the producer's buffer or raises
+``BusUnavailable``; ``flush`` returns only when every accepted record is durably stored, and
+raises ``BusUnavailable`` otherwise (the caller keeps what it could not deliver). Consumers
+read at-least-once and commit the offset of the next record to read, per partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from policyloop.errors import InvalidArgument, PolicyloopError
+
+DECISIONS = "decisions"
+REWARDS = "rewards"
+ACTIVATIONS = "activations"
+EXAMPLES = "examples"
+MODELS = "models"
+
+
+class BusUnavailable(PolicyloopError):
+    """The bus cannot take or confirm records now; retry later, never drop silently."""
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+TopicPartition = tuple[str, int]
+
+
+class Producer(Protocol):
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        """Accept one record for delivery; raises BusUnavailable when it cannot."""
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until every accepted record is durable; raises BusUnavailable on failure."""
+
+    def close(self) -> None: ...
+
+
+class Consumer(Protocol):
+    def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
+        """Next records of the subscribed topics, in offset order per partition."""
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Store, per partition, the offset of the next record to read."""
+
+    def committed(self, tp: TopicPartition) -> int | None: ...
+
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    def close(self) -> None: ...
+
+
+def open_producer(kind: str, *, path: str | Path, bootstrap: str = "", partitions: int = 4,
+                  client_id: str = "policyloop") -> Producer:
+    """The producer for a configured bus: ``local`` (folder ``path``) or ``kafka``."""
+    if kind == "local":
+        from online.local_log import LocalLog
+
+        return LocalLog(Path(path), partitions=partitions).producer()
+    if kind == "kafka":
+        from online.kafka_bus import KafkaProducerAdapter
+
+        return KafkaProducerAdapter(bootstrap, client_id=client_id)
+    raise InvalidArgument(f"bus must be 'local' or 'kafka', got {kind!r}")
+
+
+def open_consumer(kind: str, group: str, topics: list[str], *, path: str | Path,
+                  bootstrap: str = "", partitions: int = 4) -> Consumer:
+    """A consumer-group member of the configured bus."""
+    if kind == "local":
+        from online.local_log import LocalLog
+
+        return LocalLog(Path(path), partitions=partitions).consumer(group, topics)
+    if kind == "kafka":
+        from online.kafka_bus import KafkaConsumerAdapter
+
+        return KafkaConsumerAdapter(bootstrap, group, topics)
+    raise InvalidArgument(f"bus must be 'local' or 'kafka', got {kind!r}")

@@ -1,0 +1,659 @@
+"""The embedded durable event log: the default bus, plain files on local disk, no broker.
+
+Layout under ``root``::
+
+    topics/<topic>/meta.json          {"partitions": P, "segment_bytes": S}, fixed at creation
+    topics/<topic>/<p>/lock           flock'ed by every append to partition p
+    topics/<topic>/<p>/<base>.log     frames of the records base, base+1, ... (base: 20 digits)
+    topics/<topic>/<p>/<base>.idx     one big-endian u64 byte position per record
+    groups/<group>.json               committed offsets {"<topic>:<p>": next offset to read}
+
+A frame is ``u32 body length | u32 CRC32(body) | body``, the body ``i64 timestamp_ms | i32 key
+length (-1: no key) | key | value``. An append writes the frame, then its index entry, under an
+exclusive ``fcntl.flock`` on the partition's lock file, so any number of processes may produce.
+The index is the commit point: readers return only records with an index entry and a complete,
+CRC-valid frame, and stop before the first that is not (a crash's torn tail, or a write in
+progress) without raising; the next poll picks up from there. The next append repairs a torn
+tail first (drops index entries whose frame is incomplete, truncates the log after the last good
+frame), so offsets stay dense: 0, 1, 2, ... per partition.
+
+Polling from any offset is O(1): one index read gives the byte position. A segment rolls to a
+new file once it holds ``segment_bytes``; with ``retention_bytes`` set, a producer deletes the
+partition's oldest whole segments after a roll while the partition holds more than that.
+Offsets stay global; a consumer positioned before the oldest kept record moves up to it.
+
+Limits: one consumer per group (it is assigned every partition of its topics; no rebalancing);
+a consumer without a committed offset starts at the earliest record. Records are visible to
+readers as soon as ``send`` returns; ``flush`` makes them survive a machine crash (fsync).
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import itertools
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from online.bus import BusUnavailable, Record, TopicPartition
+from policyloop.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+_PREFIX = struct.Struct(">II")  # body length, CRC32 of the body
+_BODY_HEAD = struct.Struct(">qi")  # timestamp_ms, key length (-1: no key)
+_POS = struct.Struct(">Q")  # index entry: byte position of a frame in its segment
+MAX_RECORD_BYTES = 64 << 20  # key + value
+_MAX_BODY = _BODY_HEAD.size + MAX_RECORD_BYTES
+_READ_CHUNK = 1 << 20
+_IDLE_SLEEP_S = 0.02
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+
+# (end position, timestamp_ms, key, value) of one decoded frame.
+_Frame = tuple[int, int, bytes | None, bytes]
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of a keyed record: CRC32 of the key modulo the partition count."""
+    return zlib.crc32(key) % partitions
+
+
+def encode_frame(timestamp_ms: int, key: bytes | None, value: bytes) -> bytes:
+    """One record as stored in a segment file (layout in the module docstring)."""
+    body = b"".join((_BODY_HEAD.pack(timestamp_ms, -1 if key is None else len(key)),
+                     key or b"", value))
+    return _PREFIX.pack(len(body), zlib.crc32(body)) + body
+
+
+def _decode_frame(buf: bytes, at: int) -> _Frame | None:
+    """The frame starting at ``buf[at]``, end relative to ``buf``; None if torn or corrupt."""
+    if len(buf) - at < _PREFIX.size:
+        return None
+    length, crc = _PREFIX.unpack_from(buf, at)
+    start = at + _PREFIX.size
+    end = start + length
+    if not _BODY_HEAD.size <= length <= _MAX_BODY or end > len(buf):
+        return None
+    if zlib.crc32(memoryview(buf)[start:end]) != crc:
+        return None
+    timestamp_ms, key_len = _BODY_HEAD.unpack_from(buf, start)
+    key_start = start + _BODY_HEAD.size
+    value_start = key_start + max(key_len, 0)
+    if key_len < -1 or value_start > end:
+        return None
+    key = None if key_len < 0 else buf[key_start:value_start]
+    return end, timestamp_ms, key, buf[value_start:end]
+
+
+def _frame_at(fd: int, pos: int) -> _Frame | None:
+    """The frame at byte ``pos`` of a file, end as a file position; None if torn or corrupt."""
+    head = os.pread(fd, _PREFIX.size, pos)
+    if len(head) < _PREFIX.size:
+        return None
+    (length, _) = _PREFIX.unpack(head)
+    if not _BODY_HEAD.size <= length <= _MAX_BODY:
+        return None
+    frame = _decode_frame(os.pread(fd, _PREFIX.size + length, pos), 0)
+    return None if frame is None else (pos + frame[0], *frame[1:])
+
+
+def _read_frames(fd: int, pos: int, n: int) -> list[_Frame]:
+    """Up to ``n`` consecutive good frames from byte ``pos``, ends as file positions."""
+    buf = os.pread(fd, _READ_CHUNK, pos)
+    frames: list[_Frame] = []
+    at = 0
+    while len(frames) < n:
+        frame = _decode_frame(buf, at)
+        if frame is None:
+            break
+        at = frame[0]
+        frames.append((pos + at, *frame[1:]))
+    if not frames and n:  # the first frame may be larger than one chunk
+        frame = _frame_at(fd, pos)
+        if frame is not None:
+            frames.append(frame)
+    return frames
+
+
+def _segment_bases(directory: Path) -> list[int]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[:-4]) for n in names if n.endswith(".idx") and n[:-4].isdigit())
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, pos)
+        view, pos = view[written:], pos + written
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"{kind} must match {_NAME.pattern} (letters, digits, '.', '_', '-'), got {name!r}")
+    return name
+
+
+class _Appender:
+    """Appends to one partition; every append holds the partition's flock."""
+
+    def __init__(self, directory: Path, segment_bytes: int, retention_bytes: int | None,
+                 fsync: bool) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._dir = directory
+        self._segment_bytes = segment_bytes
+        self._retention_bytes = retention_bytes
+        self._fsync = fsync
+        self._lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._base = -1
+        self._log_fd = -1
+        self._idx_fd = -1
+        self._count = 0  # records in the open segment, as last seen by this appender
+        self._end = 0  # bytes of good frames in the open segment
+
+    def append(self, frame: bytes) -> int:
+        """Store one encoded frame; returns its offset."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            self._catch_up()
+            if self._end >= self._segment_bytes and self._count:
+                self._roll()
+            _pwrite_all(self._log_fd, frame, self._end)
+            _pwrite_all(self._idx_fd, _POS.pack(self._end), self._count * _POS.size)
+            self._count += 1
+            self._end += len(frame)
+            return self._base + self._count - 1
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def sync(self) -> None:
+        if self._log_fd >= 0:
+            os.fsync(self._log_fd)
+            os.fsync(self._idx_fd)
+
+    def close(self) -> None:
+        self._close_segment()
+        os.close(self._lock_fd)
+
+    def _catch_up(self) -> None:
+        """Open the newest segment and learn (or repair) its tail if it changed since we wrote."""
+        if self._log_fd < 0 or os.fstat(self._log_fd).st_size >= self._segment_bytes:
+            bases = _segment_bases(self._dir)
+            newest = bases[-1] if bases else 0
+            if newest != self._base:
+                self._open(newest)
+        log_size = os.fstat(self._log_fd).st_size
+        idx_size = os.fstat(self._idx_fd).st_size
+        if log_size == self._end and idx_size == self._count * _POS.size:
+            return
+        n = idx_size // _POS.size
+        end = 0
+        while n:
+            (pos,) = _POS.unpack(os.pread(self._idx_fd, _POS.size, (n - 1) * _POS.size))
+            frame = _frame_at(self._log_fd, pos)
+            if frame is not None:
+                end = frame[0]
+                break
+            n -= 1
+        if idx_size != n * _POS.size:
+            os.ftruncate(self._idx_fd, n * _POS.size)
+        if log_size != end:
+            log.warning("%s/%020d.log: dropping %d bytes of torn tail after offset %d",
+                        self._dir, self._base, log_size - end, self._base + n)
+            os.ftruncate(self._log_fd, end)
+        self._count, self._end = n, end
+
+    def _open(self, base: int) -> None:
+        self._close_segment()
+        stem = self._dir / f"{base:020d}"
+        # The log file first: readers discover segments by their index file.
+        self._log_fd = os.open(f"{stem}.log", os.O_RDWR | os.O_CREAT, 0o644)
+        self._idx_fd = os.open(f"{stem}.idx", os.O_RDWR | os.O_CREAT, 0o644)
+        self._base, self._count, self._end = base, 0, 0
+
+    def _close_segment(self) -> None:
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            os.close(self._idx_fd)
+            self._log_fd = self._idx_fd = -1
+
+    def _roll(self) -> None:
+        if self._fsync:
+            self.sync()
+        self._open(self._base + self._count)
+        if self._fsync:
+            _fsync_dir(self._dir)
+        if self._retention_bytes is not None:
+            self._apply_retention(self._retention_bytes)
+
+    def _apply_retention(self, retention_bytes: int) -> None:
+        bases = _segment_bases(self._dir)
+        sizes = {}
+        for base in bases:
+            stem = self._dir / f"{base:020d}"
+            sizes[base] = sum(os.stat(f"{stem}{ext}").st_size for ext in (".log", ".idx"))
+        total = sum(sizes.values())
+        for base in bases[:-1]:
+            if total <= retention_bytes:
+                break
+            stem = self._dir / f"{base:020d}"
+            Path(f"{stem}.idx").unlink(missing_ok=True)
+            Path(f"{stem}.log").unlink(missing_ok=True)
+            total -= sizes[base]
+            log.info("%s: retention deleted segment %d (%d bytes)", self._dir, base, sizes[base])
+
+
+class _Reader:
+    """Reads one partition from any offset; never raises on a torn or in-progress tail."""
+
+    def __init__(self, directory: Path, segment_bytes: int) -> None:
+        self._dir = directory
+        self._segment_bytes = segment_bytes
+        self._bases: list[int] = []
+        self._base = -1
+        self._log_fd = -1
+        self._idx_fd = -1
+
+    def read(self, offset: int, max_records: int) -> tuple[list[tuple[int, _Frame]], int]:
+        """Up to ``max_records`` (offset, frame) pairs from ``offset`` on, and the next offset.
+
+        The next offset differs from ``offset + len(records)`` only when ``offset`` lies before
+        the oldest record retention kept.
+        """
+        for _ in range(8):  # each pass moves to a newer segment or rereads the folder
+            if not self._bases or offset < self._bases[0]:
+                self._bases = _segment_bases(self._dir)
+                if not self._bases:
+                    return [], offset
+                if offset < self._bases[0]:
+                    log.info("%s: offset %d is gone (retention); moving to %d", self._dir,
+                             offset, self._bases[0])
+                    offset = self._bases[0]
+            i = bisect.bisect_right(self._bases, offset) - 1
+            base = self._bases[i]
+            try:
+                self._open(base)
+            except FileNotFoundError:  # deleted by retention since we listed
+                self._bases = []
+                continue
+            count = os.fstat(self._idx_fd).st_size // _POS.size
+            if offset - base < count:
+                (pos,) = _POS.unpack(
+                    os.pread(self._idx_fd, _POS.size, (offset - base) * _POS.size))
+                frames = _read_frames(self._log_fd, pos, min(max_records, count - offset + base))
+                return [(offset + j, f) for j, f in enumerate(frames)], offset + len(frames)
+            if i + 1 < len(self._bases):  # a sealed segment: continue in the next one
+                nxt = self._bases[i + 1]
+                if offset != base + count or nxt != offset:
+                    log.warning("%s: offsets %d..%d are missing; moving to %d", self._dir,
+                                base + count, nxt - 1, nxt)
+                offset = max(offset, nxt)
+                continue
+            if os.fstat(self._log_fd).st_size < self._segment_bytes:
+                return [], offset  # the active segment, nothing new yet
+            bases = _segment_bases(self._dir)
+            if bases == self._bases:
+                return [], offset  # full, but the next append has not rolled it yet
+            self._bases = bases
+        return [], offset
+
+    def _open(self, base: int) -> None:
+        if base == self._base:
+            return
+        stem = self._dir / f"{base:020d}"
+        idx_fd = os.open(f"{stem}.idx", os.O_RDONLY)
+        try:
+            log_fd = os.open(f"{stem}.log", os.O_RDONLY)
+        except FileNotFoundError:
+            os.close(idx_fd)
+            raise
+        self.close()
+        self._base, self._log_fd, self._idx_fd = base, log_fd, idx_fd
+
+    def close(self) -> None:
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            os.close(self._idx_fd)
+            self._base, self._log_fd, self._idx_fd = -1, -1, -1
+
+
+class LocalLog:
+    """A folder of topics; hands out producers and consumers that work across processes.
+
+    ``partitions`` and ``segment_bytes`` apply to topics this log creates (on their first
+    record); an existing topic keeps what it was created with. ``retention_bytes`` bounds each
+    partition's size on disk (None: keep everything); ``fsync=False`` trades crash durability
+    for speed (tests, benchmarks).
+    """
+
+    def __init__(self, root: Path, *, partitions: int = 1, fsync: bool = True,
+                 segment_bytes: int = 64 << 20, retention_bytes: int | None = None) -> None:
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise InvalidArgument(f"partitions must be an int >= 1, got {partitions!r}")
+        if not isinstance(segment_bytes, int) or segment_bytes < 1:
+            raise InvalidArgument(f"segment_bytes must be an int >= 1, got {segment_bytes!r}")
+        if retention_bytes is not None and (not isinstance(retention_bytes, int)
+                                            or retention_bytes < 1):
+            raise InvalidArgument(
+                f"retention_bytes must be None or an int >= 1, got {retention_bytes!r}")
+        self.root = Path(root)
+        self.partitions = partitions
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.retention_bytes = retention_bytes
+        (self.root / "topics").mkdir(parents=True, exist_ok=True)
+        (self.root / "groups").mkdir(parents=True, exist_ok=True)
+
+    def producer(self) -> LocalProducer:
+        return LocalProducer(self)
+
+    def consumer(self, group: str, topics: Sequence[str]) -> LocalConsumer:
+        return LocalConsumer(self, group, topics)
+
+    def topics(self) -> list[str]:
+        """Names of the topics that exist (have received a record)."""
+        folder = self.root / "topics"
+        return sorted(n for n in os.listdir(folder) if (folder / n / "meta.json").exists())
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition, the offset the next record will get; {} for an unknown topic.
+
+        A record torn by a crash counts until the next append repairs the tail.
+        """
+        meta = self._meta(_check_name("topic", topic))
+        if meta is None:
+            return {}
+        ends = {}
+        for p in range(meta[0]):
+            directory = self._partition_dir(topic, p)
+            bases = _segment_bases(directory)
+            if not bases:
+                ends[p] = 0
+                continue
+            try:
+                size = os.stat(directory / f"{bases[-1]:020d}.idx").st_size
+            except FileNotFoundError:
+                size = 0
+            ends[p] = bases[-1] + size // _POS.size
+        return ends
+
+    def _partition_dir(self, topic: str, partition: int) -> Path:
+        return self.root / "topics" / topic / str(partition)
+
+    def _meta(self, topic: str) -> tuple[int, int] | None:
+        """(partitions, segment_bytes) of an existing topic, None if it does not exist."""
+        path = self.root / "topics" / topic / "meta.json"
+        try:
+            meta = json.loads(path.read_text())
+            partitions, segment_bytes = int(meta["partitions"]), int(meta["segment_bytes"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BusUnavailable(f"{path}: unreadable topic metadata: {e}") from e
+        return partitions, segment_bytes
+
+    def _create_topic(self, topic: str) -> tuple[int, int]:
+        """Create the topic unless another process did first; returns its metadata."""
+        folder = self.root / "topics" / topic
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".meta.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps({"partitions": self.partitions,
+                                   "segment_bytes": self.segment_bytes}))
+        try:
+            os.link(tmp, folder / "meta.json")  # atomic, and fails if it exists
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        meta = self._meta(topic)
+        assert meta is not None
+        if meta[0] != self.partitions:
+            log.warning("topic %r exists with %d partitions; configured %d is ignored", topic,
+                        meta[0], self.partitions)
+        return meta
+
+    def _read_group(self, group: str) -> dict[TopicPartition, int]:
+        path = self.root / "groups" / f"{group}.json"
+        try:
+            stored = json.loads(path.read_text())
+            offsets = {}
+            for name, offset in stored.items():
+                topic, partition = name.rsplit(":", 1)
+                offsets[(topic, int(partition))] = int(offset)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise BusUnavailable(f"{path}: unreadable committed offsets: {e}") from e
+        return offsets
+
+    def _commit(self, group: str, offsets: dict[TopicPartition, int]) -> None:
+        """Merge ``offsets`` into the group's file: read, update, write a temp, os.replace."""
+        folder = self.root / "groups"
+        path = folder / f"{group}.json"
+        try:
+            lock_fd = os.open(folder / f"{group}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                merged = self._read_group(group)
+                merged.update(offsets)
+                text = json.dumps({f"{t}:{p}": o for (t, p), o in sorted(merged.items())})
+                tmp = folder / f".{group}.{os.getpid()}.{threading.get_ident()}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(text)
+                    if self.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)
+                if self.fsync:
+                    _fsync_dir(folder)
+            finally:
+                os.close(lock_fd)
+        except OSError as e:
+            raise BusUnavailable(f"{path}: cannot commit offsets: {e}") from e
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class LocalProducer:
+    """Appends records to a ``LocalLog``: keyed ones to ``crc32(key) % partitions``, keyless
+    ones round-robin. ``send`` writes through to the file (visible to readers at once);
+    ``flush`` fsyncs what was sent since the last flush. Safe to share between threads."""
+
+    def __init__(self, log: LocalLog) -> None:
+        self._log = log
+        self._lock = threading.Lock()
+        self._appenders: dict[TopicPartition, _Appender] = {}
+        self._partitions: dict[str, int] = {}
+        self._segment_bytes: dict[str, int] = {}
+        self._round_robin = itertools.count()
+        self._dirty: set[TopicPartition] = set()
+        self._closed = False
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        if not isinstance(value, bytes | bytearray):
+            raise InvalidArgument(f"value must be bytes, got {type(value).__name__}")
+        if key is not None and not isinstance(key, bytes | bytearray):
+            raise InvalidArgument(f"key must be bytes or None, got {type(key).__name__}")
+        size = len(value) + len(key or b"")
+        if size > MAX_RECORD_BYTES:
+            raise InvalidArgument(
+                f"record for topic {topic!r} is {size} bytes, more than {MAX_RECORD_BYTES}")
+        with self._lock:
+            if self._closed:
+                raise BusUnavailable("local log producer is closed")
+            n = self._partitions.get(topic)
+            try:
+                if n is None:
+                    n = self._open_topic(topic)
+                p = (partition_for(bytes(key), n) if key is not None
+                     else next(self._round_robin) % n)
+                appender = self._appenders.get((topic, p))
+                if appender is None:
+                    appender = self._appenders[(topic, p)] = _Appender(
+                        self._log._partition_dir(topic, p), self._segment_bytes[topic],
+                        self._log.retention_bytes, self._log.fsync)
+                appender.append(encode_frame(_now_ms(), key, bytes(value)))
+            except OSError as e:
+                raise BusUnavailable(
+                    f"local log {self._log.root}: cannot append to {topic!r}: {e}") from e
+            self._dirty.add((topic, p))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """fsync every partition written since the last flush (no-op with fsync=False)."""
+        with self._lock:
+            if self._log.fsync:
+                try:
+                    for tp in sorted(self._dirty):
+                        self._appenders[tp].sync()
+                except OSError as e:
+                    raise BusUnavailable(f"local log {self._log.root}: fsync failed: {e}") from e
+            self._dirty.clear()
+
+    def close(self) -> None:
+        """Flush and release the files; a failed flush is logged (records stay readable)."""
+        try:
+            self.flush()
+        except BusUnavailable as e:
+            log.warning("closing local log producer: %s", e)
+        with self._lock:
+            self._closed = True
+            for appender in self._appenders.values():
+                appender.close()
+            self._appenders.clear()
+
+    def _open_topic(self, topic: str) -> int:
+        _check_name("topic", topic)
+        meta = self._log._meta(topic) or self._log._create_topic(topic)
+        self._partitions[topic], self._segment_bytes[topic] = meta
+        return meta[0]
+
+
+class LocalConsumer:
+    """Reads its topics' partitions of a ``LocalLog``, from the group's committed offsets.
+
+    The one member of its group: it is assigned every partition of its topics, including those
+    of topics created after it started. Without a committed offset it starts at the earliest
+    record. ``poll`` moves the position; ``commit`` stores it only when asked.
+    """
+
+    def __init__(self, log: LocalLog, group: str, topics: Sequence[str]) -> None:
+        if isinstance(topics, str) or not topics:
+            raise InvalidArgument(f"topics must be a non-empty list of names, got {topics!r}")
+        self._log = log
+        self._group = _check_name("group", group)
+        self._topics = [_check_name("topic", t) for t in dict.fromkeys(topics)]
+        self._pending = set(self._topics)  # subscribed topics that do not exist yet
+        self._readers: dict[TopicPartition, _Reader] = {}
+        self._positions: dict[TopicPartition, int] = {}
+        self._order: list[TopicPartition] = []
+        self._next = 0
+        self._refresh()
+
+    def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
+        """Up to ``max_records`` records, in offset order per partition; waits up to
+        ``timeout`` seconds for the first and returns [] if none came."""
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
+            raise InvalidArgument(f"max_records must be an int >= 1, got {max_records!r}")
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            if self._pending:
+                self._refresh()
+            try:
+                records = self._read_round(max_records)
+            except OSError as e:
+                raise BusUnavailable(f"local log {self._log.root}: read failed: {e}") from e
+            remaining = deadline - time.monotonic()
+            if records or remaining <= 0:
+                return records
+            time.sleep(min(_IDLE_SLEEP_S, remaining))
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        for (topic, partition), offset in offsets.items():
+            _check_name("topic", topic)
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise InvalidArgument(
+                    f"offset for {(topic, partition)} must be an int >= 0, got {offset!r}")
+            if not isinstance(partition, int) or partition < 0:
+                raise InvalidArgument(f"partition of {topic!r} must be >= 0, got {partition!r}")
+        self._log._commit(self._group, dict(offsets))
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self._log._read_group(self._group).get(tp)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        if self._pending:
+            self._refresh()
+        if tp not in self._positions:
+            raise InvalidArgument(
+                f"seek: {tp} is not assigned to this consumer (assigned {sorted(self._order)})")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidArgument(f"seek offset for {tp} must be an int >= 0, got {offset!r}")
+        self._positions[tp] = offset
+
+    def position(self, tp: TopicPartition) -> int:
+        """The offset the next poll reads from in ``tp``."""
+        if tp not in self._positions:
+            raise InvalidArgument(f"position: {tp} is not assigned to this consumer")
+        return self._positions[tp]
+
+    def assignment(self) -> set[TopicPartition]:
+        if self._pending:
+            self._refresh()
+        return set(self._positions)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+    def _refresh(self) -> None:
+        """Assign the partitions of subscribed topics that exist now."""
+        committed: dict[TopicPartition, int] | None = None
+        for topic in [t for t in self._topics if t in self._pending]:
+            meta = self._log._meta(topic)
+            if meta is None:
+                continue
+            if committed is None:
+                committed = self._log._read_group(self._group)
+            partitions, segment_bytes = meta
+            for p in range(partitions):
+                self._readers[(topic, p)] = _Reader(self._log._partition_dir(topic, p),
+                                                    segment_bytes)
+                self._positions[(topic, p)] = committed.get((topic, p), 0)
+            self._pending.discard(topic)
+        self._order = sorted(self._positions)
+
+    def _read_round(self, max_records: int) -> list[Record]:
+        """One pass over the partitions, starting one further each time (fairness)."""
+        records: list[Record] = []
+        n = len(self._order)
+        for i in range(n):
+            if len(records) >= max_records:
+                break
+            tp = self._order[(self._next + i) % n]
+            batch, self._positions[tp] = self._readers[tp].read(self._positions[tp],
+                                                                 max_records - len(records))
+            records.extend(Record(tp[0], tp[1], offset, key, value, timestamp_ms)
+                           for offset, (_, timestamp_ms, key, value) in batch)
+        self._next = (self._next + 1) % max(n, 1)
+        return records

@@ -1,0 +1,585 @@
+"""The request path's way onto the bus: never blocks a decision, never drops a record silently.
+
+``DecisionLog.submit`` appends to an in-memory queue and returns; a background thread sends the
+queue to the bus in batches (``send`` each record, then ``flush``). When the bus fails, the
+records go to a spool on local disk and the thread re-delivers them, oldest first, until the bus
+takes them again. Records leave in the order they were submitted, so per key too:
+
+* normal: submit -> queue -> bus; the spool is empty.
+* spooling (the bus failed, or the queue was full): the queue moves into the spool, and every
+  new record is appended to the spool behind it (a ``write`` per record, no fsync, on the
+  caller's thread), until the thread has delivered the whole spool; then back to normal.
+
+The spool is a folder of segment files of framed records (``u32 body length | u32 CRC32 |
+u16 topic length | i32 key length (-1: none) | topic | key | value``) and a ``cursor`` file
+holding the first undelivered position; fully delivered segments are deleted. The thread
+fsyncs new spool writes in batches, about every 50 ms (``_SYNC_INTERVAL_S``). The spool
+survives a crash or restart: a new ``DecisionLog`` on the same folder repairs a torn tail,
+delivers the leftovers first, and only then anything newer. Records are dropped only when
+the spool's disk budget is exhausted (or the producer rejects one as malformed); drops are
+counted and logged at ERROR.
+
+Delivery is at least once: a record the producer accepted before a failed ``flush`` is spooled
+and sent again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from online.bus import Producer
+from policyloop.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "policyloop"
+_PREFIX = struct.Struct(">II")  # body length, CRC32 of the body
+_BODY_HEAD = struct.Struct(">Hi")  # topic length, key length (-1: no key)
+_SYNC_INTERVAL_S = 0.05
+_DROP_LOG_INTERVAL_S = 10.0
+_MIN_BACKOFF_S = 0.05
+
+# (topic, key, value)
+_Item = tuple[str, bytes | None, bytes]
+
+
+def _encode(item: _Item) -> bytes:
+    topic, key, value = item
+    name = topic.encode("utf-8")
+    body = b"".join((_BODY_HEAD.pack(len(name), -1 if key is None else len(key)), name,
+                     key or b"", value))
+    return _PREFIX.pack(len(body), zlib.crc32(body)) + body
+
+
+def _decode(buf: bytes, at: int) -> tuple[int, _Item] | None:
+    """(end, item) of the frame at ``buf[at]``; None when torn or corrupt."""
+    if len(buf) - at < _PREFIX.size:
+        return None
+    length, crc = _PREFIX.unpack_from(buf, at)
+    start = at + _PREFIX.size
+    end = start + length
+    if length < _BODY_HEAD.size or end > len(buf):
+        return None
+    if zlib.crc32(memoryview(buf)[start:end]) != crc:
+        return None
+    topic_len, key_len = _BODY_HEAD.unpack_from(buf, start)
+    key_start = start + _BODY_HEAD.size + topic_len
+    value_start = key_start + max(key_len, 0)
+    if key_len < -1 or value_start > end:
+        return None
+    try:
+        topic = buf[start + _BODY_HEAD.size:key_start].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    key = None if key_len < 0 else buf[key_start:value_start]
+    return end, (topic, key, buf[value_start:end])
+
+
+class _Spool:
+    """Append-only segment files of framed records plus a cursor (segment, byte position).
+
+    Not thread-safe: the owner serializes calls, except that ``read`` may run concurrently
+    with ``append`` given a ``snapshot`` taken under the owner's lock.
+    """
+
+    def __init__(self, folder: Path, segment_bytes: int) -> None:
+        self._dir = folder
+        self._segment_bytes = segment_bytes
+        self._sizes: dict[int, int] = {}  # segment id -> bytes
+        self.bytes_on_disk = 0  # sum of _sizes, kept as an int so metrics can read it any time
+        self._cursor = (0, 0)
+        self._fd = -1  # open for appends: the newest segment
+        self._dirty = False
+        self._unsynced: list[int] = []  # dup'ed fds of rolled segments awaiting fsync
+        self._recover()
+
+    def pending(self) -> bool:
+        """Whether any record is not delivered yet."""
+        segment, pos = self._cursor
+        return any(size > (pos if seg == segment else 0)
+                   for seg, size in self._sizes.items() if seg >= segment)
+
+    def append(self, frames: list[bytes]) -> None:
+        if self._fd < 0 or self._sizes[max(self._sizes)] >= self._segment_bytes:
+            self._roll()
+        data = b"".join(frames)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._sizes[max(self._sizes)] += len(data)
+        self.bytes_on_disk += len(data)
+        self._dirty = True
+
+    def snapshot(self) -> dict[int, int]:
+        return dict(self._sizes)
+
+    def read(self, snapshot: dict[int, int], max_records: int, max_bytes: int,
+             ) -> list[tuple[_Item, tuple[int, int]]]:
+        """Records from the cursor on (each with the cursor just after it), within
+        ``snapshot``'s sizes."""
+        out: list[tuple[_Item, tuple[int, int]]] = []
+        segment, pos = self._cursor
+        for seg in sorted(s for s in snapshot if s >= segment):
+            start = pos if seg == segment else 0
+            size = snapshot[seg]
+            if start >= size:
+                continue
+            with open(self._path(seg), "rb") as f:
+                f.seek(start)
+                buf = f.read(max(min(size - start, max_bytes), 0))
+            if len(buf) < size - start and _decode(buf, 0) is None:  # one frame > max_bytes
+                with open(self._path(seg), "rb") as f:
+                    f.seek(start)
+                    buf = f.read(size - start)
+            at = 0
+            while len(out) < max_records:
+                decoded = _decode(buf, at)
+                if decoded is None:
+                    break
+                at, item = decoded
+                out.append((item, (seg, start + at)))
+            if len(out) >= max_records or at < len(buf) or len(buf) < size - start:
+                break
+            max_bytes -= len(buf)
+            if max_bytes <= 0:
+                break
+        return out
+
+    def advance(self, cursor: tuple[int, int]) -> None:
+        """Mark everything before ``cursor`` delivered; delete segments wholly before it."""
+        self._cursor = cursor
+        for seg in [s for s in self._sizes if s < cursor[0]]:
+            self._path(seg).unlink(missing_ok=True)
+            self.bytes_on_disk -= self._sizes.pop(seg)
+        tmp = self._dir / "cursor.tmp"
+        tmp.write_text(json.dumps({"segment": cursor[0], "position": cursor[1]}))
+        os.replace(tmp, self._dir / "cursor")
+
+    def skip(self, n: int) -> None:
+        """Mark the next ``n`` records delivered (they were delivered from memory)."""
+        while n > 0:
+            records = self.read(self.snapshot(), n, 4 << 20)
+            if not records:
+                return
+            self.advance(records[-1][1])
+            n -= len(records)
+
+    def clear(self) -> None:
+        """Delete everything: every record was delivered."""
+        self._close_fd()
+        for seg in list(self._sizes):
+            self._path(seg).unlink(missing_ok=True)
+        (self._dir / "cursor").unlink(missing_ok=True)
+        next_id = max(self._sizes, default=-1) + 1
+        self._sizes.clear()
+        self.bytes_on_disk = 0
+        self._cursor = (next_id, 0)
+
+    def take_sync(self) -> list[int]:
+        """Dup'ed fds to fsync outside the owner's lock (the caller closes them)."""
+        fds, self._unsynced = self._unsynced, []
+        if self._dirty and self._fd >= 0:
+            fds.append(os.dup(self._fd))
+        self._dirty = False
+        return fds
+
+    def close(self) -> None:
+        for fd in self.take_sync():
+            os.fsync(fd)
+            os.close(fd)
+        self._close_fd()
+
+    def _path(self, seg: int) -> Path:
+        return self._dir / f"spool-{seg:012d}.log"
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            if self._dirty:
+                self._unsynced.append(os.dup(self._fd))
+                self._dirty = False
+            os.close(self._fd)
+            self._fd = -1
+
+    def _roll(self) -> None:
+        self._close_fd()
+        seg = max(self._sizes, default=self._cursor[0] - 1) + 1
+        self._fd = os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._sizes[seg] = os.fstat(self._fd).st_size
+        self.bytes_on_disk += self._sizes[seg]
+        if not self.pending():  # nothing undelivered before it
+            self._cursor = (seg, self._sizes[seg])
+
+    def _recover(self) -> None:
+        """Load the segments and cursor; cut torn or corrupt tails (a crash mid-write)."""
+        segments = sorted(int(p.name[6:-4]) for p in self._dir.glob("spool-*.log")
+                          if p.name[6:-4].isdigit())
+        try:
+            stored = json.loads((self._dir / "cursor").read_text())
+            cursor = (int(stored["segment"]), int(stored["position"]))
+        except FileNotFoundError:
+            cursor = (segments[0], 0) if segments else (0, 0)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("spool %s: unreadable cursor (%s); re-delivering from the start", self._dir,
+                      e)
+            cursor = (segments[0], 0) if segments else (0, 0)
+        for seg in segments:
+            data = self._path(seg).read_bytes()
+            at = 0
+            while (decoded := _decode(data, at)) is not None:
+                at = decoded[0]
+            if at < len(data):
+                log.error("spool %s: cutting %d bytes of torn or corrupt data from %s", self._dir,
+                          len(data) - at, self._path(seg).name)
+                os.truncate(self._path(seg), at)
+            self._sizes[seg] = at
+            self.bytes_on_disk += at
+        if segments and cursor[0] < segments[0]:
+            cursor = (segments[0], 0)
+        if cursor[0] in self._sizes:
+            cursor = (cursor[0], min(cursor[1], self._sizes[cursor[0]]))
+        self._cursor = cursor
+        if not self.pending():
+            self.clear()
+
+
+class DecisionLog:
+    """Asynchronous, spooling writer of decisions, rewards and activations to the bus.
+
+    ``submit`` is cheap and called from the event loop; ``close`` flushes on shutdown and then
+    closes ``producer``, which the log owns from construction on. The spool folder is locked
+    (flock) while a ``DecisionLog`` uses it, so two processes cannot share one.
+    ``registry=None`` keeps the metrics in a private registry. ``max_batch`` records go per
+    ``send``/``flush`` round; retries back off from 50 ms doubling up to ``max_backoff_s``.
+    """
+
+    def __init__(self, producer: Producer, *, spool_dir: Path, max_queue: int = 10000,
+                 spool_budget_bytes: int = 1 << 30,
+                 registry: CollectorRegistry | None = None, max_batch: int = 500,
+                 max_backoff_s: float = 2.0, flush_timeout_s: float = 10.0) -> None:
+        for name, value in (("max_queue", max_queue), ("spool_budget_bytes", spool_budget_bytes),
+                            ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"{name} must be an int >= 1, got {value!r}")
+        if not max_backoff_s > 0:
+            raise InvalidArgument(f"max_backoff_s must be > 0, got {max_backoff_s!r}")
+        self._producer = producer
+        self._max_queue = max_queue
+        self._budget = spool_budget_bytes
+        self._max_batch = max_batch
+        self._max_backoff_s = max_backoff_s
+        self._flush_timeout_s = flush_timeout_s
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.spool_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise Unavailable(
+                f"spool_dir {self.spool_dir} is in use by another DecisionLog") from None
+        segment_bytes = min(64 << 20, max(64 << 10, spool_budget_bytes // 16))
+        self._spool = _Spool(self.spool_dir, segment_bytes)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[_Item] = deque()
+        self._spooling = self._spool.pending()  # leftovers of an earlier run go first
+        self._epoch = 0  # +1 each time the queue moves into the spool
+        self._inflight = 0  # records at the queue's head the thread is sending
+        self._inflight_spooled = 0  # of those, how many a queue move wrote to the spool
+        self._closing = False
+        self._close_requested = threading.Event()
+        self._close_cut = False  # whether close() already cut a backoff pause short
+        self._close_result: bool | None = None
+        self._stopped = False
+        self._deadline = float("inf")
+        self._dropped = 0
+        self._drops_unlogged = 0
+        self._last_drop_log = -float("inf")
+        self._last_sync = 0.0
+        self._bus_failing = False  # the thread's view, for logging transitions only
+        if self._spooling:
+            log.info("spool %s holds %d bytes from an earlier run; delivering them first",
+                     self.spool_dir, self._spool.bytes_on_disk)
+
+        registry = registry if registry is not None else CollectorRegistry()
+        self._queue_depth = Gauge(
+            "decision_log_queue_depth", "Records waiting in memory for the bus.",
+            namespace=NAMESPACE, registry=registry)
+        self._queue_depth.set_function(lambda: len(self._queue))
+        self._spool_bytes = Gauge(
+            "decision_log_spool_bytes", "Bytes of the on-disk spool (records the bus has not "
+            "taken yet, plus delivered ones in partly delivered segments).",
+            namespace=NAMESPACE, registry=registry)
+        self._spool_bytes.set_function(lambda: self._spool.bytes_on_disk)
+        records = Counter(
+            "decision_log_records", "Records by outcome: delivered (the bus confirmed them), "
+            "spooled (written to the disk spool; delivered later), dropped (spool budget "
+            "exhausted or rejected by the producer).",
+            ["outcome"], namespace=NAMESPACE, registry=registry)
+        self._delivered = records.labels("delivered")
+        self._spooled = records.labels("spooled")
+        self._dropped_total = records.labels("dropped")
+
+        self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """Hand one record to the bus; returns at once. Raises Unavailable after ``close``."""
+        if not isinstance(topic, str) or not topic:
+            raise InvalidArgument(f"topic must be a non-empty str, got {topic!r}")
+        if not isinstance(value, bytes):
+            raise InvalidArgument(f"value must be bytes, got {type(value).__name__}")
+        if key is not None and not isinstance(key, bytes):
+            raise InvalidArgument(f"key must be bytes or None, got {type(key).__name__}")
+        if len(topic) > 255:
+            raise InvalidArgument(f"topic must be at most 255 characters, got {topic[:40]!r}...")
+        item = (topic, key, value)
+        with self._lock:
+            if self._stopped:
+                raise Unavailable("the decision log is closed")
+            if not self._spooling:
+                if len(self._queue) < self._max_queue:
+                    self._queue.append(item)
+                    if len(self._queue) == 1:  # the thread waits only on an empty queue
+                        self._wake.notify()
+                    return
+                self._start_spooling()
+            self._spool_items([item])
+
+    def close(self, timeout: float) -> bool:
+        """Deliver what is queued and spooled within ``timeout`` seconds, then stop.
+
+        Returns True when every record submitted was delivered (none dropped, none left);
+        what is left stays in the spool for the next ``DecisionLog`` on the same folder.
+        """
+        with self._lock:
+            if self._close_result is not None:
+                return self._close_result
+            self._closing = True
+            self._deadline = time.monotonic() + max(timeout, 0.0)
+            self._wake.notify()
+        self._close_requested.set()
+        self._thread.join(max(timeout, 0.0) + 0.05)
+        with self._lock:
+            self._stopped = True
+            if self._queue:
+                self._start_spooling()
+            self._spooling = True
+            done = not self._spool.pending() and self._dropped == 0
+            self._close_result = done
+            try:
+                if not self._spool.pending():
+                    self._spool.clear()
+                self._spool.close()
+            except OSError as e:
+                log.error("spool %s: final fsync failed: %s", self.spool_dir, e)
+        if self._thread.is_alive():
+            log.warning("decision log: the bus did not answer within %.1fs; left the rest in "
+                        "spool %s", timeout, self.spool_dir)
+        else:
+            try:
+                self._producer.close()
+            except Exception:
+                log.exception("decision log: closing the producer failed")
+        os.close(self._lock_fd)
+        return done
+
+    # Everything below runs under self._lock unless it says otherwise.
+
+    def _start_spooling(self) -> None:
+        """Move the queue into the spool (normal -> spooling); its head may be in flight."""
+        written = self._spool_items(list(self._queue))
+        self._queue.clear()
+        self._inflight_spooled = min(self._inflight, written)
+        self._epoch += 1
+        self._spooling = True
+
+    def _spool_items(self, items: list[_Item]) -> int:
+        """Append to the spool within the budget; returns how many were written (a prefix)."""
+        frames = [_encode(item) for item in items]
+        room = self._budget - self._spool.bytes_on_disk
+        n = 0
+        for frame in frames:
+            if len(frame) > room:
+                break
+            room -= len(frame)
+            n += 1
+        why = f"spool budget of {self._budget} bytes exhausted"
+        try:
+            if n:
+                self._spool.append(frames[:n])
+        except OSError as e:
+            why = f"cannot write spool {self.spool_dir}: {e}"
+            n = 0
+        self._spooled.inc(n)
+        if n < len(items):
+            self._drop(len(items) - n, why)
+        return n
+
+    def _drop(self, n: int, why: str) -> None:
+        self._dropped += n
+        self._dropped_total.inc(n)
+        self._drops_unlogged += n
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
+            log.error("decision log DROPPED %d records (%d in total): %s", self._drops_unlogged,
+                      self._dropped, why)
+            self._drops_unlogged = 0
+            self._last_drop_log = now
+
+    def _run(self) -> None:
+        """The background thread: deliver the queue or the spool, back off on failure."""
+        backoff = _MIN_BACKOFF_S
+        while True:
+            try:
+                ok = self._step()
+            except Exception:  # a bug must not silently stop delivery
+                log.exception("decision log: delivery failed unexpectedly")
+                ok = False
+            if ok is None:
+                return
+            if ok:
+                backoff = _MIN_BACKOFF_S
+                continue
+            with self._lock:
+                wait = min(backoff, self._deadline - time.monotonic())
+            self._pause(wait)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def _step(self) -> bool | None:
+        """One delivery attempt: True if it worked, False to back off, None to stop."""
+        with self._lock:
+            while not (self._queue or self._spooling or self._closing):
+                self._wake.wait(_SYNC_INTERVAL_S)
+                self._sync()
+            if self._stopped:
+                return None
+            if self._closing and (time.monotonic() >= self._deadline or not (
+                    self._queue or self._spool.pending())):
+                return None
+            spooling = self._spooling
+            batch = list(itertools.islice(self._queue, self._max_batch))
+            epoch = self._epoch
+            self._inflight, self._inflight_spooled = len(batch), 0
+            snapshot = self._spool.snapshot()
+        ok = self._deliver_spool(snapshot) if spooling else self._deliver_queue(batch, epoch)
+        with self._lock:
+            self._sync()
+        return ok
+
+    def _pause(self, seconds: float) -> None:
+        """Back off (not under the lock), fsyncing the spool meanwhile; the first pause after
+        close() is cut short so the last attempts happen within its grace period."""
+        end = time.monotonic() + seconds
+        while (remaining := end - time.monotonic()) > 0:
+            step = min(remaining, 2 * _SYNC_INTERVAL_S)
+            if self._close_cut:
+                time.sleep(step)
+            elif self._close_requested.wait(step):
+                self._close_cut = True
+                return
+            with self._lock:
+                self._sync()
+
+    def _deliver_queue(self, batch: list[_Item], epoch: int) -> bool:
+        settled, failed = self._send(batch)  # outside the lock
+        with self._lock:
+            self._inflight = 0
+            if self._stopped:
+                return False
+            if epoch == self._epoch:
+                for _ in range(settled):
+                    self._queue.popleft()
+                if failed:
+                    self._start_spooling()
+            else:  # submit moved the batch into the spool meanwhile
+                self._spool.skip(min(settled, self._inflight_spooled))
+        return not failed
+
+    def _deliver_spool(self, snapshot: dict[int, int]) -> bool:
+        records = self._spool.read(snapshot, self._max_batch, 4 << 20)  # outside the lock
+        if not records:
+            with self._lock:
+                if self._stopped:
+                    return False
+                if self._spool.pending():  # appended since the snapshot, or unreadable data
+                    return self._spool.snapshot() != snapshot
+                self._spool.clear()
+                self._spooling = False
+            return True
+        settled, failed = self._send([item for item, _ in records])
+        with self._lock:
+            if settled and not self._stopped:
+                self._spool.advance(records[settled - 1][1])
+        return not failed
+
+    def _send(self, batch: list[_Item]) -> tuple[int, bool]:
+        """Send and flush ``batch`` (not under the lock); returns (how many of its first records
+        are settled: delivered or dropped as malformed, whether the bus failed)."""
+        settled = 0
+        dropped = 0
+        try:
+            for topic, key, value in batch:
+                try:
+                    self._producer.send(topic, value, key)
+                except InvalidArgument as e:
+                    dropped += 1
+                    with self._lock:
+                        self._drop(1, f"the producer rejected a record for {topic!r}: {e}")
+                settled += 1
+            self._producer.flush(self._flush_timeout_s)
+        except Exception as e:
+            if not self._bus_failing:
+                log.warning("decision log: the bus failed (%s); spooling to %s and retrying",
+                            e, self.spool_dir)
+                self._bus_failing = True
+            else:
+                log.debug("decision log: the bus still fails: %s", e)
+            if settled == len(batch):  # the flush failed: nothing is known delivered
+                return 0, True
+            try:  # a send failed: the records before it may still be confirmed
+                self._producer.flush(self._flush_timeout_s)
+            except Exception:
+                return 0, True
+            self._delivered.inc(settled - dropped)
+            return settled, True
+        self._delivered.inc(settled - dropped)
+        if self._bus_failing:
+            log.warning("decision log: the bus is back; delivering the spool")
+            self._bus_failing = False
+        return settled, False
+
+    def _sync(self) -> None:
+        """fsync the spool's new writes, at most every _SYNC_INTERVAL_S (lock held on entry;
+        the fsync itself runs without it)."""
+        now = time.monotonic()
+        if now - self._last_sync < _SYNC_INTERVAL_S:
+            return
+        self._last_sync = now
+        fds = self._spool.take_sync()
+        if not fds:
+            return
+        self._lock.release()
+        try:
+            for fd in fds:
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    log.error("spool %s: fsync failed: %s", self.spool_dir, e)
+                finally:
+                    os.close(fd)
+        finally:
+            self._lock.acquire()

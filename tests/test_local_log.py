@@ -1,0 +1,228 @@
+"""The embedded local log (durable, cross-process, torn-tail tolerant) and the event codec."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from online import bus
+from online.bus import Record
+from online.local_log import LocalConsumer, LocalLog, partition_for
+from policyloop.errors import InvalidArgument
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _write(root: str, topic: str, prefix: str, n: int, partitions: int) -> None:
+    """Runs in a child process: n keyed records '<prefix>-<i>'."""
+    producer = LocalLog(Path(root), partitions=partitions, fsync=False).producer()
+    for i in range(n):
+        producer.send(topic, f"{prefix}-{i}".encode(), key=f"{prefix}-{i % 7}".encode())
+    producer.flush()
+    producer.close()
+
+
+def _drain(consumer: LocalConsumer, n: int, timeout: float = 10.0) -> list[Record]:
+    records: list[Record] = []
+    deadline = time.monotonic() + timeout
+    while len(records) < n and time.monotonic() < deadline:
+        records.extend(consumer.poll(500, timeout=0.05))
+    return records
+
+
+def _drain_all(consumer: LocalConsumer) -> list[Record]:
+    """Everything readable now (all writers have finished)."""
+    records: list[Record] = []
+    while batch := consumer.poll(500, timeout=0.05):
+        records.extend(batch)
+    return records
+
+
+def _index(value: bytes) -> int:
+    return int(value.decode().rsplit("-", 1)[1])
+
+
+def test_records_written_by_another_process_are_read_in_offset_order(tmp_path: Path) -> None:
+    consumer = LocalLog(tmp_path, partitions=3).consumer("g", ["decisions"])
+    assert consumer.assignment() == set()  # the topic does not exist yet
+    writer = SPAWN.Process(target=_write, args=(str(tmp_path), "decisions", "w", 300, 3))
+    writer.start()
+    records = _drain(consumer, 300)
+    writer.join(10)
+    assert writer.exitcode == 0
+    assert consumer.poll(timeout=0.05) == []
+    assert consumer.assignment() == {("decisions", p) for p in range(3)}
+    assert sorted(_index(r.value) for r in records) == list(range(300))
+    for p in range(3):
+        mine = [r for r in records if r.partition == p]
+        assert [r.offset for r in mine] == list(range(len(mine)))
+        assert [_index(r.value) for r in mine] == sorted(_index(r.value) for r in mine)
+        assert all(partition_for(r.key, 3) == p for r in mine if r.key is not None)
+    assert LocalLog(tmp_path).end_offsets("decisions") == {
+        p: sum(r.partition == p for r in records) for p in range(3)}
+
+
+def test_concurrent_writers_in_two_processes_do_not_corrupt_frames(tmp_path: Path) -> None:
+    writers = [SPAWN.Process(target=_write, args=(str(tmp_path), "t", name, 1000, 1))
+               for name in ("a", "b")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(20)
+        assert w.exitcode == 0
+    records = _drain(LocalLog(tmp_path).consumer("g", ["t"]), 2000)
+    assert [r.offset for r in records] == list(range(2000))
+    for name in ("a", "b"):
+        mine = [_index(r.value) for r in records if r.value.startswith(name.encode())]
+        assert mine == list(range(1000))  # each writer's records, complete and in order
+
+
+def _segment(root: Path, topic: str, ext: str) -> Path:
+    (path,) = (root / "topics" / topic / "0").glob(f"*.{ext}")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["log cut mid-frame", "log last byte flipped",
+                                    "index cut mid-entry"])
+def test_torn_tail_is_skipped_and_the_next_append_repairs_it(tmp_path: Path,
+                                                             damage: str) -> None:
+    log = LocalLog(tmp_path)
+    producer = log.producer()
+    for i in range(5):
+        producer.send("t", f"v{i}".encode(), key=b"k")
+    producer.close()
+    if damage == "log cut mid-frame":
+        path = _segment(tmp_path, "t", "log")
+        os.truncate(path, path.stat().st_size - 3)
+    elif damage == "log last byte flipped":
+        path = _segment(tmp_path, "t", "log")
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path = _segment(tmp_path, "t", "idx")
+        os.truncate(path, path.stat().st_size - 4)
+
+    consumer = log.consumer("g", ["t"])
+    assert [r.value for r in _drain_all(consumer)] == [b"v0", b"v1", b"v2", b"v3"]
+    assert consumer.poll(timeout=0.05) == []
+
+    producer = log.producer()
+    producer.send("t", b"after", key=b"k")
+    producer.flush()
+    (record,) = consumer.poll(timeout=1.0)
+    assert (record.offset, record.value) == (4, b"after")
+    assert log.end_offsets("t") == {0: 5}
+    fresh = log.consumer("fresh", ["t"])
+    assert [r.value for r in _drain(fresh, 5)] == [b"v0", b"v1", b"v2", b"v3", b"after"]
+
+
+def test_consumer_group_resumes_from_its_committed_offset(tmp_path: Path) -> None:
+    log = LocalLog(tmp_path)
+    producer = log.producer()
+    for i in range(10):
+        producer.send("t", f"v{i}".encode())
+    producer.flush()
+    first = log.consumer("g", ["t"])
+    assert first.committed(("t", 0)) is None
+    assert [r.offset for r in first.poll(max_records=3)] == [0, 1, 2]
+    first.commit({("t", 0): 3})
+    first.close()
+
+    again = log.consumer("g", ["t"])
+    assert again.committed(("t", 0)) == 3
+    assert [r.offset for r in _drain(again, 7)] == list(range(3, 10))
+    other = log.consumer("other", ["t"])
+    assert other.committed(("t", 0)) is None
+    assert [r.offset for r in _drain(other, 10)] == list(range(10))
+
+
+def test_seek_rereads_and_refuses_unassigned_partitions(tmp_path: Path) -> None:
+    log = LocalLog(tmp_path)
+    producer = log.producer()
+    for i in range(4):
+        producer.send("t", f"v{i}".encode())
+    consumer = log.consumer("g", ["t"])
+    assert len(_drain(consumer, 4)) == 4
+    consumer.seek(("t", 0), 2)
+    assert [r.value for r in consumer.poll(timeout=0.5)] == [b"v2", b"v3"]
+    with pytest.raises(InvalidArgument, match="not assigned"):
+        consumer.seek(("t", 1), 0)
+    with pytest.raises(InvalidArgument, match="offset"):
+        consumer.seek(("t", 0), -1)
+
+
+def test_keys_pick_the_same_partition_number_on_every_topic(tmp_path: Path) -> None:
+    log = LocalLog(tmp_path, partitions=4, fsync=False)
+    producer = log.producer()
+    for i in range(40):
+        key = f"event-{i}".encode()
+        producer.send(bus.DECISIONS, b"d", key=key)
+        producer.send(bus.REWARDS, b"r", key=key)
+    for _ in range(8):
+        producer.send(bus.ACTIVATIONS, b"no key")
+    records = _drain(log.consumer("g", [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS]), 88)
+    keyed = [r for r in records if r.key is not None]
+    assert len(keyed) == 80
+    assert all(r.partition == zlib.crc32(r.key) % 4 for r in keyed)
+    by_topic = {t: {r.key: r.partition for r in keyed if r.topic == t}
+                for t in (bus.DECISIONS, bus.REWARDS)}
+    assert by_topic[bus.DECISIONS] == by_topic[bus.REWARDS]
+    assert len(set(by_topic[bus.DECISIONS].values())) > 1
+    keyless = [r.partition for r in records if r.key is None]
+    assert sorted(keyless) == [0, 0, 1, 1, 2, 2, 3, 3]  # round-robin
+
+
+def test_segments_roll_and_retention_keeps_offsets_global(tmp_path: Path) -> None:
+    log = LocalLog(tmp_path, fsync=False, segment_bytes=512, retention_bytes=2048)
+    producer = log.producer()
+    early = log.consumer("early", ["t"])
+    for i in range(10):
+        producer.send("t", f"value-{i:04d}".encode())
+    assert [_index(r.value) for r in _drain(early, 10)] == list(range(10))
+    for i in range(10, 300):
+        producer.send("t", f"value-{i:04d}".encode())
+    folder = tmp_path / "topics" / "t" / "0"
+    assert len(list(folder.glob("*.log"))) > 1
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 2048 + 600
+    assert log.end_offsets("t") == {0: 300}
+
+    late = _drain_all(log.consumer("late", ["t"]))
+    assert 0 < late[0].offset and late[-1].offset == 299
+    assert [r.offset for r in late] == list(range(late[0].offset, 300))
+    assert all(_index(r.value) == r.offset for r in late)
+    # The early reader finishes the segment it holds open, then moves up to the oldest kept.
+    resumed = [r.offset for r in _drain_all(early)]
+    assert resumed[0] == 10 and resumed == sorted(set(resumed))
+    assert resumed[-len(late):] == [r.offset for r in late]
+
+
+def test_bus_factories_open_the_local_log(tmp_path: Path) -> None:
+    producer = bus.open_producer("local", path=tmp_path, partitions=2)
+    producer.send(bus.REWARDS, b"x", key=b"e1")
+    producer.flush()
+    consumer = bus.open_consumer("local", "g", [bus.REWARDS], path=tmp_path, partitions=2)
+    (record,) = _drain(consumer, 1)
+    assert (record.topic, record.key, record.value) == (bus.REWARDS, b"e1", b"x")
+    assert record.partition == partition_for(b"e1", 2)
+    assert LocalLog(tmp_path).topics() == [bus.REWARDS]
+
+
+@pytest.mark.parametrize("kwargs", [{"partitions": 0}, {"segment_bytes": 0},
+                                    {"retention_bytes": -1}])
+def test_log_settings_are_validated(tmp_path: Path, kwargs: dict) -> None:
+    name = next(iter(kwargs))
+    with pytest.raises(InvalidArgument, match=name):
+        LocalLog(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("topic", ["../escape", "", "a/b", ".hidden"])
+def test_topic_names_that_are_not_plain_file_names_are_refused(tmp_path: Path,
+                                                               topic: str) -> None:
+    with pytest.raises(InvalidArgument, match="topic"):
+        LocalLog(tmp_path).producer().send(topic, b"x")
