@@ -1,0 +1,314 @@
+"""The Kafka bus and topic creation against a real broker (scripts/kafka.sh), never a mock."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
+
+from online.bus import BusUnavailable, Record
+from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
+from online.topics import DEFAULT_TOPICS, TopicSpec, create_topics
+from policyloop.errors import InvalidArgument
+
+HOUR_MS = 3600 * 1000
+KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct local ports nothing listens on (bound together, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _free_port() -> int:
+    return _free_ports(1)[0]
+
+
+def _drain(consumer: KafkaConsumerAdapter, n: int, timeout: float = 30.0) -> list[Record]:
+    """Poll until ``n`` records came (the first poll also joins the group)."""
+    records: list[Record] = []
+    deadline = time.monotonic() + timeout
+    while len(records) < n and time.monotonic() < deadline:
+        records.extend(consumer.poll(max_records=500, timeout=0.5))
+    return records
+
+
+def _produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaProducerAdapter(bootstrap, client_id="test")
+    try:
+        for key, value in items:
+            producer.send(topic, value, key)
+        producer.flush(10.0)
+    finally:
+        producer.close()
+
+
+@pytest.mark.kafka
+def test_group_member_resumes_after_the_committed_offsets(
+        kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
+    topic = unique_topic("events")
+    create_topics(kafka_bootstrap, [TopicSpec(topic, partitions=4, retention_ms=HOUR_MS)])
+    items = [(f"user-{i % 25}".encode(), f"v{i}".encode()) for i in range(200)]
+    _produce(kafka_bootstrap, topic, items)
+
+    first = KafkaConsumerAdapter(kafka_bootstrap, "g-" + topic, [topic])
+    try:
+        records = _drain(first, 200)
+        assert sorted(r.value for r in records) == sorted(v for _, v in items)
+        assert first.assignment() == {(topic, p) for p in range(4)}
+        by_partition: dict[int, list[int]] = defaultdict(list)
+        for r in records:
+            by_partition[r.partition].append(r.offset)
+        for offsets in by_partition.values():
+            assert offsets == list(range(len(offsets)))  # offset order, nothing skipped
+        assert first.end_offsets(topic) == {p: len(o) for p, o in by_partition.items()}
+        half = {(topic, p): len(o) // 2 for p, o in by_partition.items()}
+        first.commit(half)
+        assert first.committed((topic, 0)) == half[(topic, 0)]
+    finally:
+        first.close()
+
+    second = KafkaConsumerAdapter(kafka_bootstrap, "g-" + topic, [topic])
+    try:
+        expected = 200 - sum(half.values())
+        resumed = _drain(second, expected)
+        assert len(resumed) == expected
+        assert all(r.offset >= half[(topic, r.partition)] for r in resumed)
+        assert second.poll(timeout=0.5) == []
+    finally:
+        second.close()
+
+
+@pytest.mark.kafka
+def test_records_with_one_key_land_on_one_partition(
+        kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
+    topic = unique_topic("keyed")
+    create_topics(kafka_bootstrap, [TopicSpec(topic, partitions=4, retention_ms=HOUR_MS)])
+    keys = [f"event-{k}".encode() for k in range(16)]
+    _produce(kafka_bootstrap, topic, [(k, b"%d" % i) for i in range(5) for k in keys])
+
+    consumer = KafkaConsumerAdapter(kafka_bootstrap, "g-" + topic, [topic])
+    try:
+        records = _drain(consumer, 80)
+    finally:
+        consumer.close()
+    partitions: dict[bytes | None, set[int]] = defaultdict(set)
+    for r in records:
+        partitions[r.key].add(r.partition)
+        assert r.topic == topic and r.timestamp_ms > 0
+    assert set(partitions) == set(keys)
+    assert all(len(ps) == 1 for ps in partitions.values())
+    assert len(set().union(*partitions.values())) > 1  # the keys do spread over partitions
+    # Per key, the values arrive in the order they were sent.
+    for key in keys:
+        assert [r.value for r in records if r.key == key] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+@pytest.mark.kafka
+def test_seek_rereads_a_partition_from_the_given_offset(
+        kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
+    topic = unique_topic("seek")
+    create_topics(kafka_bootstrap, [TopicSpec(topic, partitions=1, retention_ms=HOUR_MS)])
+    _produce(kafka_bootstrap, topic, [(b"k", b"%d" % i) for i in range(10)])
+    consumer = KafkaConsumerAdapter(kafka_bootstrap, "g-" + topic, [topic])
+    try:
+        assert [r.offset for r in _drain(consumer, 10)] == list(range(10))
+        consumer.seek((topic, 0), 7)
+        assert consumer.position((topic, 0)) == 7
+        assert [r.value for r in _drain(consumer, 3)] == [b"7", b"8", b"9"]
+        with pytest.raises(InvalidArgument, match="not assigned"):
+            consumer.seek((topic, 3), 0)
+        with pytest.raises(InvalidArgument, match="offset"):
+            consumer.commit({(topic, 0): -1})
+    finally:
+        consumer.close()
+
+
+@pytest.mark.kafka
+def test_send_to_a_missing_topic_raises_bus_unavailable(
+        kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
+    producer = KafkaProducerAdapter(kafka_bootstrap, max_block_ms=500)
+    try:
+        start = time.monotonic()
+        with pytest.raises(BusUnavailable, match="topic missing"):
+            producer.send(unique_topic("never-created"), b"x")
+        assert time.monotonic() - start < 5.0
+        producer.flush(1.0)  # nothing was accepted, so nothing can fail
+    finally:
+        producer.close()
+
+
+def test_producer_without_a_broker_raises_bus_unavailable_quickly() -> None:
+    producer = KafkaProducerAdapter(f"127.0.0.1:{_free_port()}", max_block_ms=500)
+    start = time.monotonic()
+    for _ in range(2):  # the failed connection is retried by the next send
+        with pytest.raises(BusUnavailable, match="unreachable"):
+            producer.send("decisions", b"x", b"k")
+    assert time.monotonic() - start < 5.0
+    producer.close()
+    with pytest.raises(BusUnavailable, match="closed"):
+        producer.send("decisions", b"x")
+
+
+def test_consumer_without_a_broker_raises_bus_unavailable_quickly() -> None:
+    start = time.monotonic()
+    with pytest.raises(BusUnavailable, match="unreachable"):
+        KafkaConsumerAdapter(f"127.0.0.1:{_free_port()}", "g", ["decisions"], timeout=0.5)
+    assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"acks": 2}, "acks"),
+    ({"linger_ms": -1}, "linger_ms"),
+    ({"delivery_timeout_ms": 1000, "request_timeout_ms": 5000}, "delivery_timeout_ms"),
+])
+def test_producer_rejects_bad_settings(kwargs: dict[str, int], field: str) -> None:
+    with pytest.raises(InvalidArgument, match=field):
+        KafkaProducerAdapter("127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
+
+
+def test_producer_rejects_non_bytes_before_connecting() -> None:
+    producer = KafkaProducerAdapter(f"127.0.0.1:{_free_port()}")
+    with pytest.raises(InvalidArgument, match="value must be bytes"):
+        producer.send("decisions", "text")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="key must be bytes"):
+        producer.send("decisions", b"x", key=7)  # type: ignore[arg-type]
+
+
+@pytest.mark.kafka
+def test_create_topics_is_idempotent_and_compacts_models(
+        kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
+    specs = [dataclasses.replace(s, name=unique_topic(s.name)) for s in DEFAULT_TOPICS]
+    names = [s.name for s in specs]
+    assert create_topics(kafka_bootstrap, specs, timeout=30) == names
+    assert create_topics(kafka_bootstrap, specs, timeout=30) == []
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
+        assert described == {s.name: s.partitions for s in specs}
+        configs = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, n) for n in names],
+            config_filter="all")["topic"]
+    finally:
+        admin.close()
+    for spec in specs:
+        policy = configs[spec.name]["cleanup.policy"]["value"]
+        assert policy == ("compact" if spec.name.startswith("models-") else "delete")
+        assert configs[spec.name]["retention.ms"]["value"] == str(spec.retention_ms)
+
+
+@pytest.mark.kafka
+def test_create_topics_rejects_an_existing_topic_with_other_partitions(
+        kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
+    name = unique_topic("decisions")
+    assert create_topics(kafka_bootstrap, [TopicSpec(name, 2, HOUR_MS)]) == [name]
+    with pytest.raises(InvalidArgument, match="2 partitions, the spec says 4"):
+        create_topics(kafka_bootstrap, [TopicSpec(name, 4, HOUR_MS)])
+    with pytest.raises(InvalidArgument, match="cleanup.policy=delete"):
+        create_topics(kafka_bootstrap, [TopicSpec(name, 2, HOUR_MS, compact=True)])
+
+
+def test_create_topics_without_a_broker_raises_bus_unavailable() -> None:
+    with pytest.raises(BusUnavailable, match="unreachable"):
+        create_topics(f"127.0.0.1:{_free_port()}", DEFAULT_TOPICS, timeout=0.5)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"name": "has space", "partitions": 1, "retention_ms": 1}, "topic name"),
+    ({"name": "", "partitions": 1, "retention_ms": 1}, "topic name"),
+    ({"name": "t", "partitions": 0, "retention_ms": 1}, "partitions"),
+    ({"name": "t", "partitions": True, "retention_ms": 1}, "partitions"),
+    ({"name": "t", "partitions": 1, "retention_ms": 0}, "retention_ms"),
+    ({"name": "t", "partitions": 1, "retention_ms": -2}, "retention_ms"),
+])
+def test_topic_spec_rejects_bad_fields(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument, match=field):
+        TopicSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_default_topics_cover_the_bus_and_compact_only_models() -> None:
+    assert [s.name for s in DEFAULT_TOPICS] == [
+        "decisions", "rewards", "activations", "examples", "models"]
+    assert [s.name for s in DEFAULT_TOPICS if s.compact] == ["models"]
+    event_partitions = {s.partitions for s in DEFAULT_TOPICS if not s.compact}
+    assert len(event_partitions) == 1  # decisions and rewards are co-partitioned
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrivateBroker:
+    """A broker of one test's own on free ports, so it can be stopped and started without
+    disturbing the session's."""
+
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def run(self, command: str) -> None:
+        """``scripts/kafka.sh <command>`` for this broker."""
+        env = {**os.environ, "KAFKA_PORT": str(self.port),
+               "KAFKA_CONTROLLER_PORT": str(self.controller_port)}
+        done = subprocess.run(["bash", str(KAFKA_SH), command], env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def private_broker() -> Iterator[_PrivateBroker]:
+    """A started ``_PrivateBroker``, wiped (data, settings, log) after the test."""
+    broker = _PrivateBroker(*_free_ports(2))
+    broker.run("start")
+    try:
+        yield broker
+    finally:
+        broker.run("clean")
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_flush_fails_while_the_broker_is_down_and_recovers_after(
+        private_broker: _PrivateBroker) -> None:
+    bootstrap = private_broker.bootstrap
+    create_topics(bootstrap, [TopicSpec("fault", partitions=2, retention_ms=HOUR_MS)])
+    producer = KafkaProducerAdapter(bootstrap, max_block_ms=500)
+    try:
+        producer.send("fault", b"before", b"k")
+        producer.flush(10.0)
+        private_broker.run("stop")
+        producer.send("fault", b"during", b"k")  # metadata is known: the buffer takes it
+        start = time.monotonic()
+        with pytest.raises(BusUnavailable, match="not acknowledged"):
+            producer.flush(1.0)
+        assert time.monotonic() - start < 3.0
+        private_broker.run("start")  # the data folder survives: the topic is still there
+        producer.send("fault", b"after", b"k")
+        producer.flush(15.0)
+    finally:
+        producer.close()
+    consumer = KafkaConsumerAdapter(bootstrap, "g-fault", ["fault"])
+    try:
+        values = [r.value for r in _drain(consumer, 3)]
+    finally:
+        consumer.close()
+    # "during" was not confirmed, yet the client may deliver it later: at-least-once.
+    assert values[0] == b"before" and values[-1] == b"after"
+    assert set(values) <= {b"before", b"during", b"after"}
