@@ -29,7 +29,15 @@ class Unavailable(PolicyloopError):
 
 
 class ModelRejected(PolicyloopError):
-    """A model version failed validation: corrupt file, checksum or signature mismatch."""
+    """A model version failed validation: corrupt file, checksum or signature mismatch.
+
+    ``reason`` is a short fixed word (a metric label): checksum, corrupt, incompatible,
+    signature, warmup, posterior or other.
+    """
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ExportParityError(PolicyloopError):

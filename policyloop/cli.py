@@ -1,0 +1,214 @@
+"""The ``policyloop`` command: one entry point, a subcommand per process or task.
+
+Each subcommand builds its one typed configuration object here, from flags (and, for the
+server, a TOML file and ``POLICYLOOP_*`` variables), and hands it to the code that runs it.
+Heavy imports (torch, grpc) happen inside the handlers so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from policyloop.errors import PolicyloopError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.training import TrainConfig, train_command
+
+    cfg = TrainConfig(scenario=args.scenario, n_logged=args.n_logged, epochs=args.epochs,
+                      objective=args.objective, seed=args.seed)
+    return train_command(cfg, registry=None if args.no_export else args.registry,
+                         policy=args.policy or args.scenario, checkpoint=args.checkpoint)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from models.export import export_command
+
+    return export_command(args.checkpoint, registry=args.registry,
+                          policy=args.policy, out=args.out)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from serving.config import PolicyConfig, load_serve_config
+    from serving.server import serve
+
+    overrides = {
+        "registry": args.registry, "host": args.host, "port": args.port,
+        "metrics_port": args.metrics_port, "bus": args.bus, "bus_path": args.bus_path,
+        "kafka_bootstrap": args.kafka, "spool_dir": args.spool_dir,
+        "default_strategy": args.strategy, "grace_period_s": args.grace,
+        "watch_interval_s": args.watch_interval,
+    }
+    if args.policy:
+        overrides["policies"] = {
+            name: PolicyConfig(strategy=spec or (args.strategy or "epsilon_greedy:0.1"),
+                               apprentice=name in (args.apprentice or []))
+            for name, _, spec in (p.partition("=") for p in args.policy)}
+    config = load_serve_config(args.config, overrides)
+    return asyncio.run(serve(config))
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from models.registry import LocalRegistry
+
+    registry = LocalRegistry(args.registry)
+    if args.action == "list":
+        rows = []
+        for policy in registry.policies():
+            try:
+                current = registry.current(policy).version
+            except PolicyloopError:
+                current = None
+            rows.append({"policy": policy, "current": current,
+                         "versions": registry.versions(policy)})
+        print(json.dumps(rows, indent=2))
+    elif args.action == "show":
+        version = (registry.get(args.policy, args.version) if args.version
+                   else registry.current(args.policy))
+        print(version.manifest.to_json())
+    elif args.action == "rollback":
+        version = registry.rollback(args.policy, args.version or None)
+        print(f"{args.policy}: current version is now {version.version}")
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos import decision_pb2 as pb
+    from protos import decision_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.AdminServiceStub(channel)
+        if args.action == "pin":
+            info = stub.Pin(pb.PinRequest(policy=args.policy, version=args.version), timeout=30)
+        elif args.action == "unpin":
+            info = stub.Unpin(pb.UnpinRequest(policy=args.policy), timeout=30)
+        else:
+            info = stub.Rollback(pb.RollbackRequest(policy=args.policy, version=args.version),
+                                 timeout=30)
+    print(f"{info.policy}: serving version {info.model_version} (pinned={info.pinned})")
+    return 0
+
+
+def _topics(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from online.topics import DEFAULT_TOPICS, create_topics
+
+    # The models topic keeps one partition: it is a compacted log of versions, read whole.
+    specs = [spec if spec.compact else replace(spec, partitions=args.partitions)
+             for spec in DEFAULT_TOPICS]
+    created = create_topics(args.kafka, specs, timeout=args.timeout)
+    for spec in specs:
+        state = "created" if spec.name in created else "exists"
+        print(f"{spec.name}: partitions={spec.partitions} retention_ms={spec.retention_ms} "
+              f"compact={spec.compact} ({state})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyloop",
+        description="Real-time decisions that learn online: train, serve, learn, evaluate.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a policy offline from simulated logged data",
+                       description="Collect logged bandit data from a simulator under a "
+                       "logging policy with known propensities, train a neural-linear policy "
+                       "with an IPS/DR objective, then export it to ONNX and register it.")
+    p.add_argument("--scenario", choices=["recsys", "routing"], required=True)
+    p.add_argument("--registry", type=Path, default=Path("var/registry"),
+                   help="model registry folder (default var/registry)")
+    p.add_argument("--policy", help="policy name to register under (default: the scenario)")
+    p.add_argument("--n-logged", type=int, default=20_000, help="logged events to train on")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--objective", choices=["ips", "dr"], default="dr")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path,
+                   help="also save the torch checkpoint here (needed by `export`)")
+    p.add_argument("--no-export", action="store_true",
+                   help="train only; do not export or register (use with --checkpoint)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="export a trained checkpoint to ONNX and register it",
+                       description="Export to ONNX (dynamic batch axis, pinned opset), check "
+                       "torch/onnxruntime parity within 1e-5, and register the version.")
+    p.add_argument("checkpoint", type=Path, help="torch checkpoint written by `train`")
+    p.add_argument("--registry", type=Path, default=Path("var/registry"))
+    p.add_argument("--policy", help="policy name (default: the checkpoint's scenario)")
+    p.add_argument("--out", type=Path, help="also write model.onnx and manifest.json here")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="run the gRPC decision server",
+                       description="Serve every registered policy (or those named) over gRPC: "
+                       "DecisionService, AdminService, the v2 inference protocol, health and "
+                       "reflection; metrics over HTTP. Port 0 picks a free port; the chosen "
+                       "ports are printed on one line at start-up.")
+    p.add_argument("--config", type=Path, help="TOML file with ServeConfig fields")
+    p.add_argument("--registry", type=Path)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus port (default 9464; 0 = any free port)")
+    p.add_argument("--policy", action="append", metavar="NAME[=STRATEGY]",
+                   help="serve this policy, optionally with its exploration strategy "
+                   "(greedy, epsilon_greedy:E, softmax:T, squarecb:G, ucb:A, thompson[:M]); "
+                   "repeatable; default: every policy in the registry")
+    p.add_argument("--strategy", help="default exploration strategy")
+    p.add_argument("--apprentice", action="append", metavar="NAME",
+                   help="run this policy in apprentice mode (repeatable)")
+    p.add_argument("--bus", choices=["local", "kafka"])
+    p.add_argument("--bus-path", type=Path, help="local event log folder (bus=local)")
+    p.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (bus=kafka)")
+    p.add_argument("--spool-dir", type=Path, help="where decisions wait while the bus is down")
+    p.add_argument("--grace", type=float, help="drain period on SIGTERM, seconds")
+    p.add_argument("--watch-interval", type=float, help="registry poll interval, seconds")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("registry", help="inspect the model registry or roll a policy back")
+    p.add_argument("action", choices=["list", "show", "rollback"])
+    p.add_argument("--registry", type=Path, default=Path("var/registry"))
+    p.add_argument("--policy")
+    p.add_argument("--version", type=int, default=0,
+                   help="version (show: default current; rollback: default previous)")
+    p.set_defaults(func=_registry)
+
+    p = sub.add_parser("admin", help="pin, unpin or roll back the version a server serves")
+    p.add_argument("action", choices=["pin", "unpin", "rollback"])
+    p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--version", type=int, default=0)
+    p.set_defaults(func=_admin)
+
+    p = sub.add_parser("topics", help="create the Kafka topics (idempotent)",
+                       description="Create decisions, rewards, activations and examples "
+                       "(time retention) and the compacted models topic.")
+    p.add_argument("--kafka", required=True, help="bootstrap HOST:PORT")
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=_topics)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except PolicyloopError as exc:
+        print(f"policyloop {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

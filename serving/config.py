@@ -1,0 +1,119 @@
+"""The decision server's configuration: one typed object, built once in ``main()``.
+
+Sources, later ones winning: defaults here, a TOML file (``--config``), environment variables
+``POLICYLOOP_*`` for the settings a deployment commonly overrides, then command-line flags.
+Nothing else in ``serving/`` reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from policyloop.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How one named policy is served."""
+
+    strategy: str = "epsilon_greedy:0.1"
+    apprentice: bool = False
+    max_candidates: int = 1000
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    registry: Path = Path("var/registry")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464
+    # Policies to serve; empty means every policy the registry holds at start-up.
+    policies: Mapping[str, PolicyConfig] = field(default_factory=dict)
+    default_strategy: str = "epsilon_greedy:0.1"
+    # Event bus: "local" (embedded durable log under bus_path) or "kafka" (kafka_bootstrap).
+    bus: str = "local"
+    bus_path: Path = Path("var/bus")
+    kafka_bootstrap: str = ""
+    bus_partitions: int = 4
+    spool_dir: Path = Path("var/spool")
+    log_queue_size: int = 10_000
+    spool_budget_bytes: int = 1 << 30
+    watch_interval_s: float = 1.0
+    grace_period_s: float = 10.0
+    max_message_bytes: int = 4 << 20
+    max_batch_rows: int = 1024
+    max_concurrency: int = 1024
+    ort_threads: int = 1
+    use_gpu: bool = True
+
+    def policy(self, name: str) -> PolicyConfig:
+        return self.policies.get(name) or PolicyConfig(strategy=self.default_strategy)
+
+    def validate(self) -> ServeConfig:
+        if self.bus not in ("local", "kafka"):
+            raise InvalidArgument(f"bus must be 'local' or 'kafka', got {self.bus!r}")
+        if self.bus == "kafka" and not self.kafka_bootstrap:
+            raise InvalidArgument("bus 'kafka' needs kafka_bootstrap (HOST:PORT)")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise InvalidArgument(f"{name} must be in 0..65535, got {value}")
+        for name in ("log_queue_size", "max_message_bytes", "max_batch_rows", "max_concurrency",
+                     "ort_threads"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+_ENV = {
+    "POLICYLOOP_REGISTRY": "registry",
+    "POLICYLOOP_BUS": "bus",
+    "POLICYLOOP_BUS_PATH": "bus_path",
+    "POLICYLOOP_KAFKA_BOOTSTRAP": "kafka_bootstrap",
+    "POLICYLOOP_SPOOL_DIR": "spool_dir",
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = {f.name: f.type for f in fields(ServeConfig)}[name]
+    try:
+        if kind == "Path":
+            return Path(value)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    except ValueError as exc:
+        raise InvalidArgument(f"config {name}: {value!r} is not a valid {kind}") from exc
+    return value
+
+
+def load_serve_config(path: Path | None, overrides: Mapping[str, Any],
+                      environ: Mapping[str, str] | None = None) -> ServeConfig:
+    """Build the config from a TOML file, ``POLICYLOOP_*`` variables and flag overrides.
+
+    The TOML file holds top-level keys named like the fields, plus ``[policies.NAME]`` tables.
+    ``overrides`` holds flag values; ``None`` means the flag was not given.
+    """
+    known = {f.name for f in fields(ServeConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        raw = tomllib.loads(Path(path).read_text())
+        policies = raw.pop("policies", {})
+        unknown = set(raw) - known
+        if unknown:
+            raise InvalidArgument(f"config file {path}: unknown keys {sorted(unknown)}")
+        values.update(raw)
+        values["policies"] = {name: PolicyConfig(**table) for name, table in policies.items()}
+    env = os.environ if environ is None else environ
+    values.update({attr: env[var] for var, attr in _ENV.items() if var in env})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    coerced = {k: (v if k == "policies" else _coerce(k, v)) for k, v in values.items()}
+    return replace(ServeConfig(), **coerced).validate()

@@ -1,0 +1,307 @@
+"""The transport-neutral decision path: validate, score, explore, log.
+
+The gRPC servicer translates protobuf into the small input types here and back; nothing in this
+module knows about gRPC. Every check raises ``InvalidArgument`` (or ``NotFound``) with a message
+naming the field and the bad value, before anything is logged.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from online import bus
+from online.events import ActivationEvent, DecisionEvent, RewardEvent
+from policyloop.errors import InvalidArgument
+from serving.config import ServeConfig
+from serving.decision_log import DecisionLog
+from serving.exploration import Decision, Strategy, strategy_from_spec
+from serving.metrics import ServingMetrics
+from serving.model_store import LoadedModel, ModelStore
+
+EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_SLOTS = 100
+
+
+@dataclass(frozen=True)
+class Features:
+    """A feature vector as sent: dense values in schema order and/or values by name."""
+
+    dense: Sequence[float] = ()
+    named: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecideInput:
+    policy: str
+    event_id: str = ""
+    context: Features = Features()
+    candidate_ids: Sequence[str] = ()
+    candidate_features: Sequence[Features] = ()
+    slots: int = 0
+    seed: int | None = None
+    deferred: bool = False
+    baseline_action: str = ""
+
+
+@dataclass(frozen=True)
+class Chosen:
+    action_id: str
+    candidate_index: int
+    propensity: float
+
+
+@dataclass(frozen=True)
+class DecideOutput:
+    event_id: str
+    policy: str
+    chosen: list[Chosen]
+    ranking: list[str]
+    strategy: str
+    model_version: int
+    active: bool
+    policy_action: str = ""
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    event_id: str
+    value: float
+    slot_rewards: Sequence[float] = ()
+    timestamp_ms: int = 0
+    policy: str = ""
+
+
+def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
+            what: str) -> np.ndarray:
+    """float32[len(names)] from dense and/or named values; missing names are zero."""
+    if len(features.dense):
+        if len(features.dense) != len(names):
+            raise InvalidArgument(f"{what}.dense has {len(features.dense)} values, the policy "
+                                  f"expects {len(names)}")
+        vec = np.asarray(features.dense, dtype=np.float32)
+        if features.named:
+            raise InvalidArgument(f"{what}: give dense or named values, not both")
+    else:
+        vec = np.zeros(len(names), dtype=np.float32)
+        for name, value in features.named.items():
+            position = index.get(name)
+            if position is None:
+                raise InvalidArgument(f"{what}.named has unknown feature {name!r}")
+            vec[position] = value
+    if not np.isfinite(vec).all():
+        bad = int(np.flatnonzero(~np.isfinite(vec))[0])
+        raise InvalidArgument(f"{what} value {bad} ({names[bad]}) is {vec[bad]}: features "
+                              "must be finite")
+    return vec
+
+
+def check_event_id(event_id: str, field_name: str = "event_id") -> str:
+    if not EVENT_ID.fullmatch(event_id):
+        raise InvalidArgument(f"{field_name} {event_id[:64]!r} is malformed: use 1-128 "
+                              "characters of A-Z a-z 0-9 . _ : -")
+    return event_id
+
+
+class DataPlane:
+    """Decisions, rewards and activations for every served policy."""
+
+    def __init__(self, config: ServeConfig, store: ModelStore, log: DecisionLog,
+                 metrics: ServingMetrics, *, seed: int | None = None) -> None:
+        self._config = config
+        self._store = store
+        self._log = log
+        self._metrics = metrics
+        self._rng = np.random.default_rng(seed)
+        self._strategies: dict[str, Strategy] = {
+            name: strategy_from_spec(config.policy(name).strategy) for name in store.policies}
+        self._indexes: dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]] = {}
+
+    @property
+    def store(self) -> ModelStore:
+        return self._store
+
+    def strategy(self, policy: str) -> Strategy:
+        self._store.get_known(policy)
+        return self._strategies[policy]
+
+    def max_candidates(self, policy: str) -> int:
+        return self._config.policy(policy).max_candidates
+
+    def apprentice(self, policy: str) -> bool:
+        return self._config.policy(policy).apprentice
+
+    def _index(self, model: LoadedModel) -> tuple[dict[str, int], dict[str, int]]:
+        key = (model.manifest.policy, model.version)
+        found = self._indexes.get(key)
+        if found is None:
+            features = model.manifest.features
+            found = ({n: i for i, n in enumerate(features.context)},
+                     {n: i for i, n in enumerate(features.action)})
+            self._indexes[key] = found
+        return found
+
+    def decide(self, request: DecideInput) -> DecideOutput:
+        return self.decide_many([request])[0]
+
+    def decide_many(self, requests: Sequence[DecideInput]) -> list[DecideOutput]:
+        """Decide every row; rows of one policy and candidate count share one model run.
+
+        All rows are validated before any is scored or logged, so a bad row fails the whole
+        call and nothing of it is half-logged.
+        """
+        prepared = [self._prepare(r) for r in requests]
+        outputs: list[DecideOutput | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault((id(p.model), p.width), []).append(i)
+        for rows in groups.values():
+            first = prepared[rows[0]]
+            context = np.stack([prepared[i].context for i in rows])
+            actions = (np.stack([prepared[i].action_features for i in rows])
+                       if first.model.manifest.kind == "scoring" else None)
+            scores, embedding = first.model.run(context, actions)
+            for j, i in enumerate(rows):
+                outputs[i] = self._finish(prepared[i], scores[j], embedding[j])
+        return [o for o in outputs if o is not None]
+
+    def _prepare(self, r: DecideInput) -> _Prepared:
+        model = self._store.get(r.policy)
+        manifest = model.manifest
+        event_id = check_event_id(r.event_id) if r.event_id else uuid.uuid4().hex
+        context_index, action_index = self._index(model)
+        context = _vector(r.context, manifest.features.context, context_index, "context")
+        ids = list(r.candidate_ids)
+        limit = self._config.policy(r.policy).max_candidates
+        if len(ids) > limit:
+            raise InvalidArgument(f"candidates: {len(ids)} given, at most {limit} allowed")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise InvalidArgument(f"candidates: duplicate action id {dup!r}")
+        action_features = None
+        if manifest.kind == "scoring":
+            if not ids:
+                raise InvalidArgument("candidates is empty: this policy ranks the candidates "
+                                      "you send")
+            if len(r.candidate_features) != len(ids):
+                raise InvalidArgument("candidates: every candidate needs features")
+            action_features = np.stack([
+                _vector(f, manifest.features.action, action_index, f"candidates[{k}].features")
+                for k, f in enumerate(r.candidate_features)])
+            allowed = None
+        else:
+            positions = {a: i for i, a in enumerate(manifest.actions)}
+            if not ids:
+                ids = list(manifest.actions)
+            unknown = [a for a in ids if a not in positions]
+            if unknown:
+                raise InvalidArgument(f"candidates: unknown action id {unknown[0]!r}; actions "
+                                      f"are {list(manifest.actions)}")
+            if any(len(f.dense) or f.named for f in r.candidate_features):
+                raise InvalidArgument("candidates: this policy has a fixed action set and "
+                                      "takes no per-action features")
+            allowed = np.fromiter((positions[a] for a in ids), dtype=np.int64, count=len(ids))
+        slots = r.slots or 1
+        if slots > len(ids) or slots > MAX_SLOTS:
+            raise InvalidArgument(f"slots {slots} exceeds the {len(ids)} candidates "
+                                  f"(max {MAX_SLOTS})")
+        apprentice = self._config.policy(r.policy).apprentice
+        if apprentice:
+            if not r.baseline_action:
+                raise InvalidArgument(f"baseline_action is required: policy {r.policy!r} runs "
+                                      "in apprentice mode")
+            if r.baseline_action not in ids:
+                raise InvalidArgument(f"baseline_action {r.baseline_action!r} is not a "
+                                      "candidate")
+        return _Prepared(r, model, event_id, context, action_features, ids, allowed, slots,
+                         apprentice, len(ids) if allowed is None else -1)
+
+    def _finish(self, p: _Prepared, scores: np.ndarray,
+                embedding: np.ndarray) -> DecideOutput:
+        model = p.model
+        strategy = self._strategies[p.request.policy]
+        rng = np.random.default_rng(p.request.seed) if p.request.seed is not None else self._rng
+        if p.allowed is not None:  # fixed action set: restrict to the allowed actions
+            scores = scores[p.allowed]
+            posterior = (model.posterior.for_actions(p.allowed)
+                         if strategy.needs_posterior and model.posterior is not None else None)
+            embedding = np.broadcast_to(embedding, (len(p.allowed), embedding.shape[-1]))
+        else:
+            posterior = model.posterior if strategy.needs_posterior else None
+        decision = strategy.decide(scores, p.slots, rng, embedding=embedding,
+                                   posterior=posterior)
+        chosen = [Chosen(p.ids[int(i)], int(i), float(q))
+                  for i, q in zip(decision.chosen, decision.propensities, strict=True)]
+        policy_action = ""
+        if p.apprentice:
+            policy_action = chosen[0].action_id
+            baseline = p.ids.index(p.request.baseline_action)
+            chosen = [Chosen(p.request.baseline_action, baseline, 1.0)]
+            match = "true" if policy_action == p.request.baseline_action else "false"
+            self._metrics.apprentice_matches.labels(p.request.policy, match).inc()
+        self._log_decision(p, decision, chosen, strategy.name, policy_action)
+        return DecideOutput(
+            event_id=p.event_id, policy=p.request.policy, chosen=chosen,
+            ranking=[p.ids[int(i)] for i in decision.ranking], strategy=strategy.name,
+            model_version=model.version, active=not p.request.deferred,
+            policy_action=policy_action)
+
+    def _log_decision(self, p: _Prepared, decision: Decision, chosen: list[Chosen],
+                      strategy: str, policy_action: str) -> None:
+        policy = p.request.policy
+        event = DecisionEvent(
+            event_id=p.event_id, policy=policy, model_version=p.model.version,
+            timestamp_ms=int(time.time() * 1000), context=p.context,
+            action_ids=p.ids, action_features=p.action_features,
+            chosen=[c.candidate_index for c in chosen],
+            propensities=[c.propensity for c in chosen],
+            probabilities=decision.probabilities,
+            strategy=strategy, active=not p.request.deferred,
+            baseline_action=p.request.baseline_action or None,
+            policy_action=policy_action or None)
+        self._log.submit(bus.DECISIONS, event.key, event.to_bytes())
+        action = chosen[0].action_id if p.allowed is not None else "candidate"
+        self._metrics.decisions.labels(policy, strategy, action).inc()
+        self._metrics.propensity.labels(policy).observe(chosen[0].propensity)
+
+    def reward(self, r: RewardInput) -> str:
+        check_event_id(r.event_id)
+        if r.policy:
+            self._store.get_known(r.policy)
+        values = [r.value, *r.slot_rewards]
+        if not all(np.isfinite(values)):
+            raise InvalidArgument(f"reward value/slot_rewards must be finite, got {values[:8]}")
+        event = RewardEvent(event_id=r.event_id, policy=r.policy, value=float(r.value),
+                            slot_rewards=[float(v) for v in r.slot_rewards],
+                            timestamp_ms=r.timestamp_ms or int(time.time() * 1000))
+        self._log.submit(bus.REWARDS, event.key, event.to_bytes())
+        self._metrics.rewards.labels(r.policy or "unspecified").inc()
+        return r.event_id
+
+    def activate(self, event_id: str, policy: str) -> str:
+        check_event_id(event_id)
+        if policy:
+            self._store.get_known(policy)
+        event = ActivationEvent(event_id=event_id, policy=policy,
+                                timestamp_ms=int(time.time() * 1000))
+        self._log.submit(bus.ACTIVATIONS, event.key, event.to_bytes())
+        return event_id
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    request: DecideInput
+    model: LoadedModel
+    event_id: str
+    context: np.ndarray
+    action_features: np.ndarray | None
+    ids: list[str]
+    allowed: np.ndarray | None
+    slots: int
+    apprentice: bool
+    width: int

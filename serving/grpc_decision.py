@@ -1,0 +1,131 @@
+"""gRPC servicers of ``policyloop.v1``: protobuf in, data-plane types, protobuf out.
+
+Nothing here decides anything; errors raised below are mapped to status codes by
+``serving/interceptors.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from models.registry import Registry
+from policyloop.errors import InvalidArgument, ResourceExhausted
+from protos import decision_pb2 as pb
+from protos import decision_pb2_grpc as pb_grpc
+from serving.dataplane import DataPlane, DecideInput, DecideOutput, Features, RewardInput
+from serving.model_store import LoadedModel
+
+
+def _features(message: pb.Features) -> Features:
+    return Features(dense=message.dense, named=dict(message.named) if message.named else {})
+
+
+def decide_input(request: pb.DecideRequest) -> DecideInput:
+    return DecideInput(
+        policy=request.policy,
+        event_id=request.event_id,
+        context=_features(request.context),
+        candidate_ids=[c.id for c in request.candidates],
+        candidate_features=[_features(c.features) for c in request.candidates],
+        slots=request.slots,
+        seed=request.seed if request.HasField("seed") else None,
+        deferred=request.deferred,
+        baseline_action=request.baseline_action,
+    )
+
+
+def decide_response(out: DecideOutput) -> pb.DecideResponse:
+    return pb.DecideResponse(
+        event_id=out.event_id, policy=out.policy,
+        chosen=[pb.SlotDecision(action_id=c.action_id, candidate_index=c.candidate_index,
+                                propensity=c.propensity) for c in out.chosen],
+        ranking=out.ranking, strategy=out.strategy, model_version=out.model_version,
+        active=out.active, policy_action=out.policy_action)
+
+
+def policy_info(plane: DataPlane, policy: str) -> pb.PolicyInfo:
+    model: LoadedModel = plane.store.get(policy)
+    m = model.manifest
+    return pb.PolicyInfo(
+        policy=policy, model_version=m.version, pinned=plane.store.is_pinned(policy),
+        strategy=plane.strategy(policy).name, kind=m.kind,
+        context_features=m.features.context, action_features=m.features.action,
+        actions=m.actions, feature_schema_hash=m.features.hash,
+        inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in m.inputs],
+        outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in m.outputs],
+        max_candidates=plane.max_candidates(policy), apprentice=plane.apprentice(policy))
+
+
+class DecisionServicer(pb_grpc.DecisionServiceServicer):
+    def __init__(self, plane: DataPlane, max_batch_rows: int) -> None:
+        self._plane = plane
+        self._max_batch_rows = max_batch_rows
+
+    async def Decide(self, request: pb.DecideRequest,
+                     context: grpc.aio.ServicerContext) -> pb.DecideResponse:
+        return decide_response(self._plane.decide(decide_input(request)))
+
+    async def DecideBatch(self, request: pb.DecideBatchRequest,
+                          context: grpc.aio.ServicerContext) -> pb.DecideBatchResponse:
+        rows = len(request.requests)
+        if rows == 0:
+            raise InvalidArgument("requests is empty")
+        if rows > self._max_batch_rows:
+            raise ResourceExhausted(f"requests: {rows} rows, at most {self._max_batch_rows}")
+        outputs = self._plane.decide_many([decide_input(r) for r in request.requests])
+        return pb.DecideBatchResponse(responses=[decide_response(o) for o in outputs])
+
+    async def Reward(self, request: pb.RewardRequest,
+                     context: grpc.aio.ServicerContext) -> pb.RewardResponse:
+        timestamp_ms = (request.timestamp.ToMilliseconds() if request.HasField("timestamp")
+                        else 0)
+        event_id = self._plane.reward(RewardInput(
+            event_id=request.event_id, value=request.value,
+            slot_rewards=list(request.slot_rewards), timestamp_ms=timestamp_ms,
+            policy=request.policy))
+        return pb.RewardResponse(event_id=event_id)
+
+    async def Activate(self, request: pb.ActivateRequest,
+                       context: grpc.aio.ServicerContext) -> pb.ActivateResponse:
+        return pb.ActivateResponse(event_id=self._plane.activate(request.event_id,
+                                                                 request.policy))
+
+    async def GetPolicyInfo(self, request: pb.GetPolicyInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.PolicyInfo:
+        return policy_info(self._plane, request.policy)
+
+    async def ListPolicies(self, request: pb.ListPoliciesRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListPoliciesResponse:
+        infos = []
+        for policy in self._plane.store.policies:
+            try:
+                infos.append(policy_info(self._plane, policy))
+            except Exception:  # a policy without a loaded model is listed by name only
+                infos.append(pb.PolicyInfo(policy=policy))
+        return pb.ListPoliciesResponse(policies=infos)
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    """Pin, unpin and roll back served versions. Loading happens off the event loop."""
+
+    def __init__(self, plane: DataPlane, registry: Registry) -> None:
+        self._plane = plane
+        self._registry = registry
+
+    async def Pin(self, request: pb.PinRequest,
+                  context: grpc.aio.ServicerContext) -> pb.PolicyInfo:
+        await asyncio.to_thread(self._plane.store.pin, request.policy, request.version)
+        return policy_info(self._plane, request.policy)
+
+    async def Unpin(self, request: pb.UnpinRequest,
+                    context: grpc.aio.ServicerContext) -> pb.PolicyInfo:
+        await asyncio.to_thread(self._plane.store.unpin, request.policy)
+        return policy_info(self._plane, request.policy)
+
+    async def Rollback(self, request: pb.RollbackRequest,
+                       context: grpc.aio.ServicerContext) -> pb.PolicyInfo:
+        await asyncio.to_thread(self._plane.store.rollback, request.policy,
+                                request.version or None)
+        return policy_info(self._plane, request.policy)

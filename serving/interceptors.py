@@ -1,0 +1,142 @@
+"""One place where domain errors become gRPC status codes, and where every call is counted.
+
+Unknown errors become INTERNAL with a generic message and a full log entry: a stack trace is
+for the operator, not for the caller. (The concurrency limit is grpc's own
+``maximum_concurrent_rpcs``, set in ``serving/server.py``: beyond it calls get
+RESOURCE_EXHAUSTED at once instead of queueing without bound.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from policyloop.errors import (
+    InvalidArgument,
+    ModelRejected,
+    NotFound,
+    PolicyloopError,
+    ResourceExhausted,
+    Unavailable,
+)
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelRejected: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(exc: PolicyloopError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _policy_label(request: Any, policies: Collection[str]) -> str:
+    """A bounded label: a served policy's name, or "-" / "unknown"."""
+    name = getattr(request, "policy", None)
+    if name is None:
+        name = getattr(request, "model_name", None)
+        if name is None:
+            rows = getattr(request, "requests", None)
+            name = rows[0].policy if rows else ""
+    if not name:
+        return "-"
+    return name if name in policies else "unknown"
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so it gets a clear status."""
+
+    policy = ""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpc answers UNKNOWN to bytes that do not parse; we answer INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = type_name.full_name if type_name is not None else "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Malformed(name, str(exc))
+
+    return parse
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Status mapping, per-call metrics and the deadline check."""
+
+    def __init__(self, metrics: ServingMetrics, policies: Collection[str]) -> None:
+        self._metrics = metrics
+        self._policies = frozenset(policies)
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        cached = self._handlers.get(details.method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming health Watch, reflection: passed through untouched
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(details.method.rsplit("/", 1)[-1], handler.unary_unary),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer)
+        self._handlers[details.method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        metrics = self._metrics
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            message = ""
+            metrics.in_flight.inc()
+            try:
+                if isinstance(request, _Malformed):
+                    raise InvalidArgument(f"request body is not a valid {request.type_name} "
+                                          f"message: {request.error}")
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already passed"
+                else:
+                    return await inner(request, context)
+            except PolicyloopError as exc:
+                code, message = status_of(exc), str(exc)
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
+            finally:
+                metrics.in_flight.dec()
+                policy = _policy_label(request, self._policies)
+                metrics.requests.labels(method, policy, code.name).inc()
+                metrics.latency.labels(method, policy, code.name).observe(
+                    time.perf_counter() - start)
+            await context.abort(code, message)
+
+        return call

@@ -1,0 +1,152 @@
+"""``policyloop serve``: the decision server process.
+
+Wires the pieces together: registry -> model store (hot swap) -> data plane -> gRPC services
+(decisions, admin, v2 inference, health, reflection), the decision log on the event bus, and
+Prometheus metrics on their own HTTP port. SIGTERM drains: health turns NOT_SERVING, in-flight
+calls finish within the grace period, the decision log is flushed, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from models.registry import LocalRegistry
+from online.bus import open_producer
+from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
+from serving.config import ServeConfig
+from serving.dataplane import DataPlane
+from serving.decision_log import DecisionLog
+from serving.grpc_decision import AdminServicer, DecisionServicer
+from serving.grpc_inference import InferenceServicer
+from serving.interceptors import ServingInterceptor
+from serving.metrics import ServingMetrics
+from serving.model_store import LoadedModel, ModelStore, choose_providers
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class RunningServer:
+    """Handles of a started server, for the CLI and for in-process tests."""
+
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    store: ModelStore
+    decision_log: DecisionLog
+    health: health.aio.HealthServicer
+    metrics_registry: CollectorRegistry
+    plane: DataPlane
+    _http: object
+
+    async def stop(self, grace: float) -> bool:
+        """Drain and flush; True when every logged record reached the bus."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.store.stop()
+        delivered = await asyncio.to_thread(self.decision_log.close, grace)
+        shutdown = getattr(self._http, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        return delivered
+
+
+async def start_server(config: ServeConfig, *, seed: int | None = None) -> RunningServer:
+    registry = LocalRegistry(config.registry)
+    policies = sorted(config.policies) or registry.policies()
+    if not policies:
+        log.warning("registry %s holds no policy yet; serving none", config.registry)
+    metrics_registry = CollectorRegistry()
+    metrics = ServingMetrics.create(metrics_registry)
+    health_servicer = health.aio.HealthServicer()
+    loop = asyncio.get_running_loop()
+
+    def on_change(policy: str, model: LoadedModel) -> None:
+        loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(health_servicer.set(policy, SERVING)))
+
+    providers = choose_providers(config.use_gpu)
+    log.info("onnxruntime providers: %s", providers)
+    store = ModelStore(registry, policies, metrics, providers=providers,
+                       threads=config.ort_threads, watch_interval_s=config.watch_interval_s,
+                       on_change=on_change)
+    decision_log = DecisionLog(open_producer(config.bus, path=config.bus_path,
+                                             bootstrap=config.kafka_bootstrap,
+                                             partitions=config.bus_partitions,
+                                             client_id="policyloop-serve"),
+                               spool_dir=config.spool_dir, max_queue=config.log_queue_size,
+                               spool_budget_bytes=config.spool_budget_bytes,
+                               registry=metrics_registry)
+    for policy in policies:
+        await health_servicer.set(policy, NOT_SERVING)
+    await asyncio.to_thread(store.start)
+    plane = DataPlane(config, store, decision_log, metrics, seed=seed)
+
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=[ServingInterceptor(metrics, policies)],
+                             options=options, maximum_concurrent_rpcs=config.max_concurrency)
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(
+        DecisionServicer(plane, config.max_batch_rows), server)
+    decision_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(plane, registry), server)
+
+    def ready() -> bool:
+        return all(_loaded(store, p) for p in policies)
+
+    grpc_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(store, ready), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
+             decision_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+             grpc_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics_registry)
+    await server.start()
+    await health_servicer.set("", SERVING if ready() else NOT_SERVING)
+    for policy in policies:
+        await health_servicer.set(policy, SERVING if _loaded(store, policy) else NOT_SERVING)
+    return RunningServer(server, port, http.server_port, store, decision_log, health_servicer,
+                         metrics_registry, plane, http)
+
+
+def _loaded(store: ModelStore, policy: str) -> bool:
+    try:
+        store.get(policy)
+    except Exception:
+        return False
+    return True
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain; the process exit code."""
+    running = await start_server(config)
+    policies = ",".join(running.store.policies)
+    print(f"policyloop serve: grpc={config.host}:{running.port} "
+          f"metrics={config.host}:{running.metrics_port} policies={policies}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (grace %.1fs)", config.grace_period_s)
+    delivered = await running.stop(config.grace_period_s)
+    if not delivered:
+        print("policyloop serve: decision log not fully delivered; the rest stays spooled in "
+              f"{config.spool_dir}", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,146 @@
+"""Model versions change under a running server without a restart and without a failed call."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from models.registry import LocalRegistry
+from protos import decision_pb2 as pb
+from protos import decision_pb2_grpc as pb_grpc
+from tests.onnx_models import qnet_model, scoring_model
+from tests.server_harness import ServerThread, channel, make_registry, serve_config
+from tests.test_server import recsys_request
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[ServerThread, LocalRegistry]]:
+    registry = make_registry(tmp_path / "registry")
+    server = ServerThread(serve_config(tmp_path))
+    yield server, registry
+    server.stop()
+
+
+def wait_for_version(stub: pb_grpc.DecisionServiceStub, version: int,
+                     timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stub.Decide(recsys_request(), timeout=5).model_version == version:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"server never served version {version}")
+
+
+def test_a_published_version_is_served_without_restart(served) -> None:
+    server, registry = served
+    with channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        assert stub.Decide(recsys_request(), timeout=5).model_version == 1
+        registry.publish("recsys", *scoring_model(seed=1))
+        wait_for_version(stub, 2)
+    swaps = server.running.metrics_registry.get_sample_value(
+        "policyloop_model_swaps_total", {"policy": "recsys"})
+    assert swaps == 1
+
+
+def test_fifty_swaps_under_concurrent_load_fail_no_request(served) -> None:
+    server, registry = served
+    failures: list[str] = []
+    versions: set[int] = set()
+    done = threading.Event()
+    calls = [0]
+
+    def load() -> None:
+        with channel(server.target) as ch:
+            stub = pb_grpc.DecisionServiceStub(ch)
+            while not done.is_set():
+                try:
+                    versions.add(stub.Decide(recsys_request(seed=None), timeout=5).model_version)
+                    calls[0] += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    with channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        for i in range(50):
+            version = registry.publish("recsys", *scoring_model(seed=100 + i)).version
+            wait_for_version(stub, version)
+    done.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert calls[0] > 100
+    assert max(versions) == 51 and len(versions) > 10
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("corrupt", "checksum"),
+    ("incompatible", "incompatible"),
+])
+def test_a_bad_version_is_rejected_and_the_old_one_keeps_serving(served, damage,
+                                                                  reason) -> None:
+    server, registry = served
+    if damage == "corrupt":
+        bad = registry.publish("recsys", *scoring_model(seed=2))
+        bad.model_path.write_bytes(b"\x08garbage" + bad.model_path.read_bytes()[8:])
+    else:  # a model trained on another feature layout
+        registry.publish("recsys", *scoring_model(seed=2, context_dim=9))
+    labels = {"policy": "recsys", "reason": reason}
+    deadline = time.monotonic() + 10
+    metrics = server.running.metrics_registry
+    while not metrics.get_sample_value("policyloop_model_rejected_loads_total", labels):
+        assert time.monotonic() < deadline, "rejection was never counted"
+        time.sleep(0.02)
+    with channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        assert stub.Decide(recsys_request(), timeout=5).model_version == 1
+        registry.publish("recsys", *scoring_model(seed=3))  # a good one after it is taken
+        wait_for_version(stub, 3)
+
+
+def test_a_model_with_the_wrong_signature_is_rejected(tmp_path: Path) -> None:
+    registry = make_registry(tmp_path / "registry")
+    server = ServerThread(serve_config(tmp_path))
+    try:
+        model, manifest = qnet_model(policy="recsys", context_dim=8)  # qnet bytes, ...
+        _, scoring_manifest = scoring_model()
+        registry.publish("recsys", model, scoring_manifest)  # ... under a scoring manifest
+        labels = {"policy": "recsys", "reason": "signature"}
+        deadline = time.monotonic() + 10
+        metrics = server.running.metrics_registry
+        while not metrics.get_sample_value("policyloop_model_rejected_loads_total", labels):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        server.stop()
+
+
+def test_pin_and_rollback_through_the_admin_service(served) -> None:
+    server, registry = served
+    registry.publish("recsys", *scoring_model(seed=1))
+    with channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        admin = pb_grpc.AdminServiceStub(ch)
+        wait_for_version(stub, 2)
+        info = admin.Pin(pb.PinRequest(policy="recsys", version=1), timeout=10)
+        assert info.pinned and info.model_version == 1
+        registry.publish("recsys", *scoring_model(seed=2))  # v3 appears but is not served
+        time.sleep(0.3)
+        assert stub.Decide(recsys_request(), timeout=5).model_version == 1
+        info = admin.Unpin(pb.UnpinRequest(policy="recsys"), timeout=10)
+        assert not info.pinned
+        wait_for_version(stub, 3)
+        info = admin.Rollback(pb.RollbackRequest(policy="recsys"), timeout=10)
+        assert info.model_version == 2 and registry.current("recsys").version == 2
+        assert stub.Decide(recsys_request(), timeout=5).model_version == 2
+        with pytest.raises(grpc.RpcError) as err:
+            admin.Pin(pb.PinRequest(policy="recsys", version=99), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
