@@ -1,0 +1,207 @@
+"""ONNX export with a proven match between torch and onnxruntime, and registration.
+
+The exporter is pinned to the TorchScript-based one (``dynamo=False``) at opset ``OPSET``: it
+keeps the head's weights as named initializers, which the online learner rewrites. Every export
+runs both runtimes on random inputs of several batch sizes and candidate counts and on real
+simulator inputs; any output differing by more than ``TOLERANCE`` fails the export.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from models.recsys_env import RecsysEnv
+from models.registry import LocalRegistry, ModelVersion
+from models.routing_env import RoutingEnv
+from models.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
+from policyloop.errors import ExportParityError
+from serving.posterior import LinearPosterior
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+TOLERANCE = 1e-5
+
+
+def _to_onnx(model: nn.Module) -> bytes:
+    cfg = model.config
+    buffer = io.BytesIO()
+    if cfg["kind"] == "scoring":
+        args: tuple[torch.Tensor, ...] = (torch.zeros(2, cfg["context_dim"]),
+                                          torch.zeros(2, 3, cfg["action_dim"]))
+        names = ["context", "action_features"]
+        axes = {"context": {0: "batch"}, "action_features": {0: "batch", 1: "candidates"},
+                "scores": {0: "batch", 1: "candidates"},
+                "embedding": {0: "batch", 1: "candidates"}}
+    else:
+        args = (torch.zeros(2, cfg["context_dim"]),)
+        names = ["context"]
+        axes = {"context": {0: "batch"}, "scores": {0: "batch"}, "embedding": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, buffer, input_names=names,
+                          output_names=["scores", "embedding"], dynamic_axes=axes,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    return buffer.getvalue()
+
+
+def find_head(model_bytes: bytes, model: nn.Module) -> HeadSpec:
+    """Which initializers hold ``model.head`` (possibly transposed by constant folding)."""
+    weight = model.head.weight.detach().numpy()
+    bias = model.head.bias.detach().numpy()
+    w_name = b_name = None
+    transposed = False
+    for init in onnx.load_from_string(model_bytes).graph.initializer:
+        value = numpy_helper.to_array(init)
+        if value.shape == weight.shape and np.array_equal(value, weight):
+            w_name, transposed = init.name, False
+        elif value.shape == weight.T.shape and np.array_equal(value, weight.T):
+            w_name, transposed = init.name, True
+        elif value.shape == bias.shape and np.array_equal(value, bias):
+            b_name = init.name
+    if w_name is None or b_name is None:
+        raise ExportParityError("the exported graph does not keep the head's weight and bias "
+                                "as initializers; the learner could not refresh it")
+    return HeadSpec(weight=w_name, bias=b_name, dim=weight.shape[1], transposed=transposed)
+
+
+def check_parity(model: nn.Module, model_bytes: bytes, real_inputs: list[tuple[np.ndarray,
+                                                                             np.ndarray | None]],
+                 *, seed: int = 0) -> float:
+    """Largest |torch - onnxruntime| over random and real inputs; raises beyond TOLERANCE."""
+    cfg = model.config
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    cases: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+    for batch, k in ((1, 1), (1, 20), (7, 5), (64, 33)):
+        ctx = rng.standard_normal((batch, cfg["context_dim"]), dtype=np.float32)
+        act = (rng.standard_normal((batch, k, cfg["action_dim"]), dtype=np.float32)
+               if cfg["kind"] == "scoring" else None)
+        cases.append((f"random batch={batch} k={k}", ctx, act))
+    cases += [("simulator", ctx, act) for ctx, act in real_inputs]
+    worst = 0.0
+    for kind, ctx, act in cases:
+        feeds = {"context": ctx} if act is None else {"context": ctx, "action_features": act}
+        got = session.run(["scores", "embedding"], feeds)
+        with torch.no_grad():
+            args = (torch.from_numpy(ctx),) if act is None else (torch.from_numpy(ctx),
+                                                                  torch.from_numpy(act))
+            want = [t.numpy() for t in model(*args)]
+        for name, g, w in zip(("scores", "embedding"), got, want, strict=True):
+            if g.shape != w.shape:
+                raise ExportParityError(f"{name} shape {g.shape} != torch {w.shape} ({kind})")
+            diff = float(np.max(np.abs(g - w))) if g.size else 0.0
+            if not diff <= TOLERANCE:
+                raise ExportParityError(f"{name} differs by {diff:.3g} > {TOLERANCE} on {kind} "
+                                        "inputs")
+            worst = max(worst, diff)
+    return worst
+
+
+def initial_posterior(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: int,
+                      n: int = 4000, prior: float = 1.0) -> LinearPosterior:
+    """A Gaussian posterior for the head from a Bayesian linear regression on embeddings of
+    simulated contexts, centred on the trained head (so UCB/Thompson start from the offline
+    policy's scores, with uncertainty that shrinks where data was seen)."""
+    from models.logged_data import collect_logs
+
+    data = collect_logs(env, n, seed=seed)
+    with torch.no_grad():
+        ctx = torch.from_numpy(data.context)
+        if model.config["kind"] == "scoring":
+            _, emb = model(ctx, torch.from_numpy(data.action_features))
+            phi = emb[torch.arange(n), torch.from_numpy(data.action)].numpy().astype(np.float64)
+        else:
+            _, emb = model(ctx)
+            phi = emb.numpy().astype(np.float64)
+    weight = model.head.weight.detach().numpy().astype(np.float64)
+    bias = model.head.bias.detach().numpy().astype(np.float64)
+    h = phi.shape[1]
+
+    def cov_of(rows: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+        residual = data.reward[rows] - (phi[rows] @ w + b)
+        noise = float(np.var(residual)) if len(rows) > 1 else 0.25
+        precision = prior * np.eye(h) + phi[rows].T @ phi[rows] / max(noise, 1e-3)
+        return np.linalg.inv(precision)
+
+    if model.config["kind"] == "scoring":
+        return LinearPosterior(weight[0], cov_of(np.arange(n), weight[0], bias[0]), bias)
+    covs = np.stack([cov_of(np.flatnonzero(data.action == a), weight[a], bias[a])
+                     for a in range(len(weight))])
+    return LinearPosterior(weight, covs, bias)
+
+
+def export_onnx(model: nn.Module, env: RecsysEnv | RoutingEnv, *, policy: str,
+                training: dict[str, Any], parent_version: int | None = None,
+                seed: int = 0) -> tuple[bytes, Manifest]:
+    """Export, check parity, and describe the model; raises ExportParityError."""
+    model.eval()
+    cfg = model.config
+    data = _to_onnx(model)
+    head = find_head(data, model)
+    real = []
+    rng = np.random.default_rng(seed + 1)
+    for batch in (1, 32):
+        ctx, act, _ = env.sample_contexts(batch, rng)
+        real.append((ctx, act))
+    worst = check_parity(model, data, real, seed=seed)
+    dc = cfg["context_dim"]
+    schema = FeatureSchema(context=tuple(env.feature_schema.context),
+                           action=tuple(env.feature_schema.action))
+    if cfg["kind"] == "scoring":
+        inputs = (TensorSpec("context", "float32", (-1, dc)),
+                  TensorSpec("action_features", "float32", (-1, -1, cfg["action_dim"])))
+        outputs = (TensorSpec("scores", "float32", (-1, -1)),
+                   TensorSpec("embedding", "float32", (-1, -1, head.dim)))
+        actions: tuple[str, ...] = ()
+    else:
+        inputs = (TensorSpec("context", "float32", (-1, dc)),)
+        outputs = (TensorSpec("scores", "float32", (-1, cfg["n_actions"])),
+                   TensorSpec("embedding", "float32", (-1, head.dim)))
+        actions = tuple(env.action_names)
+    manifest = Manifest(
+        policy=policy, kind=cfg["kind"], features=schema, inputs=inputs, outputs=outputs,
+        head=head, opset=OPSET, actions=actions, parent_version=parent_version,
+        training={**training, "parity_max_abs_diff": worst, "network": cfg})
+    log.info("exported %s: parity max |diff| %.2e", policy, worst)
+    return data, manifest
+
+
+def export_and_register(model: nn.Module, env: RecsysEnv | RoutingEnv, registry: LocalRegistry,
+                        *, policy: str, training: dict[str, Any],
+                        seed: int = 0) -> ModelVersion:
+    data, manifest = export_onnx(model, env, policy=policy, training=training, seed=seed)
+    posterior = initial_posterior(model, env, seed=seed + 2)
+    return registry.publish(policy, data, manifest, {"head.npz": posterior.to_npz_bytes()})
+
+
+def export_command(checkpoint: Path, *, registry: Path, policy: str | None,
+                   out: Path | None) -> int:
+    """``policyloop export``: checkpoint -> parity-checked ONNX -> registry (and ``out``)."""
+    from models.training import load_checkpoint, make_env
+
+    model, state = load_checkpoint(checkpoint)
+    env = make_env(state["scenario"], **state["env"])
+    name = policy or state["scenario"]
+    version = export_and_register(model, env, LocalRegistry(registry), policy=name,
+                                  training=state["training"])
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.onnx").write_bytes(version.read_model())
+        (out / "manifest.json").write_text(version.manifest.to_json())
+    print(json.dumps({"policy": name, "version": version.version,
+                      "parity_max_abs_diff": version.manifest.training["parity_max_abs_diff"],
+                      "path": str(version.path)}))
+    return 0
