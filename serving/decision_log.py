@@ -261,13 +261,15 @@ class DecisionLog:
     closes ``producer``, which the log owns from construction on. The spool folder is locked
     (flock) while a ``DecisionLog`` uses it, so two processes cannot share one.
     ``registry=None`` keeps the metrics in a private registry. ``max_batch`` records go per
-    ``send``/``flush`` round; retries back off from 50 ms doubling up to ``max_backoff_s``.
+    ``send``/``flush`` round, after waiting up to ``linger_s`` for a batch to fill; retries back
+    off from 50 ms doubling up to ``max_backoff_s``.
     """
 
     def __init__(self, producer: Producer, *, spool_dir: Path, max_queue: int = 10000,
                  spool_budget_bytes: int = 1 << 30,
                  registry: CollectorRegistry | None = None, max_batch: int = 500,
-                 max_backoff_s: float = 2.0, flush_timeout_s: float = 10.0) -> None:
+                 max_backoff_s: float = 2.0, flush_timeout_s: float = 10.0,
+                 linger_s: float = 0.005) -> None:
         for name, value in (("max_queue", max_queue), ("spool_budget_bytes", spool_budget_bytes),
                             ("max_batch", max_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -280,6 +282,7 @@ class DecisionLog:
         self._max_batch = max_batch
         self._max_backoff_s = max_backoff_s
         self._flush_timeout_s = flush_timeout_s
+        self._linger_s = linger_s
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.spool_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -465,6 +468,7 @@ class DecisionLog:
             while not (self._queue or self._spooling or self._closing):
                 self._wake.wait(_SYNC_INTERVAL_S)
                 self._sync()
+            self._linger()
             if self._stopped:
                 return None
             if self._closing and (time.monotonic() >= self._deadline or not (
@@ -479,6 +483,15 @@ class DecisionLog:
         with self._lock:
             self._sync()
         return ok
+
+    def _linger(self) -> None:
+        """Under load, wait up to ``linger_s`` for a fuller batch (as Kafka's linger.ms does):
+        one send-and-flush round (an fsync on the local log) per batch, not per record."""
+        end = time.monotonic() + self._linger_s
+        while (self._queue and not self._spooling and not self._closing
+               and len(self._queue) < self._max_batch
+               and (left := end - time.monotonic()) > 0):
+            self._wake.wait(left)
 
     def _pause(self, seconds: float) -> None:
         """Back off (not under the lock), fsyncing the spool meanwhile; the first pause after
