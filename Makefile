@@ -7,8 +7,11 @@ RUN := scripts/run.sh
 setup:
 	bash scripts/bootstrap.sh
 
+# Until the closed-loop demo lands: train both scenarios offline, export, register.
 demo: setup
-	$(RUN) policyloop demo
+	$(RUN) policyloop train --scenario recsys --registry var/registry
+	$(RUN) policyloop train --scenario routing --registry var/registry
+	$(RUN) policyloop registry list --registry var/registry
 
 test: setup
 	$(RUN) pytest
