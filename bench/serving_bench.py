@@ -115,7 +115,8 @@ def ghz(target: str, call: str, data: dict, concurrency: int, duration: float,
     codes = report.get("statusCodeDistribution", {})
     return {"concurrency": concurrency, "rps": report["rps"], "p50_ms": latency[50],
             "p99_ms": latency[99], "ok": codes.get("OK", 0),
-            "errors": sum(v for k, v in codes.items() if k != "OK")}
+            "errors": sum(v for k, v in codes.items() if k != "OK"),
+            "error_messages": report.get("errorDistribution", {})}
 
 
 def main() -> None:
