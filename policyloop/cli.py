@@ -114,6 +114,15 @@ def _topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from online.evaluate import evaluate_command
+
+    return evaluate_command(args.log, target_column=args.target_column,
+                            registry=args.registry, policy=args.policy, version=args.version,
+                            strategy=args.strategy, clip=args.clip, alpha=args.alpha,
+                            as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="policyloop",
@@ -188,6 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True)
     p.add_argument("--version", type=int, default=0)
     p.set_defaults(func=_admin)
+
+    p = sub.add_parser("evaluate", help="off-policy estimates (IPS, SNIPS, DR) on a log",
+                       description="Estimate a target policy's value from logged bandit "
+                       "feedback (CSV or JSONL: action, reward, propensity, context features "
+                       "x0..xN or a 'context' list, optional candidates and position). The "
+                       "target is a column with its probability of the logged action, or a "
+                       "registered model version with an exploration strategy.")
+    p.add_argument("log", type=Path, help="CSV or JSONL file of logged events")
+    p.add_argument("--target-column", help="column: target policy's probability of the "
+                   "logged action")
+    p.add_argument("--registry", type=Path, default=Path("var/registry"))
+    p.add_argument("--policy", help="registered policy to evaluate as the target")
+    p.add_argument("--version", type=int, help="its version (default: current)")
+    p.add_argument("--strategy", default="greedy",
+                   help="exploration the target would serve with (default greedy)")
+    p.add_argument("--clip", type=float, help="clip importance weights at this value")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("topics", help="create the Kafka topics (idempotent)",
                        description="Create decisions, rewards, activations and examples "
