@@ -2,8 +2,13 @@
 
 Rules (the contract the learner relies on):
 
-- Time is event time: a decision's window closes when the joiner has seen a record stamped
-  ``window_ms`` after the decision (the watermark), so replaying a log gives the same joins.
+- Time is event time: a decision's window closes once every input in ``sources`` (each
+  partition of the decision and reward topics, as the caller names them) has shown a record stamped
+  ``window_ms`` after it: the watermark is the smallest of the inputs' latest timestamps. A
+  reader that happens to read one partition or topic ahead of another therefore closes nothing
+  early, and replaying a log in any interleaving gives the same joins. ``caught_up()`` tells
+  the joiner every available record has been read (the bus is drained): the watermark then
+  moves to the latest timestamp seen on any input.
 - A decision whose window closes without a reward gets ``default_reward``.
 - Rewards combine by ``reward_rule``: ``first`` (the first reward wins, later ones for the same
   event are ignored) or ``sum`` (rewards within the window add up, e.g. several clicks).
@@ -14,11 +19,13 @@ Rules (the contract the learner relies on):
   window; otherwise it is dropped and counted. Apprentice decisions (the app's own action,
   logged with propensity 1) are emitted like any other.
 - Duplicate decisions (same event id, e.g. a producer retry) are ignored.
-- Memory is bounded by ``max_pending``: beyond it the oldest open decisions are closed early.
+- Memory is bounded by ``max_pending``: beyond it the open events with the earliest deadlines
+  are closed early. Events close in deadline order (ties by event id), never in arrival order.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,7 +75,8 @@ class JoinStats:
 class RewardJoiner:
     def __init__(self, *, window_ms: int = 60_000, default_reward: float = 0.0,
                  reward_rule: str = "first", max_pending: int = 100_000,
-                 remember_emitted: int = 200_000) -> None:
+                 remember_emitted: int = 200_000,
+                 sources: tuple[str, ...] = ("decisions", "rewards")) -> None:
         if window_ms < 0:
             raise InvalidArgument(f"window_ms must be >= 0, got {window_ms}")
         if reward_rule not in ("first", "sum"):
@@ -80,8 +88,11 @@ class RewardJoiner:
         self.reward_rule = reward_rule
         self.max_pending = max_pending
         self._remember = remember_emitted
-        self._open: OrderedDict[str, _Open] = OrderedDict()  # by arrival, ~ by deadline
+        self._open: dict[str, _Open] = {}
+        self._deadlines: list[tuple[int, str]] = []  # heap; stale entries skipped on pop
         self._emitted: OrderedDict[str, None] = OrderedDict()
+        self._sources = frozenset(sources)
+        self._marks: dict[str, int] = {}
         self._watermark = 0
         self.stats = JoinStats()
 
@@ -93,28 +104,29 @@ class RewardJoiner:
     def watermark_ms(self) -> int:
         return self._watermark
 
-    def add_decision(self, event: DecisionEvent) -> list[Example]:
+    def add_decision(self, event: DecisionEvent, source: str = "decisions") -> list[Example]:
         if event.event_id in self._emitted:
             self.stats.duplicate_decisions += 1
-            return self._advance(event.timestamp_ms)
+            return self._advance(source, event.timestamp_ms)
         slot = self._open.get(event.event_id)
         if slot is not None and slot.decision is not None:
             self.stats.duplicate_decisions += 1
-            return self._advance(event.timestamp_ms)
+            return self._advance(source, event.timestamp_ms)
         if slot is None:
             slot = self._open[event.event_id] = _Open(None, 0)
         slot.decision = event
         slot.deadline_ms = event.timestamp_ms + self.window_ms
+        heapq.heappush(self._deadlines, (slot.deadline_ms, event.event_id))
         slot.active = slot.active or event.active
-        return self._advance(event.timestamp_ms) + self._evict()
+        return self._advance(source, event.timestamp_ms) + self._evict()
 
-    def add_reward(self, event: RewardEvent) -> list[Example]:
+    def add_reward(self, event: RewardEvent, source: str = "rewards") -> list[Example]:
         if event.event_id in self._emitted:
             self.stats.late_rewards += 1
-            return self._advance(event.timestamp_ms)
+            return self._advance(source, event.timestamp_ms)
         slot = self._open.get(event.event_id)
         if slot is None:  # the decision has not arrived (yet)
-            slot = self._open[event.event_id] = _Open(None, event.timestamp_ms + self.window_ms)
+            slot = self._new_slot(event.event_id, event.timestamp_ms)
         if slot.decision is not None and event.timestamp_ms > slot.deadline_ms:
             self.stats.late_rewards += 1
         elif slot.reward is None:
@@ -123,41 +135,82 @@ class RewardJoiner:
             slot.reward += event.value
         else:
             self.stats.duplicate_rewards += 1
-        return self._advance(event.timestamp_ms) + self._evict()
+        return self._advance(source, event.timestamp_ms) + self._evict()
 
     def add_activation(self, event: ActivationEvent) -> list[Example]:
         if event.event_id not in self._emitted:
             slot = self._open.get(event.event_id)
             if slot is None:
-                slot = self._open[event.event_id] = _Open(
-                    None, event.timestamp_ms + self.window_ms)
+                slot = self._new_slot(event.event_id, event.timestamp_ms)
             slot.active = True
-        return self._advance(event.timestamp_ms) + self._evict()
+        return self._evict()
+
+    def _new_slot(self, event_id: str, timestamp_ms: int) -> _Open:
+        slot = self._open[event_id] = _Open(None, timestamp_ms + self.window_ms)
+        heapq.heappush(self._deadlines, (slot.deadline_ms, event_id))
+        return slot
+
+    def state(self) -> dict:
+        """Everything needed to resume exactly here (JSON-serialisable)."""
+        return {
+            "open": [[k, None if s.decision is None else s.decision.to_bytes().decode(),
+                      s.deadline_ms, s.reward, s.active] for k, s in self._open.items()],
+            "emitted": list(self._emitted), "watermark": self._watermark,
+            "marks": self._marks, "stats": vars(self.stats),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self._open.clear()
+        for k, decision, deadline, reward, active in state["open"]:
+            self._open[k] = _Open(None if decision is None else DecisionEvent.from_bytes(
+                decision.encode()), deadline, reward, active)
+        self._deadlines = [(slot.deadline_ms, k) for k, slot in self._open.items()]
+        heapq.heapify(self._deadlines)
+        self._emitted = OrderedDict((k, None) for k in state["emitted"])
+        self._watermark = state["watermark"]
+        self._marks = dict(state["marks"])
+        self.stats = JoinStats(**state["stats"])
 
     def flush(self) -> list[Example]:
         """Close every open decision now (end of a bounded replay)."""
-        return list(self._close_while(lambda slot: True))
+        return list(self._close_due(None))
 
-    def _advance(self, timestamp_ms: int) -> list[Example]:
-        self._watermark = max(self._watermark, timestamp_ms)
-        return list(self._close_while(lambda slot: slot.deadline_ms <= self._watermark))
+    def caught_up(self) -> list[Example]:
+        """Every available record has been read: let the watermark follow the furthest input."""
+        if not self._marks:
+            return []
+        latest = max(self._marks.values())
+        self._marks = dict.fromkeys(self._marks, latest)
+        return self._advance(next(iter(self._marks)), latest)
+
+    def _advance(self, source: str, timestamp_ms: int) -> list[Example]:
+        self._marks[source] = max(self._marks.get(source, 0), timestamp_ms)
+        if self._sources <= self._marks.keys():  # every input has shown where it is
+            self._watermark = max(self._watermark, min(self._marks.values()))
+        return list(self._close_due(self._watermark))
 
     def _evict(self) -> list[Example]:
-        out = []
-        while len(self._open) > self.max_pending:
-            event_id, slot = self._open.popitem(last=False)
-            self.stats.evicted += 1
-            out.extend(self._emit(event_id, slot))
-        return out
+        """Close the earliest-deadline events beyond ``max_pending`` now."""
+        excess = len(self._open) - self.max_pending
+        if excess <= 0:
+            return []
+        self.stats.evicted += excess
+        return list(self._close_due(None, limit=excess))
 
-    def _close_while(self, due) -> Iterator[Example]:  # type: ignore[no-untyped-def]
-        # Decisions arrive in roughly timestamp order, so the oldest are at the front; a
-        # straggler behind a younger one closes a little late, never early.
-        while self._open:
-            event_id, slot = next(iter(self._open.items()))
-            if not due(slot):
+    def _close_due(self, watermark: int | None, limit: int | None = None) -> Iterator[Example]:
+        """Close open events by deadline (ties by event id), those due by ``watermark`` or,
+        with None, all of them up to ``limit``: the order never depends on arrival order."""
+        closed = 0
+        while self._deadlines and (limit is None or closed < limit):
+            deadline, event_id = self._deadlines[0]
+            if watermark is not None and deadline > watermark:
                 return
+            heapq.heappop(self._deadlines)
+            slot = self._open.get(event_id)
+            if slot is None or slot.deadline_ms != deadline:
+                continue  # stale: closed already, or its deadline moved
             del self._open[event_id]
+            closed += 1
             yield from self._emit(event_id, slot)
 
     def _emit(self, event_id: str, slot: _Open) -> list[Example]:

@@ -123,6 +123,27 @@ def _evaluate(args: argparse.Namespace) -> int:
                             as_json=args.json)
 
 
+def _learn(args: argparse.Namespace) -> int:
+    from online.learner import LearnConfig, Learner
+
+    config = LearnConfig(
+        registry=args.registry, policy=args.policy, bus=args.bus, bus_path=args.bus_path,
+        kafka_bootstrap=args.kafka or "", partitions=args.partitions, group=args.group,
+        checkpoint=args.checkpoint, window_ms=args.window_ms,
+        default_reward=args.default_reward, reward_rule=args.reward_rule,
+        publish_every=args.publish_every, publish_interval_s=args.publish_interval,
+        gamma=args.gamma, prior=args.prior, gate=not args.no_gate,
+        gate_margin=args.gate_margin, max_examples=args.max_examples,
+        idle_exit_s=args.idle_exit)
+    learner = Learner(config)
+    learner.run()
+    if learner.since_publish:
+        learner.publish()
+    print(json.dumps({"examples": learner.examples, "published": learner.published,
+                      "joiner": vars(learner.joiner.stats)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="policyloop",
@@ -197,6 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True)
     p.add_argument("--version", type=int, default=0)
     p.set_defaults(func=_admin)
+
+    p = sub.add_parser("learn", help="join rewards and refresh a policy online",
+                       description="Consume decisions, rewards and activations from the bus, "
+                       "join them within the reward window, update the neural-linear head "
+                       "(Bayesian linear regression with optional forgetting), and publish a "
+                       "version every N examples or T seconds, promoted only if off-policy "
+                       "evaluation on held-out events does not find it worse.")
+    p.add_argument("--registry", type=Path, default=Path("var/registry"))
+    p.add_argument("--policy", required=True)
+    p.add_argument("--bus", choices=["local", "kafka"], default="local")
+    p.add_argument("--bus-path", type=Path, default=Path("var/bus"))
+    p.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (bus=kafka)")
+    p.add_argument("--partitions", type=int, default=4, help="local bus partitions")
+    p.add_argument("--group", default="policyloop-learner", help="consumer group")
+    p.add_argument("--checkpoint", type=Path, default=Path("var/learner/checkpoint.json"))
+    p.add_argument("--window-ms", type=int, default=30_000, help="reward window")
+    p.add_argument("--default-reward", type=float, default=0.0)
+    p.add_argument("--reward-rule", choices=["first", "sum"], default="first")
+    p.add_argument("--publish-every", type=int, default=500, help="examples per version")
+    p.add_argument("--publish-interval", type=float, default=30.0, help="seconds per version")
+    p.add_argument("--gamma", type=float, default=1.0, help="forgetting factor (1 = none)")
+    p.add_argument("--prior", type=float, default=1.0, help="ridge prior strength")
+    p.add_argument("--no-gate", action="store_true", help="promote without the OPE gate")
+    p.add_argument("--gate-margin", type=float, default=0.01)
+    p.add_argument("--max-examples", type=int, help="stop after this many examples")
+    p.add_argument("--idle-exit", type=float, help="stop after this many idle seconds")
+    p.set_defaults(func=_learn)
 
     p = sub.add_parser("evaluate", help="off-policy estimates (IPS, SNIPS, DR) on a log",
                        description="Estimate a target policy's value from logged bandit "

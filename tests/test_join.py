@@ -119,3 +119,26 @@ def test_a_shuffled_stream_gives_the_same_joins_as_an_ordered_one() -> None:
 def test_bad_settings_are_refused(kwargs) -> None:
     with pytest.raises(InvalidArgument):
         RewardJoiner(**kwargs)
+
+
+def test_reading_one_topic_or_partition_ahead_gives_the_same_joins() -> None:
+    decisions = [decision(f"e{i}", i * 10) for i in range(200)]
+    rewards = [reward(f"e{i}", i * 10 + 5, float(i)) for i in range(0, 200, 2)]
+    sources = ("decisions:0", "rewards:0")
+
+    def replay(records: list) -> dict[str, float]:
+        j = RewardJoiner(window_ms=50, sources=sources)
+        out = {}
+        for r in records:
+            got = (j.add_decision(r, "decisions:0") if isinstance(r, DecisionEvent)
+                   else j.add_reward(r, "rewards:0"))
+            out.update((e.decision.event_id, e.reward) for e in got)
+        out.update((e.decision.event_id, e.reward) for e in j.caught_up())
+        out.update((e.decision.event_id, e.reward) for e in j.flush())
+        return out
+
+    interleaved = sorted(decisions + rewards, key=lambda r: r.timestamp_ms)
+    expected = replay(interleaved)
+    assert replay(decisions + rewards) == expected  # all decisions read first
+    assert replay(rewards + decisions) == expected  # all rewards read first
+    assert sum(v > 0 for v in expected.values()) == 99

@@ -1,0 +1,318 @@
+"""``policyloop learn``: join decisions with rewards from the bus, refresh the neural-linear
+head, gate each candidate with off-policy evaluation, publish versions to the registry.
+
+The body of the network is fixed (trained offline); online learning refreshes the last linear
+layer and its posterior (LinUCB / linear Thompson sampling state, ``online/linear.py``). The
+embedding of an example is recomputed with the serving model from the logged context and
+candidate features, so the learner needs no torch.
+
+One example in ``holdout_every`` (chosen by a hash of its event id, so the choice does not
+depend on arrival order) is held out from training and used by the promotion gate:
+the candidate head and the incumbent are compared by SNIPS on the held-out window (both greedy
+on their own scores, the way a reward model is judged); the candidate becomes current only if
+its estimate is not below the incumbent's by more than ``gate_margin``. A rejected candidate is
+still published (not current) with its evaluation, for the audit trail.
+
+State (consumer positions, joiner, head statistics, held-out window, counters) is checkpointed
+atomically in one file after every publish; a restarted learner seeks to the checkpointed
+positions and resumes. Joins do not depend on the interleaving of partitions (see
+``online/join.py``) and, without forgetting (gamma = 1), the statistics are sums that do not
+depend on the order of examples, so a killed and restarted learner ends with the same head as an
+uninterrupted one. With forgetting, or with the gate on, the result also depends on when
+versions were published, which a restart can shift.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from models.neural_linear import read_head, replace_head
+from models.registry import LocalRegistry
+from online import bus, ope
+from online.events import ActivationEvent, DecisionEvent, RewardEvent
+from online.join import Example, RewardJoiner
+from online.linear import LinearHeads
+from serving.model_store import LoadedModel, choose_providers, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    registry: Path
+    policy: str
+    bus: str = "local"
+    bus_path: Path = Path("var/bus")
+    kafka_bootstrap: str = ""
+    partitions: int = 4
+    group: str = "policyloop-learner"
+    checkpoint: Path = Path("var/learner/checkpoint.json")
+    window_ms: int = 30_000
+    default_reward: float = 0.0
+    reward_rule: str = "first"
+    publish_every: int = 500
+    publish_interval_s: float = 30.0
+    gamma: float = 1.0
+    prior: float = 1.0
+    holdout_every: int = 5
+    gate: bool = True
+    gate_margin: float = 0.01
+    max_examples: int | None = None  # stop after this many (tests, replays)
+    idle_exit_s: float | None = None  # stop after this long without records (tests, replays)
+
+
+@dataclass
+class _Holdout:
+    """The gate's evaluation window: the most recent held-out examples."""
+
+    limit: int = 1000
+    embeddings: list[np.ndarray] = field(default_factory=list)  # [K, H] or [H] each
+    heads: list[np.ndarray | None] = field(default_factory=list)  # allowed actions (qnet)
+    action: list[int] = field(default_factory=list)
+    propensity: list[float] = field(default_factory=list)
+    reward: list[float] = field(default_factory=list)
+
+    def add(self, embeddings: np.ndarray, allowed: np.ndarray | None, action: int,
+            propensity: float, reward: float) -> None:
+        self.embeddings.append(embeddings)
+        self.heads.append(allowed)
+        self.action.append(action)
+        self.propensity.append(propensity)
+        self.reward.append(reward)
+        if len(self.action) > self.limit:
+            for items in (self.embeddings, self.heads, self.action, self.propensity,
+                          self.reward):
+                del items[0]
+
+    def state(self) -> dict:
+        return {"limit": self.limit,
+                "embeddings": [_b64(e) for e in self.embeddings],
+                "heads": [None if a is None else a.tolist() for a in self.heads],
+                "action": self.action, "propensity": self.propensity, "reward": self.reward}
+
+    @classmethod
+    def from_state(cls, state: dict) -> _Holdout:
+        return cls(state["limit"], [_unb64(e) for e in state["embeddings"]],
+                   [None if a is None else np.array(a) for a in state["heads"]],
+                   state["action"], state["propensity"], state["reward"])
+
+
+def _b64(array: np.ndarray) -> list:
+    return [list(array.shape), base64.b64encode(array.astype("<f8").tobytes()).decode()]
+
+
+def _unb64(item: list) -> np.ndarray:
+    shape, data = item
+    return np.frombuffer(base64.b64decode(data), "<f8").reshape(shape).copy()
+
+
+class Learner:
+    def __init__(self, config: LearnConfig) -> None:
+        self.config = config
+        self.registry = LocalRegistry(config.registry)
+        self._providers = choose_providers(False)
+        self.model = self._load_current()
+        weight, bias = read_head(self.model_bytes, self.model.manifest.head)
+        self.heads = LinearHeads.from_head(weight, bias, prior=config.prior, gamma=config.gamma)
+        self.joiner = RewardJoiner(window_ms=config.window_ms,
+                                   default_reward=config.default_reward,
+                                   reward_rule=config.reward_rule,
+                                   sources=tuple(f"{topic}:{p}"
+                                                 for topic in (bus.DECISIONS, bus.REWARDS)
+                                                 for p in range(config.partitions)))
+        self.positions: dict[tuple[str, int], int] = {}
+        self.examples = 0
+        self.since_publish = 0
+        self.published: list[dict] = []
+        self._holdout = _Holdout()
+        self._last_publish = time.monotonic()
+        if config.checkpoint.exists():
+            self._restore()
+
+    def _load_current(self) -> LoadedModel:
+        version = self.registry.current(self.config.policy)
+        self.model_bytes = version.read_model()
+        return load_model(version, expected=None, providers=self._providers)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        consumer = bus.open_consumer(self.config.bus, self.config.group,
+                                     [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS],
+                                     path=self.config.bus_path,
+                                     bootstrap=self.config.kafka_bootstrap,
+                                     partitions=self.config.partitions)
+        try:
+            for tp, offset in self.positions.items():
+                consumer.seek(tp, offset)
+            idle_since = time.monotonic()
+            while not self._done():
+                records = consumer.poll(max_records=500, timeout=0.2)
+                if records:
+                    idle_since = time.monotonic()
+                else:  # drained: windows may close on the furthest stream's time
+                    for example in self.joiner.caught_up():
+                        self.learn(example)
+                for record in records:
+                    self.handle(record)
+                    if self._done():
+                        break
+                if self._publish_due():
+                    self.publish()
+                    consumer.commit(dict(self.positions))
+                if (self.config.idle_exit_s is not None and not records
+                        and time.monotonic() - idle_since > self.config.idle_exit_s):
+                    break
+        finally:
+            consumer.close()
+
+    def _done(self) -> bool:
+        return self.config.max_examples is not None and self.examples >= self.config.max_examples
+
+    def _publish_due(self) -> bool:
+        if self.since_publish == 0:
+            return False
+        return (self.since_publish >= self.config.publish_every
+                or time.monotonic() - self._last_publish >= self.config.publish_interval_s)
+
+    def handle(self, record: bus.Record) -> None:
+        """One bus record: join it, learn from whatever examples it completes."""
+        self.positions[(record.topic, record.partition)] = record.offset + 1
+        source = f"{record.topic}:{record.partition}"
+        if record.topic == bus.DECISIONS:
+            event = DecisionEvent.from_bytes(record.value)
+            examples = (self.joiner.add_decision(event, source)
+                        if event.policy == self.config.policy else [])
+        elif record.topic == bus.REWARDS:
+            examples = self.joiner.add_reward(RewardEvent.from_bytes(record.value), source)
+        else:
+            examples = self.joiner.add_activation(ActivationEvent.from_bytes(record.value))
+        for example in examples:
+            self.learn(example)
+
+    def learn(self, example: Example) -> None:
+        d = example.decision
+        if d.baseline_action is not None:
+            return  # apprentice mode: the app chose, its propensity is unknown
+        embeddings, head, allowed = self._embed(d)
+        self.examples += 1
+        if (self.config.holdout_every
+                and zlib.crc32(d.event_id.encode()) % self.config.holdout_every == 0):
+            self._holdout.add(embeddings, allowed, d.chosen[0], d.propensities[0],
+                              example.reward)
+            return
+        x = embeddings[d.chosen[0]] if allowed is None else embeddings
+        self.heads.update(x, example.reward, head=head)
+        self.since_publish += 1
+
+    def _embed(self, d: DecisionEvent) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """Embeddings of the decision's candidates [K, H] (scoring) or of its context [H]
+        (qnet); the head that scored the chosen action; the allowed action indices (qnet)."""
+        manifest = self.model.manifest
+        context = np.asarray(d.context, np.float32)[None]
+        if manifest.kind == "scoring":
+            _, emb = self.model.run(context, np.asarray(d.action_features, np.float32)[None])
+            return emb[0].astype(np.float64), 0, None
+        _, emb = self.model.run(context)
+        index = {a: i for i, a in enumerate(manifest.actions)}
+        allowed = np.array([index[a] for a in d.action_ids])
+        return emb[0].astype(np.float64), int(allowed[d.chosen[0]]), allowed
+
+    # -- publishing and the gate ----------------------------------------------------------
+
+    def _holdout_value(self, weight: np.ndarray, bias: np.ndarray) -> ope.Estimate | None:
+        h = self._holdout
+        if len(h.action) < 20:
+            return None
+        target = np.empty(len(h.action))
+        for i, (emb, allowed) in enumerate(zip(h.embeddings, h.heads, strict=True)):
+            if allowed is None:
+                scores = emb @ weight[0] + bias[0]
+            else:
+                scores = weight[allowed] @ emb + bias[allowed]
+            target[i] = float(int(np.argmax(scores)) == h.action[i])
+        if target.sum() == 0:
+            return ope.Estimate("snips", 0.0, 0.0, 0.0, 0.0, len(target), 0, 0.0, 0.0)
+        return ope.snips(np.array(h.reward), np.array(h.propensity), target)
+
+    def publish(self) -> dict:
+        """Build the candidate head, gate it against the serving one, publish it."""
+        manifest = self.model.manifest
+        weight, bias = self.heads.head()
+        incumbent_w, incumbent_b = read_head(self.model_bytes, manifest.head)
+        candidate = self._holdout_value(weight, bias)
+        incumbent = self._holdout_value(incumbent_w, incumbent_b)
+        promote = True
+        if self.config.gate and candidate is not None and incumbent is not None:
+            promote = candidate.value >= incumbent.value - self.config.gate_margin
+        evaluation = {
+            "gate": self.config.gate, "margin": self.config.gate_margin, "promoted": promote,
+            "holdout_events": len(self._holdout.action),
+            "candidate_snips": None if candidate is None else candidate.value,
+            "incumbent_snips": None if incumbent is None else incumbent.value,
+        }
+        new_bytes = replace_head(self.model_bytes, manifest.head, weight, bias)
+        new_manifest = replace(manifest, parent_version=manifest.version, version=0,
+                               created_at="", sha256="", evaluation=evaluation,
+                               training={"online": True, "examples": self.examples,
+                                         "joiner": vars(self.joiner.stats)})
+        version = self.registry.publish(
+            self.config.policy, new_bytes, new_manifest,
+            {"head.npz": self.heads.posterior().to_npz_bytes()}, make_current=promote)
+        record = {"version": version.version, "examples": self.examples, **evaluation}
+        self.published.append(record)
+        log.info("published %s v%d (%s)", self.config.policy, version.version,
+                 "promoted" if promote else "rejected by the gate")
+        if promote:
+            self.model = load_model(version, expected=manifest, providers=self._providers)
+            self.model_bytes = new_bytes
+        self.since_publish = 0
+        self._last_publish = time.monotonic()
+        self.checkpoint()
+        return record
+
+    # -- checkpoint -----------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Positions, joiner, statistics and counters in one atomically replaced file."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.heads.to_npz_arrays())
+        state = {
+            "positions": [[t, p, o] for (t, p), o in self.positions.items()],
+            "heads": base64.b64encode(buffer.getvalue()).decode(),
+            "examples": self.examples, "since_publish": self.since_publish,
+            "published": self.published, "model_version": self.model.version,
+            "joiner": self.joiner.state(), "holdout": self._holdout.state(),
+        }
+        path = self.config.checkpoint
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _restore(self) -> None:
+        state = json.loads(self.config.checkpoint.read_text())
+        self.positions = {(t, p): o for t, p, o in state["positions"]}
+        with np.load(io.BytesIO(base64.b64decode(state["heads"]))) as arrays:
+            self.heads = LinearHeads.from_npz_arrays({k: arrays[k] for k in arrays.files})
+        self.examples = state["examples"]
+        self.since_publish = state["since_publish"]
+        self.published = state["published"]
+        version = self.registry.get(self.config.policy, state["model_version"])
+        self.model_bytes = version.read_model()
+        self.model = load_model(version, expected=None, providers=self._providers)
+        self.joiner.load_state(state["joiner"])
+        self._holdout = _Holdout.from_state(state["holdout"])

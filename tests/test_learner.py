@@ -1,0 +1,140 @@
+"""The online learner on the local bus: it learns, gates, checkpoints and survives kill -9."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.export import export_and_register
+from models.neural_linear import read_head
+from models.policies import QNetwork
+from models.registry import LocalRegistry
+from models.routing_env import RoutingEnv
+from online.learner import LearnConfig, Learner
+from online.local_log import LocalLog
+from tests.bandit_stream import routing_events, write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with an untrained routing QNetwork and a bus with 4,000 logged events."""
+    root = tmp_path_factory.mktemp("learner")
+    torch.manual_seed(0)
+    env = RoutingEnv()
+    export_and_register(QNetwork(len(env.feature_schema.context), 8), env,
+                        LocalRegistry(root / "registry"), policy="routing", training={})
+    producer = LocalLog(root / "bus", partitions=2).producer()
+    write(producer, routing_events(4000, seed=1))
+    producer.close()
+    return root
+
+
+def _copy(base: Path, dest: Path) -> Path:
+    shutil.copytree(base, dest)
+    return dest
+
+
+def _config(root: Path, **changes: object) -> LearnConfig:
+    settings: dict = {"registry": root / "registry", "policy": "routing",
+                      "bus_path": root / "bus", "partitions": 2, "checkpoint": root / "ckpt.json",
+                      "window_ms": 1000, "publish_every": 600, "idle_exit_s": 1.0,
+                      "gate": False}
+    return LearnConfig(**{**settings, **changes})
+
+
+def _greedy_value(registry: Path, version: int | None = None) -> float:
+    from serving.model_store import choose_providers, load_model
+
+    reg = LocalRegistry(registry)
+    mv = reg.get("routing", version) if version else reg.current("routing")
+    model = load_model(mv, expected=None, providers=choose_providers(False))
+    ctx, _, expected = RoutingEnv().sample_contexts(3000, np.random.default_rng(9))
+    scores, _ = model.run(ctx)
+    return float(expected[np.arange(len(ctx)), scores.argmax(axis=1)].mean())
+
+
+def test_the_learner_joins_learns_and_publishes(base: Path, tmp_path: Path) -> None:
+    root = _copy(base, tmp_path / "run")
+    learner = Learner(_config(root))
+    learner.run()
+    learner.publish()
+    stats = learner.joiner.stats
+    assert stats.rewarded > 3000 and stats.defaulted > 200  # ~10% of rewards never sent
+    assert learner.examples == stats.emitted
+    versions = LocalRegistry(root / "registry").versions("routing")
+    assert len(versions) >= 5, (versions, learner.examples, learner.published)
+    before, after = _greedy_value(root / "registry", 1), _greedy_value(root / "registry")
+    assert after > before + 0.1, (before, after)
+
+
+def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) -> None:
+    root = _copy(base, tmp_path / "gate")
+    learner = Learner(_config(root, gate=True, max_examples=2000))
+    learner.run()
+    learner.publish()  # a good candidate: promoted
+    current = LocalRegistry(root / "registry").current("routing").version
+    good_w, good_b = read_head(learner.model_bytes, learner.model.manifest.head)
+    learner.heads.prior_mean[:] = -np.hstack([good_w, good_b[:, None]])  # a sabotaged head
+    learner.heads.data_a[:] = 0
+    learner.heads.data_b[:] = 0
+    learner.since_publish = 1
+    record = learner.publish()
+    assert record["promoted"] is False
+    assert record["candidate_snips"] < record["incumbent_snips"]
+    registry = LocalRegistry(root / "registry")
+    assert registry.current("routing").version == current
+    assert registry.get("routing", record["version"]).manifest.evaluation["promoted"] is False
+
+
+def _learn_cmd(root: Path) -> list[str]:
+    return [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING", "learn",
+            "--registry", str(root / "registry"), "--policy", "routing", "--bus-path",
+            str(root / "bus"), "--partitions", "2", "--checkpoint", str(root / "ckpt.json"),
+            "--window-ms", "1000", "--publish-every", "300", "--idle-exit", "1.5", "--no-gate"]
+
+
+def _final_head(root: Path) -> np.ndarray:
+    version = LocalRegistry(root / "registry").current("routing")
+    weight, bias = read_head(version.read_model(), version.manifest.head)
+    return np.hstack([weight, bias[:, None]])
+
+
+def test_kill_9_and_restart_gives_the_same_model(base: Path, tmp_path: Path) -> None:
+    clean = _copy(base, tmp_path / "clean")
+    assert subprocess.run(_learn_cmd(clean), cwd=ROOT, capture_output=True,
+                          timeout=120).returncode == 0
+    killed = _copy(base, tmp_path / "killed")
+    total = json.loads((clean / "ckpt.json").read_text())["examples"]
+    rng = np.random.default_rng(0)
+    resumed_from = []
+    for _ in range(3):  # kill at random points while it works
+        proc = subprocess.Popen(_learn_cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        checkpoint = killed / "ckpt.json"
+        start = json.loads(checkpoint.read_text())["examples"] if checkpoint.exists() else 0
+        while proc.poll() is None:  # wait until it has published something new, then a bit
+            if checkpoint.exists() and json.loads(checkpoint.read_text())["examples"] > start:
+                break
+            time.sleep(0.05)
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        resumed_from.append(json.loads(checkpoint.read_text())["examples"])
+    assert any(0 < n < total for n in resumed_from), resumed_from
+    finished = subprocess.run(_learn_cmd(killed), cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert report["examples"] == total, (report["joiner"], resumed_from)
+    np.testing.assert_allclose(_final_head(killed), _final_head(clean), rtol=1e-9, atol=1e-12)
