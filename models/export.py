@@ -49,8 +49,8 @@ def _to_onnx(model: nn.Module) -> bytes:
         args = (torch.zeros(2, cfg["context_dim"]),)
         names = ["context"]
         axes = {"context": {0: "batch"}, "scores": {0: "batch"}, "embedding": {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # the pinned exporter announces its own deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, args, buffer, input_names=names,
                           output_names=["scores", "embedding"], dynamic_axes=axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
@@ -58,23 +58,27 @@ def _to_onnx(model: nn.Module) -> bytes:
 
 
 def find_head(model_bytes: bytes, model: nn.Module) -> HeadSpec:
-    """Which initializers hold ``model.head`` (possibly transposed by constant folding)."""
+    """Which initializers hold ``model.head``, found by value: the exporter renames them and
+    may store the weight transposed (a 3-D MatMul reads [H, A]; a Gemm reads [A, H]).
+    Exactly one initializer must match each, else the learner could not refresh the head."""
     weight = model.head.weight.detach().numpy()
     bias = model.head.bias.detach().numpy()
-    w_name = b_name = None
-    transposed = False
+    weights: list[tuple[str, bool]] = []
+    biases: list[str] = []
     for init in onnx.load_from_string(model_bytes).graph.initializer:
         value = numpy_helper.to_array(init)
         if value.shape == weight.shape and np.array_equal(value, weight):
-            w_name, transposed = init.name, False
+            weights.append((init.name, False))
         elif value.shape == weight.T.shape and np.array_equal(value, weight.T):
-            w_name, transposed = init.name, True
+            weights.append((init.name, True))
         elif value.shape == bias.shape and np.array_equal(value, bias):
-            b_name = init.name
-    if w_name is None or b_name is None:
-        raise ExportParityError("the exported graph does not keep the head's weight and bias "
-                                "as initializers; the learner could not refresh it")
-    return HeadSpec(weight=w_name, bias=b_name, dim=weight.shape[1], transposed=transposed)
+            biases.append(init.name)
+    if len(weights) != 1 or len(biases) != 1:
+        raise ExportParityError(
+            f"the exported graph must keep the head as one weight and one bias initializer; "
+            f"found weights {[w for w, _ in weights]} and biases {biases}")
+    (w_name, transposed), = weights
+    return HeadSpec(weight=w_name, bias=biases[0], dim=weight.shape[1], transposed=transposed)
 
 
 def check_parity(model: nn.Module, model_bytes: bytes, real_inputs: list[tuple[np.ndarray,
@@ -192,11 +196,10 @@ def export_command(checkpoint: Path, *, registry: Path, policy: str | None,
     """``policyloop export``: checkpoint -> parity-checked ONNX -> registry (and ``out``)."""
     from models.training import load_checkpoint, make_env
 
-    model, state = load_checkpoint(checkpoint)
-    env = make_env(state["scenario"], **state["env"])
-    name = policy or state["scenario"]
-    version = export_and_register(model, env, LocalRegistry(registry), policy=name,
-                                  training=state["training"])
+    model, scenario, env_kwargs, training = load_checkpoint(checkpoint)
+    name = policy or scenario
+    version = export_and_register(model, make_env(scenario, **env_kwargs), LocalRegistry(registry),
+                                  policy=name, training=training)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.onnx").write_bytes(version.read_model())

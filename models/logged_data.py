@@ -13,12 +13,21 @@ import numpy as np
 
 from models.recsys_env import RecsysEnv
 from models.routing_env import RoutingEnv
+from policyloop.errors import InvalidArgument
 
 Env = RecsysEnv | RoutingEnv
+
+LOGGING_POLICIES = ("heuristic", "uniform")
+HEURISTIC_TEMPERATURE = 0.5
+HEURISTIC_EPSILON = 0.1
+HEURISTIC_DESCRIPTION = (f"softmax(popularity or low load, T={HEURISTIC_TEMPERATURE}) mixed with "
+                         f"{HEURISTIC_EPSILON:.0%} uniform")
 
 
 @dataclass(frozen=True)
 class LoggedBandit:
+    """N logged decisions; row i is one (context, candidates, action, propensity, reward)."""
+
     context: np.ndarray  # float32[N, Dc]
     action_features: np.ndarray | None  # float32[N, K, Da] (recsys) or None (routing)
     action: np.ndarray  # int64[N]
@@ -29,24 +38,13 @@ class LoggedBandit:
     def __len__(self) -> int:
         return len(self.action)
 
-    def split(self, fraction: float) -> tuple[LoggedBandit, LoggedBandit]:
-        """First ``fraction`` of rows and the rest (rows are i.i.d., so no shuffle needed)."""
-        cut = int(len(self) * fraction)
-
-        def take(s: slice) -> LoggedBandit:
-            return LoggedBandit(
-                self.context[s], None if self.action_features is None
-                else self.action_features[s], self.action[s], self.propensity[s],
-                self.reward[s], self.expected_rewards[s])
-
-        return take(slice(0, cut)), take(slice(cut, None))
-
 
 def heuristic_scores(env: Env, context: np.ndarray,
                      action_features: np.ndarray | None) -> np.ndarray:
     """A plausible hand-written rule an app might log under: [N, K] scores.
 
-    recsys: item popularity (the last item feature); routing: the least loaded queue.
+    recsys: item popularity (the last item feature); routing: the least loaded queue. Both are
+    weak on purpose: neither looks at who the user is or what the ticket is about.
     """
     if action_features is not None:
         return action_features[:, :, -1].astype(np.float64)
@@ -54,22 +52,35 @@ def heuristic_scores(env: Env, context: np.ndarray,
 
 
 def logging_probabilities(env: Env, context: np.ndarray, action_features: np.ndarray | None,
-                          *, temperature: float = 0.5, epsilon: float = 0.1) -> np.ndarray:
-    """[N, K]: softmax of the heuristic mixed with epsilon-uniform, so every action has
-    probability >= epsilon / K (logged data that can evaluate any policy)."""
-    s = heuristic_scores(env, context, action_features) / temperature
+                          *, policy: str = "heuristic") -> np.ndarray:
+    """[N, K] action probabilities of a logging policy.
+
+    ``heuristic`` (the default, what an app running its old rule logs): softmax of the heuristic
+    at temperature T mixed with epsilon-uniform, p = (1 - eps) softmax(s / T) + eps / K, so every
+    action has probability >= eps / K and the logs can evaluate any policy. ``uniform``: 1 / K.
+    """
+    if policy not in LOGGING_POLICIES:
+        raise InvalidArgument(f"logging_policy must be one of {LOGGING_POLICIES}, got {policy!r}")
+    n, k = len(context), (action_features.shape[1] if action_features is not None
+                          else int(env.action_space.n))
+    if policy == "uniform":
+        return np.full((n, k), 1.0 / k)
+    s = heuristic_scores(env, context, action_features) / HEURISTIC_TEMPERATURE
     z = np.exp(s - s.max(axis=1, keepdims=True))
     probs = z / z.sum(axis=1, keepdims=True)
-    return (1 - epsilon) * probs + epsilon / probs.shape[1]
+    return (1 - HEURISTIC_EPSILON) * probs + HEURISTIC_EPSILON / k
 
 
-def collect_logs(env: Env, n: int, *, seed: int, uniform: bool = False) -> LoggedBandit:
-    """n logged events: contexts from the simulator, actions from the logging policy (or
-    uniform), rewards drawn from the true expected rewards."""
+def collect_logs(env: Env, n: int, *, seed: int,
+                 logging_policy: str = "heuristic") -> LoggedBandit:
+    """n logged events: contexts from the simulator, actions drawn from ``logging_policy``
+    (see ``logging_probabilities``) with their exact propensities, rewards drawn as
+    Bernoulli(expected_rewards[action])."""
+    if n < 1:
+        raise InvalidArgument(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
     context, action_features, expected = env.sample_contexts(n, rng)
-    probs = (np.full(expected.shape, 1.0 / expected.shape[1]) if uniform
-             else logging_probabilities(env, context, action_features))
+    probs = logging_probabilities(env, context, action_features, policy=logging_policy)
     cdf = probs.cumsum(axis=1)
     action = np.minimum((cdf < rng.random((n, 1)) * cdf[:, -1:]).sum(axis=1),
                         probs.shape[1] - 1).astype(np.int64)
@@ -79,5 +90,9 @@ def collect_logs(env: Env, n: int, *, seed: int, uniform: bool = False) -> Logge
 
 
 def true_policy_value(probs: np.ndarray, expected_rewards: np.ndarray) -> float:
-    """Expected reward of a (stochastic) policy with probabilities [N, K]."""
+    """Expected reward of a (stochastic) policy with probabilities [N, K] under the simulator's
+    true expected rewards [N, K]: mean_i sum_a probs[i, a] * expected_rewards[i, a]."""
+    if probs.shape != expected_rewards.shape:
+        raise InvalidArgument(f"probs {probs.shape} and expected_rewards "
+                              f"{expected_rewards.shape} differ in shape")
     return float((probs * expected_rewards).sum(axis=1).mean())

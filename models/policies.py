@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from policyloop.errors import InvalidArgument
+
 
 class ScoringNetwork(nn.Module):
     """Scores a variable candidate set: context [B, Dc] and action_features [B, K, Da] ->
@@ -69,7 +71,7 @@ def build(config: dict[str, Any]) -> nn.Module:
         return ScoringNetwork(params.pop("context_dim"), params.pop("action_dim"), **params)
     if config["kind"] == "qnet":
         return QNetwork(params.pop("context_dim"), params.pop("n_actions"), **params)
-    raise ValueError(f"unknown network kind {config['kind']!r}")
+    raise InvalidArgument(f"unknown network kind {config['kind']!r}")
 
 
 def score(model: nn.Module, context: torch.Tensor,

@@ -27,35 +27,53 @@ import torch
 from torch import nn
 
 from models import policies
-from models.logged_data import LoggedBandit, collect_logs, logging_probabilities, true_policy_value
+from models.logged_data import (
+    HEURISTIC_DESCRIPTION,
+    LOGGING_POLICIES,
+    LoggedBandit,
+    collect_logs,
+    logging_probabilities,
+    true_policy_value,
+)
 from models.recsys_env import RecsysEnv
 from models.routing_env import RoutingEnv
+from policyloop.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    scenario: str = "recsys"
-    n_logged: int = 20_000
-    epochs: int = 8
+    """Everything one offline training run depends on; the same config gives the same model."""
+
+    scenario: str = "recsys"  # recsys (scoring network) or routing (Q-network)
+    n_logged: int = 20_000  # logged events to learn from
+    epochs: int = 8  # passes over the logs, split between the two DR stages
     batch_size: int = 256
-    lr: float = 3e-3
-    objective: str = "dr"
-    clip: float = 50.0
+    lr: float = 3e-3  # Adam
+    objective: str = "dr"  # ips or dr (module docstring)
+    clip: float = 50.0  # importance weights are min(1 / propensity, clip)
     hidden: int = 64
-    embedding_dim: int = 32
+    embedding_dim: int = 32  # H, the width the neural-linear head reads
+    logging_policy: str = "heuristic"  # the policy that logged the data (models.logged_data)
     seed: int = 0
     env: dict[str, Any] = field(default_factory=dict)  # simulator keyword arguments
 
     def __post_init__(self) -> None:
         if self.scenario not in ("recsys", "routing"):
-            raise ValueError(f"scenario must be recsys or routing, got {self.scenario!r}")
+            raise InvalidArgument(f"scenario must be recsys or routing, got {self.scenario!r}")
         if self.objective not in ("ips", "dr"):
-            raise ValueError(f"objective must be ips or dr, got {self.objective!r}")
-        for name in ("n_logged", "epochs", "batch_size"):
+            raise InvalidArgument(f"objective must be ips or dr, got {self.objective!r}")
+        if self.logging_policy not in LOGGING_POLICIES:
+            raise InvalidArgument(f"logging_policy must be one of {LOGGING_POLICIES}, "
+                                  f"got {self.logging_policy!r}")
+        for name in ("n_logged", "epochs", "batch_size", "hidden", "embedding_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InvalidArgument(f"lr must be > 0, got {self.lr}")
+        if not self.clip >= 1:
+            raise InvalidArgument(f"clip must be >= 1, got {self.clip}")
 
 
 @dataclass
@@ -140,7 +158,7 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     env = make_env(cfg.scenario, **cfg.env)
-    data = collect_logs(env, cfg.n_logged, seed=cfg.seed)
+    data = collect_logs(env, cfg.n_logged, seed=cfg.seed, logging_policy=cfg.logging_policy)
     model = new_network(env, cfg)
     ips_epochs = cfg.epochs if cfg.objective == "ips" else max(1, cfg.epochs // 2)
     _fit(model, data, cfg, ips_epochs, None, rng)
@@ -151,9 +169,10 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
     summary = {
         "scenario": cfg.scenario, "objective": cfg.objective, "n_logged": len(data),
         "logged_reward_mean": float(data.reward.mean()),
-        "logging_policy": "softmax(popularity or low load, T=0.5) mixed with 10% uniform",
+        "logging_policy": (HEURISTIC_DESCRIPTION if cfg.logging_policy == "heuristic"
+                           else cfg.logging_policy),
+        **evaluate(model, env, seed=cfg.seed + 10_000, logging_policy=cfg.logging_policy),
         "seconds": round(time.perf_counter() - start, 2),
-        **evaluate(model, env, seed=cfg.seed + 10_000),
         "config": asdict(cfg),
     }
     log.info("trained %s: %s", cfg.scenario, {k: v for k, v in summary.items()
@@ -161,10 +180,10 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
     return TrainResult(model, env, cfg, summary)
 
 
-def evaluate(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: int,
-             n: int = 5000) -> dict[str, float]:
-    """True expected reward, on fresh contexts, of: the trained greedy policy, the logging
-    policy, uniform random, and the oracle."""
+def evaluate(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: int, n: int = 5000,
+             logging_policy: str = "heuristic") -> dict[str, float]:
+    """True expected reward, on n fresh contexts, of: the trained greedy policy, the logging
+    policy, uniform random, and the oracle (the best action of every context)."""
     context, action_features, expected = env.sample_contexts(n, np.random.default_rng(seed))
     scores = predict(model, context, action_features)
     greedy = np.zeros_like(expected)
@@ -172,13 +191,16 @@ def evaluate(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: int,
     return {
         "value_trained": true_policy_value(greedy, expected),
         "value_logging": true_policy_value(
-            logging_probabilities(env, context, action_features), expected),
+            logging_probabilities(env, context, action_features, policy=logging_policy),
+            expected),
         "value_uniform": float(expected.mean()),
         "value_oracle": float(expected.max(axis=1).mean()),
     }
 
 
 def save_checkpoint(result: TrainResult, path: Path) -> None:
+    """One .pt file: the network's config and weights, the simulator it was trained on, the
+    feature schema, the fixed action names (routing) and the training summary."""
     env = result.env
     torch.save({
         "network": result.model.config, "state_dict": result.model.state_dict(),
@@ -189,13 +211,13 @@ def save_checkpoint(result: TrainResult, path: Path) -> None:
     }, path)
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The network (eval mode) and the checkpoint's metadata."""
+def load_checkpoint(path: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any]]:
+    """(network in eval mode, scenario, simulator keyword arguments, training summary)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     model = policies.build(state["network"])
     model.load_state_dict(state["state_dict"])
     model.eval()
-    return model, state
+    return model, state["scenario"], state["env"], state["training"]
 
 
 def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str,

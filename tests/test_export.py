@@ -16,6 +16,7 @@ from models.policies import QNetwork, ScoringNetwork
 from models.recsys_env import RecsysEnv
 from models.registry import LocalRegistry
 from models.routing_env import RoutingEnv
+from models.signature import TensorSpec
 from policyloop.errors import ExportParityError, InvalidArgument
 from serving.posterior import LinearPosterior
 
@@ -33,8 +34,25 @@ def test_export_matches_torch_and_describes_the_model(model, env) -> None:
     data, manifest = export.export_onnx(model, env, policy="p", training={"note": "t"})
     assert manifest.training["parity_max_abs_diff"] <= export.TOLERANCE
     assert manifest.opset == export.OPSET == onnx.load_from_string(data).opset_import[0].version
-    assert [t.name for t in manifest.outputs] == ["scores", "embedding"]
-    assert manifest.features.context == env.feature_schema.context
+    assert manifest.training["note"] == "t" and manifest.training["network"] == model.config
+    assert manifest.features == env.feature_schema and manifest.policy == "p"
+    h, dc = model.config["embedding_dim"], model.config["context_dim"]
+    if manifest.kind == "scoring":
+        da = model.config["action_dim"]
+        assert manifest.inputs == (TensorSpec("context", "float32", (-1, dc)),
+                                   TensorSpec("action_features", "float32", (-1, -1, da)))
+        assert manifest.outputs == (TensorSpec("scores", "float32", (-1, -1)),
+                                    TensorSpec("embedding", "float32", (-1, -1, h)))
+    else:
+        a = model.config["n_actions"]
+        assert manifest.inputs == (TensorSpec("context", "float32", (-1, dc)),)
+        assert manifest.outputs == (TensorSpec("scores", "float32", (-1, a)),
+                                    TensorSpec("embedding", "float32", (-1, h)))
+    graph = onnx.load_from_string(data).graph
+    assert [i.name for i in graph.input] == [t.name for t in manifest.inputs]
+    assert [o.name for o in graph.output] == [t.name for t in manifest.outputs]
+    assert manifest.head.dim == h
+    assert {manifest.head.weight, manifest.head.bias} <= {i.name for i in graph.initializer}
     session = ort.InferenceSession(data)
     ctx, act, _ = env.sample_contexts(9, np.random.default_rng(3))  # dynamic batch of 9
     feeds = {"context": ctx} if act is None else {"context": ctx, "action_features": act}
@@ -81,8 +99,32 @@ def test_replace_head_changes_scores_exactly_as_numpy_says(model, env) -> None:
     if manifest.kind == "scoring":
         expected = expected[..., 0]
     np.testing.assert_allclose(scores, expected, atol=1e-5)
-    with pytest.raises(InvalidArgument):
-        replace_head(data, manifest.head, new_w[:, :-1], new_b)
+    got_w, got_b = read_head(replaced, manifest.head)
+    assert got_w.dtype == got_b.dtype == np.float32
+    np.testing.assert_array_equal(got_w, new_w.astype(np.float32))
+    np.testing.assert_array_equal(got_b, new_b.astype(np.float32))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w, b: (w[:, :-1], b), "do not fit"),
+    (lambda w, b: (w, np.append(b, 0.0)), "do not fit"),
+    (lambda w, b: (np.full_like(w, np.nan), b), "finite"),
+    (lambda w, b: (w, np.full(b.shape, 1e300)), "finite"),
+    (lambda w, b: ([["x"] * w.shape[1]] * w.shape[0], b), "numeric"),
+], ids=["narrow-weight", "long-bias", "nan", "overflows-float32", "strings"])
+def test_replace_head_refuses_heads_that_do_not_fit(change, message) -> None:
+    model, env = _models()[1]
+    data, manifest = export.export_onnx(model, env, policy="p", training={})
+    weight, bias = read_head(data, manifest.head)
+    with pytest.raises(InvalidArgument, match=message):
+        replace_head(data, manifest.head, *change(weight, bias))
+
+
+def test_read_head_refuses_bytes_that_are_not_onnx() -> None:
+    model, env = _models()[1]
+    _, manifest = export.export_onnx(model, env, policy="p", training={})
+    with pytest.raises(InvalidArgument, match="not an ONNX model"):
+        read_head(b"\xff\x00 not a model", manifest.head)
 
 
 def test_registered_export_carries_a_usable_posterior(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models.logged_data import collect_logs, logging_probabilities, true_policy_value
-from models.policies import QNetwork, ScoringNetwork
 from models.routing_env import RoutingEnv
 from models.training import TrainConfig, dr_targets, load_checkpoint, save_checkpoint, train_offline
+from policyloop.errors import InvalidArgument
 
 
 @pytest.fixture(scope="module", params=["recsys", "routing"])
@@ -30,24 +30,14 @@ def test_trained_policy_beats_the_logging_policy_on_true_reward(trained) -> None
 
 def test_checkpoint_round_trips(trained, tmp_path: Path) -> None:
     save_checkpoint(trained, tmp_path / "ck.pt")
-    model, state = load_checkpoint(tmp_path / "ck.pt")
+    model, scenario, env_kwargs, training = load_checkpoint(tmp_path / "ck.pt")
     ctx, act, _ = trained.env.sample_contexts(5, np.random.default_rng(0))
     with torch.no_grad():
         args = (torch.from_numpy(ctx),) if act is None else (torch.from_numpy(ctx),
                                                               torch.from_numpy(act))
         assert torch.equal(model(*args)[0], trained.model(*args)[0])
-    assert state["scenario"] == trained.env.scenario
-
-
-def test_networks_take_variable_candidate_sets_and_expose_the_head() -> None:
-    net = ScoringNetwork(4, 3, hidden=8, embedding_dim=5)
-    for k in (1, 7):
-        scores, emb = net(torch.zeros(2, 4), torch.zeros(2, k, 3))
-        assert scores.shape == (2, k) and emb.shape == (2, k, 5)
-        assert torch.allclose(scores, net.head(emb).squeeze(-1))
-    q = QNetwork(4, 6, hidden=8, embedding_dim=5)
-    scores, emb = q(torch.zeros(3, 4))
-    assert scores.shape == (3, 6) and emb.shape == (3, 5)
+    assert scenario == trained.env.scenario and env_kwargs == trained.config.env
+    assert training == trained.summary
 
 
 def test_logged_propensities_are_the_logging_policy_probabilities() -> None:
@@ -61,6 +51,32 @@ def test_logged_propensities_are_the_logging_policy_probabilities() -> None:
     assert np.abs(observed - expected).max() < 0.01
     # IPS on the logs estimates the logging policy's own true value
     assert abs(data.reward.mean() - true_policy_value(probs, data.expected_rewards)) < 0.02
+
+
+def test_uniform_logging_has_propensity_one_over_k() -> None:
+    data = collect_logs(RoutingEnv(), 1000, seed=0, logging_policy="uniform")
+    assert np.all(data.propensity == 1 / data.expected_rewards.shape[1])
+
+
+def test_training_is_deterministic_given_the_seed() -> None:
+    cfg = TrainConfig(scenario="routing", n_logged=2000, epochs=2)
+    first, second = train_offline(cfg), train_offline(cfg)
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("scenario", "chess", "scenario must be recsys or routing, got 'chess'"),
+    ("objective", "sl", "objective must be ips or dr, got 'sl'"),
+    ("logging_policy", "oracle", "logging_policy must be one of"),
+    ("n_logged", 0, "n_logged must be >= 1, got 0"),
+    ("lr", 0.0, "lr must be > 0, got 0.0"),
+    ("clip", 0.5, "clip must be >= 1, got 0.5"),
+])
+def test_bad_training_configs_are_refused(field: str, value: object, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        TrainConfig(**{field: value})
 
 
 def test_dr_targets_are_unbiased_for_every_action() -> None:
