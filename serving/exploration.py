@@ -3,16 +3,33 @@
 Every strategy returns, with the chosen candidates, the exact distribution each slot was drawn
 from, because the learner's importance weights and every off-policy estimate divide by it.
 Slates (top-k) are drawn slot by slot without replacement: slot j applies the strategy to the
-candidates not yet chosen, and its propensity is the probability conditional on slots < j.
+n = K - j candidates not yet chosen (probabilities as the strategy defines them over those n),
+and its propensity is the probability conditional on the slots before it. Ties between equal
+scores always go to the lowest candidate index.
 
-Specs (``strategy_from_spec``): ``greedy``, ``epsilon_greedy:E``, ``softmax:T``,
-``squarecb:G``, ``ucb:A[:E]``, ``thompson[:M[:E]]``; E is an optional uniform-exploration
-floor, M the number of posterior draws used to estimate Thompson propensities.
+Spec grammar (``strategy_from_spec``; numbers as Python's float() and int() read them)::
+
+    greedy
+    epsilon_greedy:E          E in [0, 1]
+    softmax:T                 T > 0, the temperature
+    squarecb:G                G > 0, the inverse-gap weighting gamma
+    ucb:A[:E]                 A >= 0, the width in posterior standard deviations
+    thompson[:M[:E]]          M integer in 1..16384, posterior draws per decision (default 256)
+
+where the optional E of ``ucb`` and ``thompson`` mixes in uniform exploration (default 0).
+
+>>> d = EpsilonGreedy(0.2).decide(np.array([0.1, 0.9, 0.5]), 2, np.random.default_rng(0))
+>>> d.probabilities.round(4).tolist()[0]
+[0.0667, 0.8667, 0.0667]
+>>> bool(d.propensities[0] == d.probabilities[0, d.chosen[0]])
+True
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Real
 from typing import Protocol
 
 import numpy as np
@@ -20,90 +37,29 @@ import numpy as np
 from policyloop.errors import InvalidArgument, Unavailable
 from serving.posterior import LinearPosterior
 
+MAX_THOMPSON_SAMPLES = 16384
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Decision:
-    chosen: np.ndarray  # int64[k]: candidate indices, slot order, distinct
-    propensities: np.ndarray  # float64[k]: P(chosen[j] at slot j | chosen[:j])
-    probabilities: np.ndarray  # float64[k, K]: each slot's distribution (0 for used candidates)
-    ranking: np.ndarray  # int64[K]: candidates by score, best first, ties by index
+    """One decision: what each slot got, and the distribution it was drawn from."""
+
+    chosen: np.ndarray  # int64[k]: candidate indices, one per slot, in slot order (distinct)
+    propensities: np.ndarray  # float64[k]: P(chosen[j] at slot j | chosen[:j]), as sampled
+    probabilities: np.ndarray  # float64[k, K]: each slot's distribution (0 for used ones)
+    ranking: np.ndarray  # int64[K]: candidates by model score, best first, ties by index
 
 
 class Strategy(Protocol):
-    name: str
+    """Draws ``slots`` distinct candidates from ``scores`` float[K] (higher is better).
+    ``embedding`` [K, H] and ``posterior`` are used, and required, when ``needs_posterior``."""
+
+    name: str  # logged with every decision, e.g. "epsilon_greedy(epsilon=0.1)"
     needs_posterior: bool
 
     def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
                embedding: np.ndarray | None = None,
                posterior: LinearPosterior | None = None) -> Decision: ...
-
-
-def _ranking(scores: np.ndarray) -> np.ndarray:
-    return np.argsort(-np.asarray(scores, np.float64), kind="stable")
-
-
-def _check(scores: np.ndarray, slots: int) -> int:
-    k = len(scores)
-    if k == 0:
-        raise InvalidArgument("no candidates to choose from")
-    if not 1 <= slots <= k:
-        raise InvalidArgument(f"slots must be in 1..{k}, got {slots}")
-    return k
-
-
-def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Inverse-CDF draw; zero-probability entries are never returned."""
-    cdf = np.cumsum(probs)
-    index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    index = min(index, len(probs) - 1)
-    while probs[index] == 0.0:  # only reachable through rounding at the top end
-        index -= 1
-    return index
-
-
-def _sequential(scores: np.ndarray, slots: int, rng: np.random.Generator,
-                slot_probs: _SlotProbs) -> Decision:
-    """Draw ``slots`` distinct candidates, each from ``slot_probs`` over those left."""
-    k = _check(scores, slots)
-    s = np.asarray(scores, np.float64)
-    remaining = np.ones(k, dtype=bool)
-    chosen = np.empty(slots, np.int64)
-    probabilities = np.zeros((slots, k))
-    for j in range(slots):
-        probs = np.zeros(k)
-        probs[remaining] = slot_probs(s[remaining])
-        index = _draw(probs, rng)
-        chosen[j] = index
-        probabilities[j] = probs
-        remaining[index] = False
-    propensities = probabilities[np.arange(slots), chosen]
-    return Decision(chosen, propensities, probabilities, _ranking(s))
-
-
-class _SlotProbs(Protocol):
-    def __call__(self, scores: np.ndarray) -> np.ndarray: ...
-
-
-def _greedy_probs(scores: np.ndarray) -> np.ndarray:
-    probs = np.zeros(len(scores))
-    probs[int(np.argmax(scores))] = 1.0
-    return probs
-
-
-def _mix_uniform(probs: np.ndarray, epsilon: float) -> np.ndarray:
-    return (1.0 - epsilon) * probs + epsilon / len(probs) if epsilon else probs
-
-
-def _positive(name: str, value: float) -> float:
-    if not (np.isfinite(value) and value > 0):
-        raise InvalidArgument(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _fraction(name: str, value: float) -> float:
-    if not (np.isfinite(value) and 0.0 <= value <= 1.0):
-        raise InvalidArgument(f"{name} must be in [0, 1], got {value!r}")
-    return float(value)
 
 
 class Greedy:
@@ -116,173 +72,305 @@ class Greedy:
     def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
                embedding: np.ndarray | None = None,
                posterior: LinearPosterior | None = None) -> Decision:
-        return _sequential(scores, slots, rng, _greedy_probs)
+        s = _scores(scores, slots)
+        ranking = _ranking(s)
+        chosen = ranking[:slots].copy()  # the best left at every slot
+        probabilities = np.zeros((slots, len(s)))
+        probabilities[np.arange(slots), chosen] = 1.0
+        return Decision(chosen, np.ones(slots), probabilities, ranking)
 
 
 class EpsilonGreedy:
-    """Uniform with probability epsilon, else greedy: p = 1-eps+eps/n (best), eps/n (others)."""
+    """Uniform over the n candidates left with probability epsilon, else the best of them:
+    p = 1 - epsilon + epsilon/n for the best (ties: lowest index), epsilon/n for the others."""
 
     needs_posterior = False
 
     def __init__(self, epsilon: float) -> None:
-        self.epsilon = _fraction("epsilon", epsilon)
-        self.name = f"epsilon_greedy(epsilon={self.epsilon:g})"
+        self.epsilon = _in_unit("epsilon", epsilon)
+        self.name = f"epsilon_greedy(epsilon={_fmt(self.epsilon)})"
 
     def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
                embedding: np.ndarray | None = None,
                posterior: LinearPosterior | None = None) -> Decision:
-        return _sequential(scores, slots, rng,
-                           lambda s: _mix_uniform(_greedy_probs(s), self.epsilon))
+        s = _scores(scores, slots)
+        return _slate(s, s, slots, rng, self._probs)
+
+    def _probs(self, s: np.ndarray) -> np.ndarray:
+        return _epsilon_greedy(s, self.epsilon)
 
 
 class Softmax:
-    """Boltzmann exploration: p_a proportional to exp(s_a / temperature)."""
+    """Boltzmann exploration: p_a = exp(s_a / T) / sum_b exp(s_b / T) over the candidates
+    left, computed after subtracting the best score so no exp overflows."""
 
     needs_posterior = False
 
     def __init__(self, temperature: float) -> None:
         self.temperature = _positive("temperature", temperature)
-        self.name = f"softmax(temperature={self.temperature:g})"
-
-    def _probs(self, scores: np.ndarray) -> np.ndarray:
-        z = np.exp((scores - scores.max()) / self.temperature)
-        return z / z.sum()
+        self.name = f"softmax(temperature={_fmt(self.temperature)})"
 
     def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
                embedding: np.ndarray | None = None,
                posterior: LinearPosterior | None = None) -> Decision:
-        return _sequential(scores, slots, rng, self._probs)
+        s = _scores(scores, slots)
+        return _slate(s, s, slots, rng, self._probs)
+
+    def _probs(self, s: np.ndarray) -> np.ndarray:
+        z = s - s[s.argmax()]
+        z /= self.temperature
+        np.exp(z, out=z)
+        z /= z.sum()
+        return z
 
 
 class SquareCB:
-    """Inverse-gap weighting (Foster & Rakhlin, 2020) over reward estimates:
-    p_a = 1 / (n + gamma * (s_best - s_a)) for a != best, the rest of the mass on best."""
+    """Inverse-gap weighting (Foster & Rakhlin, 2020; VW's ``--squarecb``) over reward
+    estimates: with b the best of the n candidates left (ties: lowest index),
+    p_a = 1 / (n + gamma * (s_b - s_a)) for a != b, and p_b = 1 - sum of the others.
+    Larger gamma exploits more; every p_a <= 1/n, so p_b >= 1/n."""
 
     needs_posterior = False
 
     def __init__(self, gamma: float) -> None:
         self.gamma = _positive("gamma", gamma)
-        self.name = f"squarecb(gamma={self.gamma:g})"
-
-    def _probs(self, scores: np.ndarray) -> np.ndarray:
-        n = len(scores)
-        best = int(np.argmax(scores))
-        probs = 1.0 / (n + self.gamma * (scores[best] - scores))
-        probs[best] = 0.0
-        probs[best] = 1.0 - probs.sum()
-        return probs
+        self.name = f"squarecb(gamma={_fmt(self.gamma)})"
 
     def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
                embedding: np.ndarray | None = None,
                posterior: LinearPosterior | None = None) -> Decision:
-        return _sequential(scores, slots, rng, self._probs)
+        s = _scores(scores, slots)
+        return _slate(s, s, slots, rng, self._probs)
 
-
-def _require_posterior(name: str, embedding: np.ndarray | None,
-                       posterior: LinearPosterior | None) -> tuple[np.ndarray, LinearPosterior]:
-    if posterior is None or embedding is None:
-        raise Unavailable(f"{name} needs the neural-linear posterior, and this model version "
-                          "was published without one (head.npz)")
-    return embedding, posterior
+    def _probs(self, s: np.ndarray) -> np.ndarray:
+        best = int(s.argmax())
+        p = s[best] - s
+        p *= self.gamma
+        p += len(s)
+        np.reciprocal(p, out=p)
+        p[best] = 0.0
+        p[best] = 1.0 - p.sum()
+        return p
 
 
 class UCB:
-    """Upper confidence bound on the neural-linear head: argmax of mu + alpha * sigma.
+    """Upper confidence bound on the neural-linear posterior: the best mu + alpha * sigma,
+    mu and sigma^2 the posterior mean and variance of each candidate's score.
 
-    Deterministic given its inputs (propensity 1) unless ``epsilon`` mixes in uniform
-    exploration, which keeps every candidate's probability above epsilon/n so the logged data
-    stays usable for off-policy evaluation.
+    UCB is deterministic given its inputs: propensity 1 for the chosen, 0 for every other,
+    so its logged data alone cannot evaluate another policy. ``epsilon`` > 0 mixes in uniform
+    exploration exactly as epsilon-greedy does (p = 1 - epsilon + epsilon/n for the best bound,
+    epsilon/n for the others), which keeps every candidate's probability at least epsilon/n.
+    The ranking is by the model's scores, as for every strategy.
     """
 
     needs_posterior = True
 
     def __init__(self, alpha: float, epsilon: float = 0.0) -> None:
-        self.alpha = _positive("alpha", alpha)
-        self.epsilon = _fraction("epsilon", epsilon)
-        self.name = f"ucb(alpha={self.alpha:g},epsilon={self.epsilon:g})"
+        self.alpha = _non_negative("alpha", alpha)
+        self.epsilon = _in_unit("epsilon", epsilon)
+        self.name = f"ucb(alpha={_fmt(self.alpha)},epsilon={_fmt(self.epsilon)})"
 
     def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
                embedding: np.ndarray | None = None,
                posterior: LinearPosterior | None = None) -> Decision:
-        x, post = _require_posterior("ucb", embedding, posterior)
+        s = _scores(scores, slots)
+        x, post = _posterior_inputs("ucb", s, embedding, posterior)
         mu, var = post.mean_and_variance(x)
-        bound = mu + self.alpha * np.sqrt(var)
-        decision = _sequential(bound, slots, rng,
-                               lambda s: _mix_uniform(_greedy_probs(s), self.epsilon))
-        return Decision(decision.chosen, decision.propensities, decision.probabilities,
-                        _ranking(scores))
+        bound = np.sqrt(var)
+        bound *= self.alpha
+        bound += mu
+        return _slate(bound, s, slots, rng, self._probs)
+
+    def _probs(self, bound: np.ndarray) -> np.ndarray:
+        return _epsilon_greedy(bound, self.epsilon)
 
 
 class Thompson:
-    """Thompson sampling on the neural-linear head.
+    """Thompson sampling on the neural-linear posterior, with exact propensities.
 
-    The action is the argmax of one posterior draw of the scores. Its probability has no closed
-    form, so it is estimated from ``n_samples`` further independent draws:
-    p_hat(a) = (c_a + 1) / (M + n), with c_a the draws in which a wins among the n candidates
-    left. The +1 smoothing keeps every logged propensity positive (importance weights stay
-    finite) and biases p_hat toward uniform by at most n / (M + n); the sampling error is about
-    sqrt(p (1 - p) / M), i.e. at most 0.016 absolute for M = 1024 and 0.031 for the default 256.
-    With ``epsilon`` > 0 the draw is uniform with probability epsilon and the logged
-    probabilities are mixed accordingly, as for epsilon-greedy.
+    Thompson sampling plays the best candidate under one posterior draw of the weights; the
+    probability p_a that candidate a wins has no closed form. Logging an estimate of p_a beside
+    an action drawn independently of it would make every importance weight 1/p_hat wrong, and
+    biased (E[1/p_hat] != 1/p_a). Instead each decision draws M = ``n_propensity_samples``
+    score vectors S_1..S_M from the posterior in one vectorised call, counts each of the n
+    candidates' wins c_a = #{m : a = argmax of S_m over the n} (ties: lowest index), and samples
+    the action from
+
+        q_a = (1 - epsilon) * (c_a + 1) / (M + n) + epsilon / n
+
+    logging q_a as its propensity. q is exactly the distribution the action was drawn from (given
+    the draws, which do not depend on the reward), so IPS and DR stay unbiased whatever M. And
+    it is Thompson sampling: with probability (1 - epsilon) M / (M + n) the action is the argmax
+    of one of the M draws picked at random, itself a posterior draw; otherwise it is uniform.
+    The +1 smoothing keeps every q_a >= (1 - epsilon) / (M + n) + epsilon / n, so importance
+    weights stay below M + n.
+
+    q_a also estimates Thompson's own p_a (which is how a target policy's ``probabilities`` are
+    read). For epsilon = 0, E[q_a] = (M p_a + 1) / (M + n): the smoothing biases it toward
+    uniform by (1 - n p_a) / (M + n), less than n / (M + n) in size (0.019 for n = 5 and
+    M = 256); its standard error is sqrt(p_a (1 - p_a) / M) * M / (M + n) <= 0.5 / sqrt(M),
+    i.e. 0.031 for M = 256 and 0.016 for M = 1024. E[q_a] is exactly the probability that this
+    strategy serves a, so q_a is an unbiased estimate of that. The cost is M * K scores (and
+    M * H normal draws for a shared head) per decision.
+
+    Slates use the same M draws for every slot; slot j recounts the wins among the n = K - j
+    candidates left. The ranking is by the model's scores, as for every strategy.
     """
 
     needs_posterior = True
 
-    def __init__(self, n_samples: int = 256, epsilon: float = 0.0) -> None:
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise InvalidArgument(f"n_samples must be an int >= 1, got {n_samples!r}")
-        self.n_samples = n_samples
-        self.epsilon = _fraction("epsilon", epsilon)
-        self.name = f"thompson(samples={n_samples},epsilon={self.epsilon:g})"
+    def __init__(self, n_propensity_samples: int = 256, epsilon: float = 0.0) -> None:
+        m = n_propensity_samples
+        if (isinstance(m, bool) or not isinstance(m, int | np.integer)
+                or not 1 <= m <= MAX_THOMPSON_SAMPLES):
+            raise InvalidArgument(f"n_propensity_samples must be an int in "
+                                  f"1..{MAX_THOMPSON_SAMPLES}, got {m!r}")
+        self.n_propensity_samples = int(m)
+        self.epsilon = _in_unit("epsilon", epsilon)
+        self.name = f"thompson(samples={self.n_propensity_samples},epsilon={_fmt(self.epsilon)})"
 
     def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
                embedding: np.ndarray | None = None,
                posterior: LinearPosterior | None = None) -> Decision:
-        x, post = _require_posterior("thompson", embedding, posterior)
-        k = _check(scores, slots)
-        draw = post.sample_scores(x, rng, 1)[0]
-        estimates = post.sample_scores(x, rng, self.n_samples)  # [M, K]
-        remaining = np.ones(k, dtype=bool)
+        s = _scores(scores, slots)
+        x, post = _posterior_inputs("thompson", s, embedding, posterior)
+        draws = post.sample_scores(x, rng, self.n_propensity_samples)  # [M, K], ours to mask
+        k, m = len(s), self.n_propensity_samples
         chosen = np.empty(slots, np.int64)
-        probabilities = np.zeros((slots, k))
+        propensities = np.empty(slots)
+        probabilities = np.empty((slots, k))
         for j in range(slots):
-            left = np.flatnonzero(remaining)
-            wins = np.bincount(np.argmax(estimates[:, left], axis=1), minlength=len(left))
-            probs = np.zeros(k)
-            probs[left] = _mix_uniform((wins + 1.0) / (self.n_samples + len(left)),
-                                       self.epsilon)
-            if self.epsilon and rng.random() < self.epsilon:
-                index = int(left[rng.integers(len(left))])
-            else:
-                index = int(left[np.argmax(draw[left])])
-            chosen[j] = index
-            probabilities[j] = probs
-            remaining[index] = False
-        return Decision(chosen, probabilities[np.arange(slots), chosen], probabilities,
-                        _ranking(scores))
+            n = k - j
+            p = probabilities[j]
+            p[:] = np.bincount(draws.argmax(axis=1), minlength=k)
+            p += 1.0
+            p *= (1.0 - self.epsilon) / (m + n)
+            p += self.epsilon / n
+            p[chosen[:j]] = 0.0
+            index = _draw(p, rng)
+            chosen[j], propensities[j] = index, p[index]
+            draws[:, index] = -np.inf  # never wins again: the argmax is over those left
+        return Decision(chosen, propensities, probabilities, _ranking(s))
 
 
 def strategy_from_spec(spec: str) -> Strategy:
-    """Parse ``name[:arg[:arg]]`` (see the module docstring)."""
-    name, *args = spec.strip().split(":")
+    """The strategy a spec names (grammar in the module docstring), e.g. ``"softmax:0.5"``.
+
+    >>> strategy_from_spec("thompson:512").name
+    'thompson(samples=512,epsilon=0)'
+    """
+    if not isinstance(spec, str):
+        raise InvalidArgument(f"strategy spec must be a string, got {spec!r}")
+    name, *args = spec.split(":")
     try:
-        values = [float(a) for a in args]
-        if name == "greedy" and not values:
+        if name == "greedy" and not args:
             return Greedy()
-        if name == "epsilon_greedy" and len(values) == 1:
-            return EpsilonGreedy(values[0])
-        if name == "softmax" and len(values) == 1:
-            return Softmax(values[0])
-        if name == "squarecb" and len(values) == 1:
-            return SquareCB(values[0])
-        if name == "ucb" and len(values) in (1, 2):
-            return UCB(*values)
-        if name == "thompson" and len(values) <= 2:
-            samples = int(values[0]) if values else 256
-            if values and values[0] != samples:
-                raise ValueError("samples must be an integer")
-            return Thompson(samples, *values[1:])
-    except ValueError as exc:
+        if name == "epsilon_greedy" and len(args) == 1:
+            return EpsilonGreedy(float(args[0]))
+        if name == "softmax" and len(args) == 1:
+            return Softmax(float(args[0]))
+        if name == "squarecb" and len(args) == 1:
+            return SquareCB(float(args[0]))
+        if name == "ucb" and len(args) in (1, 2):
+            return UCB(*map(float, args))
+        if name == "thompson" and len(args) <= 2:
+            samples = int(args[0]) if args else 256
+            return Thompson(samples, *map(float, args[1:]))
+    except (ValueError, InvalidArgument) as exc:
         raise InvalidArgument(f"strategy {spec!r}: {exc}") from exc
     raise InvalidArgument(f"strategy {spec!r} is not one of greedy, epsilon_greedy:E, "
                           "softmax:T, squarecb:G, ucb:A[:E], thompson[:M[:E]]")
+
+
+def _slate(s: np.ndarray, ranked: np.ndarray, slots: int, rng: np.random.Generator,
+           probs: Callable[[np.ndarray], np.ndarray]) -> Decision:
+    """Draw ``slots`` distinct candidates; ``probs`` maps the values of the candidates left
+    (in index order) to their distribution. ``ranked``: the scores the ranking is by."""
+    k = len(s)
+    chosen = np.empty(slots, np.int64)
+    propensities = np.empty(slots)
+    probabilities = np.zeros((slots, k))
+    left = np.arange(k)
+    for j in range(slots):
+        if j:
+            left = left[left != chosen[j - 1]]
+            p = probs(s[left])
+            probabilities[j, left] = p
+        else:
+            p = probabilities[0] = probs(s)
+        index = _draw(p, rng)
+        chosen[j], propensities[j] = left[index], p[index]
+    return Decision(chosen, propensities, probabilities, _ranking(ranked))
+
+
+def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    """An index drawn with probability p[i] / sum(p), by inverse CDF; never one with p = 0."""
+    cdf = p.cumsum()
+    index = int(cdf.searchsorted(rng.random() * cdf[-1], side="right"))
+    if index == len(p):  # u * total rounded up to total
+        index = int(p.nonzero()[0][-1])
+    return index
+
+
+def _epsilon_greedy(s: np.ndarray, epsilon: float) -> np.ndarray:
+    p = np.empty(len(s))
+    p.fill(epsilon / len(s))
+    p[s.argmax()] += 1.0 - epsilon
+    return p
+
+
+def _ranking(s: np.ndarray) -> np.ndarray:
+    return (-s).argsort(kind="stable")
+
+
+def _scores(scores: np.ndarray, slots: int) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise InvalidArgument(f"scores must be a non-empty vector [K], got shape {s.shape}")
+    if isinstance(slots, bool) or not isinstance(slots, int | np.integer):
+        raise InvalidArgument(f"slots must be an int, got {slots!r}")
+    if not 1 <= slots <= s.size:
+        raise InvalidArgument(f"slots must be in 1..{s.size} (the candidates), got {slots}")
+    if not np.isfinite(s).all():
+        raise InvalidArgument(f"scores must be finite, got {s[~np.isfinite(s)][0]} at "
+                              f"candidate {int(np.flatnonzero(~np.isfinite(s))[0])}")
+    return s
+
+
+def _posterior_inputs(name: str, s: np.ndarray, embedding: np.ndarray | None,
+                      posterior: LinearPosterior | None) -> tuple[np.ndarray, LinearPosterior]:
+    if posterior is None or embedding is None:
+        raise Unavailable(f"{name} needs the neural-linear posterior, and this model version "
+                          "was published without one (head.npz)")
+    if len(embedding) != len(s):
+        raise InvalidArgument(f"embedding has {len(embedding)} rows for {len(s)} scores")
+    return embedding, posterior
+
+
+def _checked(name: str, value: float, ok: bool, wanted: str) -> float:
+    if not ok:
+        raise InvalidArgument(f"{name} must be {wanted}, got {value!r}")
+    return float(value)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _positive(name: str, value: float) -> float:
+    return _checked(name, value, _is_real(value) and value > 0, "a finite number > 0")
+
+
+def _non_negative(name: str, value: float) -> float:
+    return _checked(name, value, _is_real(value) and value >= 0, "a finite number >= 0")
+
+
+def _in_unit(name: str, value: float) -> float:
+    return _checked(name, value, _is_real(value) and 0 <= value <= 1, "in [0, 1]")
+
+
+def _fmt(value: float) -> str:
+    """Shortest exact form, without a trailing .0: names must tell strategies apart."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text

@@ -1,80 +1,157 @@
 """The Gaussian posterior of a neural-linear head, as the learner publishes it (``head.npz``).
 
-Scores are ``embedding @ w + bias`` with ``w ~ N(mean, covariance)``. Scoring policies share one
-head over every candidate's embedding (mean [H], covariance [H, H]); fixed-action policies have
-one head per action over the context embedding (mean [A, H], covariance [A, H, H]).
+Scores are ``embedding @ w + bias`` with ``w ~ N(mean, covariance)``; the covariance is Cov(w)
+itself, any noise-variance scale already applied. Two layouts:
+
+- shared head (scoring policies): mean [H], covariance [H, H], bias [1]; every candidate's
+  embedding row is scored by the same w, so candidates' scores are correlated;
+- per-action heads (qnet): mean [A, H], covariance [A, H, H], bias [A]; independent heads,
+  row k scored by head ``actions[k]`` (by default head k).
+
+A square root ``F`` of each covariance (``F @ F.T == covariance``) is computed once, at
+construction: a Cholesky factor when the covariance is positive definite. A covariance that is
+only semi-definite (rank-deficient, or with eigenvalues a rounding error below zero) is
+factored through its eigendecomposition instead, those eigenvalues clipped to zero; that is a
+projection onto the nearest PSD matrix, not a jitter, so it adds no variance. A covariance with
+clearly negative eigenvalues (below -1e-6 times the largest) or clearly asymmetric is rejected.
+Variances and posterior draws both come from ``F``, so UCB and Thompson see the same posterior.
+
+>>> p = LinearPosterior(np.zeros(2), np.diag([1.0, 4.0]), np.array([0.5]))
+>>> mu, var = p.mean_and_variance(np.array([[1.0, 0.0], [0.0, 1.0]]))
+>>> mu.tolist(), var.tolist()
+([0.5, 0.5], [1.0, 4.0])
 """
 
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from policyloop.errors import InvalidArgument
 
-_JITTER = 1e-9
+_ASYMMETRY = 1e-6  # tolerated |C - C.T| relative to max |C|
+_NEGATIVE = 1e-6  # tolerated negative eigenvalue relative to the largest one
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LinearPosterior:
-    mean: np.ndarray  # float64[H] or [A, H]
-    covariance: np.ndarray  # float64[H, H] or [A, H, H]
+    """Gaussian posterior of the neural-linear head, as published by the learner.
+
+    The arrays are copied to float64 and made read-only, so the cached factor cannot go stale.
+    """
+
+    mean: np.ndarray  # float64[H] (shared head) or [A, H] (per-action heads)
+    covariance: np.ndarray  # float64[H, H] or [A, H, H]: Cov(w)
     bias: np.ndarray  # float64[1] or [A]
-    _chol: np.ndarray = field(init=False, repr=False, compare=False)
+    _factor: np.ndarray = field(init=False, repr=False)  # F with F @ F.T == covariance
 
     def __post_init__(self) -> None:
-        mean = np.asarray(self.mean, np.float64)
-        cov = np.asarray(self.covariance, np.float64)
-        bias = np.asarray(self.bias, np.float64).reshape(-1)
-        shared = mean.ndim == 1
+        mean = _float_array("mean", self.mean)
+        cov = _float_array("covariance", self.covariance)
+        bias = _float_array("bias", self.bias).reshape(-1)
+        if mean.ndim not in (1, 2) or mean.shape[-1] == 0:
+            raise InvalidArgument(f"posterior: mean must be [H] or [A, H], got shape "
+                                  f"{mean.shape}")
         h = mean.shape[-1]
-        if mean.ndim not in (1, 2) or cov.shape != ((h, h) if shared else (mean.shape[0], h, h)):
-            raise InvalidArgument(f"posterior: mean {mean.shape} and covariance {cov.shape} "
-                                  "do not fit ([H] with [H,H], or [A,H] with [A,H,H])")
+        shared = mean.ndim == 1
+        if cov.shape != ((h, h) if shared else (mean.shape[0], h, h)):
+            raise InvalidArgument(f"posterior: covariance shape {cov.shape} does not fit mean "
+                                  f"{mean.shape} ([H] with [H, H], or [A, H] with [A, H, H])")
         if bias.shape != ((1,) if shared else (mean.shape[0],)):
             raise InvalidArgument(f"posterior: bias shape {bias.shape} does not fit mean "
-                                  f"{mean.shape}")
-        if not (np.isfinite(mean).all() and np.isfinite(cov).all() and np.isfinite(bias).all()):
-            raise InvalidArgument("posterior: mean, covariance and bias must be finite")
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "covariance", cov)
-        object.__setattr__(self, "bias", bias)
-        object.__setattr__(self, "_chol", _cholesky(cov))
+                                  f"{mean.shape} ([1] for [H], [A] for [A, H])")
+        self._set(mean, cov, bias, _square_root(cov))
+
+    def _set(self, mean: np.ndarray, cov: np.ndarray, bias: np.ndarray,
+             factor: np.ndarray) -> None:
+        for name, value in (("mean", mean), ("covariance", cov), ("bias", bias),
+                            ("_factor", factor)):
+            value.flags.writeable = False
+            object.__setattr__(self, name, value)
 
     @property
     def shared(self) -> bool:
+        """One head for every candidate (scoring), rather than one per action (qnet)."""
         return self.mean.ndim == 1
 
+    @property
+    def dim(self) -> int:
+        """H, the embedding width."""
+        return int(self.mean.shape[-1])
+
     def for_actions(self, actions: np.ndarray) -> LinearPosterior:
-        """The per-action heads of ``actions`` only (fixed-action policies), in that order."""
+        """The per-action heads ``actions`` (distinct, int64[K]) as heads 0..K-1; a shared head
+        is returned as it is. Slices the cached factors: cheap enough per request."""
         if self.shared:
             return self
-        return LinearPosterior(self.mean[actions], self.covariance[actions], self.bias[actions])
+        heads = self._heads(actions, len(actions))
+        if np.unique(heads).size != heads.size:
+            raise InvalidArgument(f"actions must be distinct, got {heads.tolist()}")
+        sub = object.__new__(LinearPosterior)
+        sub._set(self.mean[heads], self.covariance[heads], self.bias[heads],
+                 self._factor[heads])
+        return sub
 
-    def mean_and_variance(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """mu[K] and var[K] of the scores of embedding [K, H] (row k uses head k if per-action)."""
-        x = np.asarray(embedding, np.float64)
+    def mean_and_variance(self, embedding: np.ndarray,
+                          actions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean mu float64[K] and variance var float64[K] (>= 0) of the score of
+        each row of ``embedding`` [K, H]; ``actions`` int64[K]: the head of each row
+        (per-action heads only; default row k uses head k)."""
+        mu, noise, _ = self._project(embedding, actions)
+        return mu, np.einsum("kh,kh->k", noise, noise)
+
+    def sample_scores(self, embedding: np.ndarray, rng: np.random.Generator, n: int,
+                      actions: np.ndarray | None = None) -> np.ndarray:
+        """float64[n, K]: the scores of the rows of ``embedding`` [K, H] under ``n``
+        independent posterior draws of the weights (jointly, so a shared head's candidates
+        stay correlated, and rows using one per-action head share its draw)."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise InvalidArgument(f"n must be an int >= 1, got {n!r}")
+        mu, noise, heads = self._project(embedding, actions)
+        if self.shared:  # score_k = mu_k + (F^T x_k) . z, one z [H] per draw
+            return mu + rng.standard_normal((n, self.dim)) @ noise.T
+        if heads is None:  # distinct independent heads: independent Gaussian scores
+            return mu + rng.standard_normal((n, len(mu))) * np.sqrt(
+                np.einsum("kh,kh->k", noise, noise))
+        unique, inverse = np.unique(heads, return_inverse=True)
+        z = rng.standard_normal((n, unique.size, self.dim))
+        return mu + np.einsum("nkh,kh->nk", z[:, inverse], noise)
+
+    def _project(self, embedding: np.ndarray, actions: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """mu[K], noise[K, H] with score_k = mu_k + noise_k . z_(head of k), z ~ N(0, I);
+        and the rows' heads when some per-action head is used by more than one row."""
+        x = np.asarray(embedding, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InvalidArgument(f"embedding must be [K, {self.dim}], got shape {x.shape}")
         if self.shared:
-            mu = x @ self.mean + self.bias[0]
-            var = np.einsum("kh,hg,kg->k", x, self.covariance, x)
+            if actions is not None:
+                raise InvalidArgument("actions: a shared head scores every row; pass none")
+            return x @ self.mean + self.bias[0], x @ self._factor, None
+        if actions is None:
+            if len(x) != len(self.mean):
+                raise InvalidArgument(f"embedding has {len(x)} rows for {len(self.mean)} "
+                                      "per-action heads; pass actions to say which is which")
+            mean, bias, factor, repeated = self.mean, self.bias, self._factor, None
         else:
-            mu = np.einsum("kh,kh->k", x, self.mean) + self.bias
-            var = np.einsum("kh,khg,kg->k", x, self.covariance, x)
-        return mu, np.maximum(var, 0.0)
+            heads = self._heads(actions, len(x))
+            mean, bias, factor = self.mean[heads], self.bias[heads], self._factor[heads]
+            repeated = heads if np.unique(heads).size < heads.size else None
+        mu = np.einsum("kh,kh->k", x, mean) + bias
+        return mu, np.matmul(x[:, None, :], factor)[:, 0, :], repeated
 
-    def sample_scores(self, embedding: np.ndarray, rng: np.random.Generator,
-                      n: int) -> np.ndarray:
-        """float64[n, K]: scores of embedding [K, H] under n independent posterior draws."""
-        x = np.asarray(embedding, np.float64)
-        h = self.mean.shape[-1]
-        z = rng.standard_normal((n, h) if self.shared else (n, len(self.mean), h))
-        if self.shared:
-            w = self.mean + z @ self._chol.T  # [n, H]
-            return w @ x.T + self.bias[0]
-        w = self.mean + np.einsum("khg,nkg->nkh", self._chol, z)  # [n, K, H]
-        return np.einsum("nkh,kh->nk", w, x) + self.bias
+    def _heads(self, actions: np.ndarray, rows: int) -> np.ndarray:
+        heads = np.asarray(actions)
+        if heads.shape != (rows,) or heads.dtype.kind not in "iu":
+            raise InvalidArgument(f"actions must be int[{rows}], got {heads.dtype}"
+                                  f"{list(heads.shape)}")
+        if rows and not (0 <= heads.min() and heads.max() < len(self.mean)):
+            raise InvalidArgument(f"actions must be in 0..{len(self.mean) - 1}, got "
+                                  f"{heads.tolist()}")
+        return heads
 
     def to_npz_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -83,20 +160,48 @@ class LinearPosterior:
 
     @classmethod
     def from_npz_bytes(cls, data: bytes) -> LinearPosterior:
+        """Read ``head.npz`` (keys mean, covariance, bias); InvalidArgument when malformed."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                return cls(npz["mean"], npz["covariance"], npz["bias"])
-        except (OSError, KeyError, ValueError) as exc:
-            raise InvalidArgument(f"posterior file is malformed: {exc}") from exc
+            npz = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise InvalidArgument(f"posterior file is not an npz archive: {exc}") from exc
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise InvalidArgument("posterior file is a single array, not an npz archive")
+        with npz:
+            missing = sorted({"mean", "covariance", "bias"} - set(npz.files))
+            if missing:
+                raise InvalidArgument(f"posterior file lacks {missing}; has {npz.files}")
+            try:
+                arrays = npz["mean"], npz["covariance"], npz["bias"]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise InvalidArgument(f"posterior file is malformed: {exc}") from exc
+        return cls(*arrays)
 
 
-def _cholesky(cov: np.ndarray) -> np.ndarray:
-    """Lower Cholesky factor(s); a covariance that is only semi-definite gets a tiny jitter."""
-    sym = (cov + np.swapaxes(cov, -1, -2)) / 2
-    eye = np.eye(cov.shape[-1])
-    for jitter in (0.0, _JITTER, 1e-6, 1e-3):
-        try:
-            return np.linalg.cholesky(sym + jitter * eye)
-        except np.linalg.LinAlgError:
-            continue
-    raise InvalidArgument("posterior: covariance is not positive semi-definite")
+def _float_array(name: str, value: np.ndarray) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise InvalidArgument(f"posterior: {name} must be real numbers, got dtype {array.dtype}")
+    array = np.array(array, dtype=np.float64)  # a copy: the caller's array stays theirs
+    if not np.isfinite(array).all():
+        raise InvalidArgument(f"posterior: {name} has NaN or infinite values")
+    return array
+
+
+def _square_root(cov: np.ndarray) -> np.ndarray:
+    """F [.., H, H] with F @ F.T == cov: Cholesky, else the eigendecomposition of a PSD cov."""
+    transposed = np.swapaxes(cov, -1, -2)
+    scale = float(np.abs(cov).max()) if cov.size else 0.0
+    if np.abs(cov - transposed).max(initial=0.0) > _ASYMMETRY * scale:
+        raise InvalidArgument("posterior: covariance is not symmetric")
+    sym = (cov + transposed) / 2
+    try:
+        return np.linalg.cholesky(sym)
+    except np.linalg.LinAlgError:
+        pass
+    values, vectors = np.linalg.eigh(sym)
+    top = np.abs(values).max(axis=-1, keepdims=True)
+    if (values < -_NEGATIVE * top).any():
+        raise InvalidArgument(f"posterior: covariance is not positive semi-definite (smallest "
+                              f"eigenvalue {values.min():.3g}, largest {top.max():.3g})")
+    return vectors * np.sqrt(np.clip(values, 0.0, None))[..., None, :]
