@@ -65,6 +65,9 @@ class Consumer(Protocol):
 
     def assignment(self) -> set[TopicPartition]: ...
 
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition, the offset the next record will get (for lag and 'caught up')."""
+
     def close(self) -> None: ...
 
 

@@ -14,12 +14,12 @@ its estimate is not below the incumbent's by more than ``gate_margin``. A reject
 still published (not current) with its evaluation, for the audit trail.
 
 State (consumer positions, joiner, head statistics, held-out window, counters) is checkpointed
-atomically in one file after every publish; a restarted learner seeks to the checkpointed
-positions and resumes. Joins do not depend on the interleaving of partitions (see
-``online/join.py``) and, without forgetting (gamma = 1), the statistics are sums that do not
-depend on the order of examples, so a killed and restarted learner ends with the same head as an
-uninterrupted one. With forgetting, or with the gate on, the result also depends on when
-versions were published, which a restart can shift.
+atomically in one file after every publish, then the consumer group's offsets are committed; a
+restarted learner skips what the checkpoint already covers and resumes. Joins do not depend on
+the interleaving of partitions (see ``online/join.py``) and, without forgetting (gamma = 1),
+the statistics are sums that do not depend on the order of examples, so a killed and
+restarted learner ends with the same head as an uninterrupted one. With forgetting, or with the
+gate on, the result also depends on when versions were published, which a restart can shift.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class LearnConfig:
     gate: bool = True
     gate_margin: float = 0.01
     max_examples: int | None = None  # stop after this many (tests, replays)
-    idle_exit_s: float | None = None  # stop after this long without records (tests, replays)
+    idle_exit_s: float | None = None  # stop after this long with the bus drained (replays)
 
 
 @dataclass
@@ -153,14 +153,13 @@ class Learner:
                                      bootstrap=self.config.kafka_bootstrap,
                                      partitions=self.config.partitions)
         try:
-            for tp, offset in self.positions.items():
-                consumer.seek(tp, offset)
             idle_since = time.monotonic()
             while not self._done():
                 records = consumer.poll(max_records=500, timeout=0.2)
-                if records:
+                drained = not records and self._drained(consumer)
+                if not drained:
                     idle_since = time.monotonic()
-                else:  # drained: windows may close on the furthest stream's time
+                else:  # windows may close on the furthest input's time
                     for example in self.joiner.caught_up():
                         self.learn(example)
                 for record in records:
@@ -169,12 +168,29 @@ class Learner:
                         break
                 if self._publish_due():
                     self.publish()
-                    consumer.commit(dict(self.positions))
-                if (self.config.idle_exit_s is not None and not records
+                    self._commit(consumer)
+                if (self.config.idle_exit_s is not None
                         and time.monotonic() - idle_since > self.config.idle_exit_s):
                     break
         finally:
             consumer.close()
+
+    def _drained(self, consumer: bus.Consumer) -> bool:
+        """True when every record on the bus has been read. An empty poll alone does not say
+        so: a Kafka consumer waiting for a rebalance also polls nothing."""
+        for topic in (bus.DECISIONS, bus.REWARDS):
+            for partition, end in consumer.end_offsets(topic).items():
+                if self.positions.get((topic, partition), 0) < end:
+                    return False
+        return True
+
+    def _commit(self, consumer: bus.Consumer) -> None:
+        """Commit the group's offsets; the checkpoint is the truth, so a failed commit (e.g.
+        during a rebalance) only means some records are re-read and skipped after a restart."""
+        try:
+            consumer.commit(dict(self.positions))
+        except bus.BusUnavailable as exc:
+            log.warning("offset commit failed, will retry at the next publish: %s", exc)
 
     def _done(self) -> bool:
         return self.config.max_examples is not None and self.examples >= self.config.max_examples
@@ -186,8 +202,16 @@ class Learner:
                 or time.monotonic() - self._last_publish >= self.config.publish_interval_s)
 
     def handle(self, record: bus.Record) -> None:
-        """One bus record: join it, learn from whatever examples it completes."""
-        self.positions[(record.topic, record.partition)] = record.offset + 1
+        """One bus record: join it, learn from whatever examples it completes.
+
+        Records before the checkpointed position were already handled (the group's committed
+        offsets can lag the checkpoint by one publish if the process died between the two):
+        they are skipped, so nothing is counted twice.
+        """
+        tp = (record.topic, record.partition)
+        if record.offset < self.positions.get(tp, 0):
+            return
+        self.positions[tp] = record.offset + 1
         source = f"{record.topic}:{record.partition}"
         if record.topic == bus.DECISIONS:
             event = DecisionEvent.from_bytes(record.value)

@@ -570,6 +570,10 @@ class LocalConsumer:
         self._next = 0
         self._refresh()
 
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition of ``topic``, the offset the next record will get."""
+        return self._log.end_offsets(topic)
+
     def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
         """Up to ``max_records`` records, in offset order per partition; waits up to
         ``timeout`` seconds for the first and returns [] if none came."""

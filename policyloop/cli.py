@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gate", action="store_true", help="promote without the OPE gate")
     p.add_argument("--gate-margin", type=float, default=0.01)
     p.add_argument("--max-examples", type=int, help="stop after this many examples")
-    p.add_argument("--idle-exit", type=float, help="stop after this many idle seconds")
+    p.add_argument("--idle-exit", type=float,
+                   help="stop after the bus has been drained for this many seconds")
     p.set_defaults(func=_learn)
 
     p = sub.add_parser("evaluate", help="off-policy estimates (IPS, SNIPS, DR) on a log",

@@ -10,7 +10,8 @@ from online.events import DecisionEvent, RewardEvent
 
 
 def routing_events(n: int, seed: int, *, reward_rate: float = 0.9,
-                   start_ms: int = 1_000_000) -> list[tuple[str, bytes, bytes]]:
+                   start_ms: int = 1_000_000,
+                   policy: str = "routing") -> list[tuple[str, bytes, bytes]]:
     """(topic, key, value) records: uniform-random routing decisions, each rewarded (with
     probability ``reward_rate``) 100 ms later from the simulator's true expected reward."""
     env = RoutingEnv()
@@ -22,17 +23,16 @@ def routing_events(n: int, seed: int, *, reward_rate: float = 0.9,
         action = int(rng.integers(a))
         t = start_ms + 10 * i
         d = DecisionEvent(
-            event_id=f"ev-{seed}-{i}", policy="routing", model_version=1, timestamp_ms=t,
+            event_id=f"{policy}-{seed}-{i}", policy=policy, model_version=1, timestamp_ms=t,
             context=context[i], action_ids=list(env.action_names), action_features=None,
             chosen=[action], propensities=[1 / a], probabilities=np.full((1, a), 1 / a),
             strategy="uniform", active=True, baseline_action=None, policy_action=None)
         out.append((bus.DECISIONS, d.key, d.to_bytes()))
         if rng.random() < reward_rate:
-            r = RewardEvent(event_id=d.event_id, policy="routing",
+            r = RewardEvent(event_id=d.event_id, policy=policy,
                             value=float(rng.random() < expected[i, action]), slot_rewards=[],
                             timestamp_ms=t + 100)
             out.append((bus.REWARDS, r.key, r.to_bytes()))
-    # a tail of later decisions so every window above closes
     return out
 
 
