@@ -294,3 +294,33 @@ def test_apprentice_mode_returns_the_baseline_and_counts_agreement(tmp_path: Pat
             "policyloop_apprentice_decisions_total", {"policy": "recsys", "match": match}) == 1
     finally:
         running.stop()
+
+
+@pytest.mark.kafka
+def test_decisions_and_rewards_reach_kafka(tmp_path: Path, kafka_bootstrap: str) -> None:
+    from online.kafka_bus import KafkaConsumerAdapter
+    from online.topics import DEFAULT_TOPICS, create_topics
+
+    create_topics(kafka_bootstrap, DEFAULT_TOPICS)
+    make_registry(tmp_path / "registry")
+    server = ServerThread(serve_config(tmp_path, bus="kafka", kafka_bootstrap=kafka_bootstrap))
+    marker = f"kafka-{uuid.uuid4().hex[:12]}"
+    try:
+        with channel(server.target) as ch:
+            stub = pb_grpc.DecisionServiceStub(ch)
+            for i in range(20):
+                stub.Decide(recsys_request(event_id=f"{marker}-{i}"), timeout=5)
+                stub.Reward(pb.RewardRequest(event_id=f"{marker}-{i}", value=float(i)),
+                            timeout=5)
+    finally:
+        assert server.stop(grace=10)  # everything delivered before the server stopped
+    consumer = KafkaConsumerAdapter(kafka_bootstrap, f"check-{marker}",
+                                    [bus.DECISIONS, bus.REWARDS])
+    seen: dict[str, set[str]] = {bus.DECISIONS: set(), bus.REWARDS: set()}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(len(v) == 20 for v in seen.values()):
+        for record in consumer.poll(max_records=1000, timeout=1.0):
+            if record.key and record.key.startswith(marker.encode()):
+                seen[record.topic].add(record.key.decode())
+    consumer.close()
+    assert all(len(v) == 20 for v in seen.values()), {k: len(v) for k, v in seen.items()}
