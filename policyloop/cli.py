@@ -136,6 +136,15 @@ def _learn(args: argparse.Namespace) -> int:
         gate_margin=args.gate_margin, max_examples=args.max_examples,
         idle_exit_s=args.idle_exit)
     learner = Learner(config)
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from online.metrics import LearnerCollector
+
+        registry = CollectorRegistry()
+        registry.register(LearnerCollector(learner))
+        server, _ = start_http_server(args.metrics_port, registry=registry)
+        print(f"policyloop learn: metrics=127.0.0.1:{server.server_port}", flush=True)
     learner.run()
     if learner.since_publish:
         learner.publish()
@@ -242,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", type=float, default=1.0, help="ridge prior strength")
     p.add_argument("--no-gate", action="store_true", help="promote without the OPE gate")
     p.add_argument("--gate-margin", type=float, default=0.01)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (0 = any port)")
     p.add_argument("--max-examples", type=int, help="stop after this many examples")
     p.add_argument("--idle-exit", type=float,
                    help="stop after the bus has been drained for this many seconds")

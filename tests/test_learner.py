@@ -187,3 +187,29 @@ def test_the_learner_on_kafka_survives_kill_9(base: Path, tmp_path: Path,
     assert joiner["emitted"] == report["examples"]
     assert joiner["rewarded"] <= rewards_sent
     assert joiner["rewarded"] >= 0.85 * joiner["emitted"]
+
+
+def test_learner_metrics_report_the_join_and_the_gate(base: Path, tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from online.metrics import LearnerCollector
+
+    root = _copy(base, tmp_path / "metrics")
+    learner = Learner(_config(root, gate=True))
+    registry = CollectorRegistry()
+    registry.register(LearnerCollector(learner))
+    learner.run()
+    learner.publish()
+    stats = learner.joiner.stats
+    value = registry.get_sample_value
+    assert value("policyloop_join_events_total",
+                 {"policy": "routing", "outcome": "rewarded"}) == stats.rewarded > 0
+    assert value("policyloop_join_pending", {"policy": "routing"}) == learner.joiner.pending
+    assert value("policyloop_learner_examples_total", {"policy": "routing"}) == learner.examples
+    promoted = value("policyloop_learner_versions_total",
+                     {"policy": "routing", "outcome": "promoted"})
+    rejected = value("policyloop_learner_versions_total",
+                     {"policy": "routing", "outcome": "rejected"})
+    assert promoted + rejected == len(learner.published) > 0
+    assert value("policyloop_learner_gate_value",
+                 {"policy": "routing", "model": "candidate"}) is not None

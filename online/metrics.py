@@ -1,0 +1,69 @@
+"""Prometheus metrics of the learner, read from its state at scrape time.
+
+The joiner and the learner already count everything (``JoinStats``, published versions, gate
+values); a collector reports those numbers instead of keeping a second set of counters that
+could drift from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from online.learner import Learner
+
+_JOIN_OUTCOMES = ("rewarded", "defaulted", "late_rewards", "duplicate_rewards",
+                  "duplicate_decisions", "never_activated", "evicted", "orphan_rewards")
+
+
+class LearnerCollector(Collector):
+    def __init__(self, learner: Learner) -> None:
+        self._learner = learner
+
+    def collect(self) -> Iterator[Metric]:
+        learner = self._learner
+        policy = learner.config.policy
+        stats = learner.joiner.stats
+        pending = GaugeMetricFamily("policyloop_join_pending",
+                                    "Events waiting in the reward join (bounded by max_pending).",
+                                    labels=["policy"])
+        pending.add_metric([policy], learner.joiner.pending)
+        yield pending
+        events = CounterMetricFamily("policyloop_join_events",
+                                     "Reward-join outcomes: rewarded and defaulted examples, "
+                                     "and what was counted but not applied.",
+                                     labels=["policy", "outcome"])
+        for outcome in _JOIN_OUTCOMES:
+            events.add_metric([policy, outcome], getattr(stats, outcome))
+        yield events
+        examples = CounterMetricFamily("policyloop_learner_examples",
+                                       "Examples the learner consumed (trained or held out).",
+                                       labels=["policy"])
+        examples.add_metric([policy], learner.examples)
+        yield examples
+        versions = CounterMetricFamily("policyloop_learner_versions",
+                                       "Versions published, by whether the gate promoted them.",
+                                       labels=["policy", "outcome"])
+        promoted = sum(1 for p in learner.published if p["promoted"])
+        versions.add_metric([policy, "promoted"], promoted)
+        versions.add_metric([policy, "rejected"], len(learner.published) - promoted)
+        yield versions
+        gate = GaugeMetricFamily("policyloop_learner_gate_value",
+                                 "SNIPS estimate on the held-out window at the last publish.",
+                                 labels=["policy", "model"])
+        if learner.published:
+            last = learner.published[-1]
+            for model in ("candidate", "incumbent"):
+                value = last.get(f"{model}_snips")
+                if value is not None:
+                    gate.add_metric([policy, model], value)
+        yield gate
+        watermark = GaugeMetricFamily("policyloop_join_watermark_seconds",
+                                      "Event time up to which reward windows are closed.",
+                                      labels=["policy"])
+        watermark.add_metric([policy], learner.joiner.watermark_ms / 1000)
+        yield watermark
