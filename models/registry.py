@@ -274,24 +274,44 @@ class LocalRegistry:
                 created_at=manifest.created_at or datetime.now(UTC).isoformat(
                     timespec="milliseconds"),
                 sha256=hashlib.sha256(model).hexdigest())
-
-            temp = policy_dir / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
-            temp.mkdir()
-            try:
-                _write_synced(temp / MODEL_FILE, model)
-                for name, data in extras.items():
-                    _write_synced(temp / name, data)
-                _write_synced(temp / MANIFEST_FILE, stored.to_json().encode())
-                _fsync_dir(temp)
-                os.rename(temp, self._version_dir(policy, version))
-            except BaseException:
-                shutil.rmtree(temp, ignore_errors=True)
-                raise
-            _fsync_dir(policy_dir / "versions")
-            if make_current:
-                self._write_current(policy, version)
-            self._apply_retention(policy)
+            self._store(policy, stored, model, extras, make_current)
             return self.get(policy, version)
+
+    def install(self, model: bytes, manifest: Manifest,
+                files: Mapping[str, bytes] | None = None) -> ModelVersion:
+        """Store a version published elsewhere under its own number (a replica's cache of a
+        shared registry); a version already here is left as it is."""
+        policy = check_policy_name(manifest.policy)
+        if manifest.version < 1 or hashlib.sha256(model).hexdigest() != manifest.sha256:
+            raise ModelRejected(f"cannot install {policy} v{manifest.version}: no version "
+                                "number or the model does not match its sha256")
+        extras = {_check_file_name(name): bytes(data) for name, data in (files or {}).items()}
+        (self._policy_dir(policy) / "versions").mkdir(parents=True, exist_ok=True)
+        with self._locked(policy):
+            if not self._version_dir(policy, manifest.version).exists():
+                self._store(policy, manifest, bytes(model), extras, make_current=False)
+        return self.get(policy, manifest.version)
+
+    def _store(self, policy: str, stored: Manifest, model: bytes, extras: Mapping[str, bytes],
+               make_current: bool) -> None:
+        """Write one version atomically (temp folder, fsync, rename); caller holds the lock."""
+        policy_dir = self._policy_dir(policy)
+        temp = policy_dir / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        temp.mkdir()
+        try:
+            _write_synced(temp / MODEL_FILE, model)
+            for name, data in extras.items():
+                _write_synced(temp / name, data)
+            _write_synced(temp / MANIFEST_FILE, stored.to_json().encode())
+            _fsync_dir(temp)
+            os.rename(temp, self._version_dir(policy, stored.version))
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        _fsync_dir(policy_dir / "versions")
+        if make_current:
+            self._write_current(policy, stored.version)
+        self._apply_retention(policy)
 
     def set_current(self, policy: str, version: int) -> ModelVersion:
         """Point ``CURRENT`` at an existing version (rollback or promotion)."""

@@ -40,7 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.server import serve
 
     overrides = {
-        "registry": args.registry, "host": args.host, "port": args.port,
+        "registry": args.registry, "registry_kafka": args.registry_kafka,
+        "host": args.host, "port": args.port,
         "metrics_port": args.metrics_port, "bus": args.bus, "bus_path": args.bus_path,
         "kafka_bootstrap": args.kafka, "spool_dir": args.spool_dir,
         "default_strategy": args.strategy, "grace_period_s": args.grace,
@@ -193,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "reflection; metrics over HTTP. Port 0 picks a free port; the chosen "
                        "ports are printed on one line at start-up.")
     p.add_argument("--config", type=Path, help="TOML file with ServeConfig fields")
-    p.add_argument("--registry", type=Path)
+    p.add_argument("--registry", type=Path,
+                   help="registry folder (with --registry-kafka: this replica's cache)")
+    p.add_argument("--registry-kafka", metavar="HOST:PORT",
+                   help="read models from the Kafka-backed registry (compacted topic)")
     p.add_argument("--host")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=int,

@@ -28,7 +28,10 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
+    # The registry folder; with registry_kafka set, this replica's cache of the Kafka registry.
     registry: Path = Path("var/registry")
+    registry_kafka: str = ""  # bootstrap HOST:PORT of a Kafka-backed registry (no shared volume)
+    registry_topic: str = "models"
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464
@@ -72,6 +75,7 @@ class ServeConfig:
 
 _ENV = {
     "POLICYLOOP_REGISTRY": "registry",
+    "POLICYLOOP_REGISTRY_KAFKA": "registry_kafka",
     "POLICYLOOP_BUS": "bus",
     "POLICYLOOP_BUS_PATH": "bus_path",
     "POLICYLOOP_KAFKA_BOOTSTRAP": "kafka_bootstrap",

@@ -1,0 +1,157 @@
+"""A model registry that needs no shared volume: versions live on a compacted Kafka topic.
+
+Every published version is one record keyed ``<policy>/<version, 8 digits>`` holding the
+manifest, the ONNX model and its extra files; the current pointer is a record keyed
+``<policy>/CURRENT``. Compaction keeps the last record per key, so the topic stays the size of
+the versions it holds. Each process (every serving replica, the learner) materialises the topic
+into its own ``LocalRegistry`` cache folder and reads from there, so serving's model store works
+on it unchanged and every replica converges to the same current version.
+
+Publishing allocates the next number from the versions seen so far: run one publisher per
+policy (the learner); two concurrent publishers could pick the same number.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from models.registry import LocalRegistry, ModelVersion, check_policy_name
+from models.signature import Manifest
+from online.bus import BusUnavailable
+from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
+from policyloop.errors import InvalidArgument, NotFound
+
+MODELS_TOPIC = "models"
+_CURRENT = "CURRENT"
+
+
+class KafkaRegistry:
+    """The ``Registry`` interface over a compacted topic, cached in ``cache_dir``."""
+
+    def __init__(self, bootstrap: str, cache_dir: str | Path, *, topic: str = MODELS_TOPIC,
+                 sync_timeout_s: float = 0.5) -> None:
+        self.cache = LocalRegistry(cache_dir)
+        self.topic = topic
+        self._bootstrap = bootstrap
+        self._timeout = sync_timeout_s
+        self._consumer = KafkaConsumerAdapter(bootstrap, f"registry-{uuid.uuid4().hex}", [topic])
+        self._producer: KafkaProducerAdapter | None = None
+        self._current: dict[str, int] = {}
+        self._positions: dict[int, int] = {}
+        self._join_timeout = 30.0
+        self._lock = threading.Lock()
+
+    def sync(self) -> None:
+        """Apply every record published up to now to the local cache: read until the topic's
+        end offsets as they were when the sync began (a first sync also waits for the
+        consumer to join), so a publish is visible to its own process at once."""
+        with self._lock:
+            ends = self._consumer.end_offsets(self.topic)
+            deadline = time.monotonic() + self._join_timeout
+            while any(self._positions.get(p, 0) < end for p, end in ends.items()):
+                records = self._consumer.poll(max_records=100, timeout=self._timeout)
+                for record in records:
+                    self._apply(record.key.decode() if record.key else "", record.value)
+                    self._positions[record.partition] = record.offset + 1
+                if not records and time.monotonic() > deadline:
+                    raise BusUnavailable(f"registry topic {self.topic!r}: could not read up to "
+                                         f"offsets {ends} within {self._join_timeout}s")
+
+    def _apply(self, key: str, value: bytes) -> None:
+        policy, _, what = key.partition("/")
+        if what == _CURRENT:
+            version = int(value)
+            self._current[policy] = version
+            try:
+                self.cache.set_current(policy, version)
+            except NotFound:
+                pass  # the version record comes later in a reordered replay; set again then
+            return
+        body = json.loads(value)
+        manifest = Manifest.from_json(body["manifest"])
+        files = {name: base64.b64decode(data) for name, data in body["files"].items()}
+        self.cache.install(base64.b64decode(body["model"]), manifest, files)
+        if self._current.get(policy) == manifest.version:
+            self.cache.set_current(policy, manifest.version)
+
+    # ---- the Registry interface
+
+    def publish(self, policy: str, model: bytes, manifest: Manifest,
+                files: Mapping[str, bytes] | None = None, *,
+                make_current: bool = True) -> ModelVersion:
+        check_policy_name(policy)
+        if manifest.policy != policy:
+            raise InvalidArgument(
+                f"manifest.policy {manifest.policy!r} differs from policy {policy!r}")
+        self.sync()
+        existing = self._versions_or_empty(policy)
+        version = existing[-1] + 1 if existing else 1
+        stored = dataclasses.replace(
+            manifest, version=version,
+            parent_version=(manifest.parent_version if manifest.parent_version is not None
+                            else self._current.get(policy)),
+            created_at=manifest.created_at or datetime.now(UTC).isoformat(
+                timespec="milliseconds"),
+            sha256=hashlib.sha256(model).hexdigest())
+        body = json.dumps({
+            "manifest": stored.to_json(), "model": base64.b64encode(model).decode(),
+            "files": {n: base64.b64encode(d).decode() for n, d in (files or {}).items()},
+        }).encode()
+        producer = self._producer_once()
+        producer.send(self.topic, body, f"{policy}/{version:08d}".encode())
+        if make_current:
+            producer.send(self.topic, str(version).encode(), f"{policy}/{_CURRENT}".encode())
+        producer.flush()
+        self.sync()
+        return self.cache.get(policy, version)
+
+    def set_current(self, policy: str, version: int) -> ModelVersion:
+        self.sync()
+        target = self.cache.get(policy, version)
+        producer = self._producer_once()
+        producer.send(self.topic, str(version).encode(), f"{policy}/{_CURRENT}".encode())
+        producer.flush()
+        self.sync()
+        return target
+
+    def current(self, policy: str) -> ModelVersion:
+        self.sync()
+        return self.cache.current(policy)
+
+    def get(self, policy: str, version: int) -> ModelVersion:
+        self.sync()
+        return self.cache.get(policy, version)
+
+    def versions(self, policy: str) -> list[int]:
+        self.sync()
+        return self.cache.versions(policy)
+
+    def policies(self) -> list[str]:
+        self.sync()
+        return self.cache.policies()
+
+    def close(self) -> None:
+        self._consumer.close()
+        if self._producer is not None:
+            self._producer.close()
+
+    def _versions_or_empty(self, policy: str) -> list[int]:
+        try:
+            return self.cache.versions(policy)
+        except NotFound:
+            return []
+
+    def _producer_once(self) -> KafkaProducerAdapter:
+        if self._producer is None:
+            self._producer = KafkaProducerAdapter(self._bootstrap, client_id="policyloop-registry",
+                                                  max_request_size=16 << 20)
+        return self._producer
