@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from models.neural_linear import read_head, replace_head
-from models.registry import LocalRegistry
+from models.registry import LocalRegistry, Registry
 from online import bus, ope
 from online.events import ActivationEvent, DecisionEvent, RewardEvent
 from online.join import Example, RewardJoiner
@@ -49,8 +49,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LearnConfig:
-    registry: Path
+    registry: Path  # the registry folder, or this process's cache with registry_kafka
     policy: str
+    registry_kafka: str = ""  # bootstrap of a Kafka-backed registry (online/kafka_registry.py)
+    registry_topic: str = "models"
     bus: str = "local"
     bus_path: Path = Path("var/bus")
     kafka_bootstrap: str = ""
@@ -119,7 +121,14 @@ def _unb64(item: list) -> np.ndarray:
 class Learner:
     def __init__(self, config: LearnConfig) -> None:
         self.config = config
-        self.registry = LocalRegistry(config.registry)
+        self.registry: Registry
+        if config.registry_kafka:
+            from online.kafka_registry import KafkaRegistry
+
+            self.registry = KafkaRegistry(config.registry_kafka, config.registry,
+                                          topic=config.registry_topic)
+        else:
+            self.registry = LocalRegistry(config.registry)
         self._providers = choose_providers(False)
         self.model = self._load_current()
         weight, bias = read_head(self.model_bytes, self.model.manifest.head)

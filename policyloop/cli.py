@@ -128,7 +128,8 @@ def _learn(args: argparse.Namespace) -> int:
     from online.learner import LearnConfig, Learner
 
     config = LearnConfig(
-        registry=args.registry, policy=args.policy, bus=args.bus, bus_path=args.bus_path,
+        registry=args.registry, policy=args.policy, registry_kafka=args.registry_kafka or "",
+        bus=args.bus, bus_path=args.bus_path,
         kafka_bootstrap=args.kafka or "", partitions=args.partitions, group=args.group,
         checkpoint=args.checkpoint, window_ms=args.window_ms,
         default_reward=args.default_reward, reward_rule=args.reward_rule,
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "evaluation on held-out events does not find it worse.")
     p.add_argument("--registry", type=Path, default=Path("var/registry"))
     p.add_argument("--policy", required=True)
+    p.add_argument("--registry-kafka", metavar="HOST:PORT",
+                   help="publish to the Kafka-backed registry (--registry is then its cache)")
     p.add_argument("--bus", choices=["local", "kafka"], default="local")
     p.add_argument("--bus-path", type=Path, default=Path("var/bus"))
     p.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (bus=kafka)")

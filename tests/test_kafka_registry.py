@@ -64,3 +64,39 @@ def test_every_serving_replica_converges_to_the_published_version(
         for replica in replicas:
             replica.stop()
         publisher.close()
+
+
+def test_the_learner_publishes_through_the_kafka_registry(kafka_bootstrap: str, topic: str,
+                                                          tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from models.export import export_and_register
+    from models.policies import QNetwork
+    from models.routing_env import RoutingEnv
+    from online.learner import LearnConfig, Learner
+    from online.local_log import LocalLog
+    from tests.bandit_stream import routing_events, write
+
+    torch.manual_seed(0)
+    env = RoutingEnv()
+    publisher = KafkaRegistry(kafka_bootstrap, tmp_path / "publisher", topic=topic)
+    export_and_register(QNetwork(len(env.feature_schema.context), 8), env, publisher,
+                        policy="routing", training={})
+    producer = LocalLog(tmp_path / "bus", partitions=2).producer()
+    write(producer, routing_events(1200, seed=3))
+    producer.close()
+    learner = Learner(LearnConfig(
+        registry=tmp_path / "learner-cache", policy="routing", registry_kafka=kafka_bootstrap,
+        registry_topic=topic, bus_path=tmp_path / "bus", partitions=2,
+        checkpoint=tmp_path / "ckpt.json", window_ms=1000, publish_every=400, idle_exit_s=1.0,
+        gate=False))
+    learner.run()
+    learner.publish()
+    reader = KafkaRegistry(kafka_bootstrap, tmp_path / "reader", topic=topic)
+    current = reader.current("routing")
+    assert current.version == learner.published[-1]["version"] > 1
+    assert current.manifest.training["online"] is True
+    assert np.isfinite(current.manifest.evaluation.get("holdout_events", 0))
+    reader.close()
+    publisher.close()
