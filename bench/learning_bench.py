@@ -23,6 +23,7 @@ Usage: python bench/learning_bench.py [--events 5000] [--out bench/results/learn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -101,9 +102,9 @@ def run_vw(stream: list, seed: int) -> dict:
     return {"events_per_s": len(stream) / seconds, "cumulative_expected_reward": total}
 
 
-def run_join_and_learn(n: int, seed: int) -> dict:
-    """The whole ``policyloop learn`` loop over the embedded bus: read, join, embed, update,
-    publish every 1,000 examples. Routing scenario, events written beforehand."""
+def run_join_and_learn(n: int, seed: int, kafka: str = "") -> dict:
+    """The whole ``policyloop learn`` loop over the embedded bus (or Kafka at ``kafka``): read,
+    join, embed, update, publish every 1,000 examples. Routing, events written beforehand."""
     import torch
 
     from models.export import export_and_register
@@ -119,19 +120,36 @@ def run_join_and_learn(n: int, seed: int) -> dict:
     env = RoutingEnv()
     export_and_register(QNetwork(len(env.feature_schema.context), 8), env,
                         LocalRegistry(root / "registry"), policy="routing", training={})
-    producer = LocalLog(root / "bus", partitions=4).producer()
-    records = routing_events(n, seed=seed)
+    policy = "routing"
+    if kafka:
+        import uuid
+
+        from online.kafka_bus import KafkaProducerAdapter
+        from online.topics import DEFAULT_TOPICS, create_topics
+
+        create_topics(kafka, DEFAULT_TOPICS)
+        policy = f"routing-{uuid.uuid4().hex[:8]}"  # keeps earlier runs' events apart
+        first = LocalRegistry(root / "registry").current("routing")
+        LocalRegistry(root / "registry").publish(
+            policy, first.read_model(), dataclasses.replace(first.manifest, policy=policy))
+        producer = KafkaProducerAdapter(kafka)
+    else:
+        producer = LocalLog(root / "bus", partitions=4).producer()
+    records = routing_events(n, seed=seed, policy=policy)
     write(producer, records)
     producer.close()
-    learner = Learner(LearnConfig(registry=root / "registry", policy="routing",
-                                  bus_path=root / "bus", partitions=4,
+    learner = Learner(LearnConfig(registry=root / "registry", policy=policy,
+                                  bus="kafka" if kafka else "local", kafka_bootstrap=kafka,
+                                  group=f"bench-{policy}", bus_path=root / "bus", partitions=4,
                                   checkpoint=root / "ckpt.json", window_ms=1000,
                                   publish_every=1000, idle_exit_s=0.5, gate=True))
     start = time.perf_counter()
     learner.run()
     seconds = time.perf_counter() - start - 0.5  # minus the idle wait that ends the run
-    return {"records": len(records), "examples": learner.examples,
-            "records_per_s": len(records) / seconds, "examples_per_s": learner.examples / seconds,
+    return {"bus": "kafka" if kafka else "local", "records": len(records),
+            "examples": learner.examples,
+            "records_per_s": len(records) / seconds,
+            "examples_per_s": learner.examples / seconds,
             "versions_published": len(learner.published)}
 
 
@@ -139,6 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kafka", default="", help="also run the learn loop on this Kafka "
+                        "(bootstrap HOST:PORT, e.g. from scripts/kafka.sh start)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning.json")
     args = parser.parse_args()
     from models.recsys_env import RecsysEnv
@@ -156,6 +176,9 @@ def main() -> None:
         "vowpalwabbit": run_vw(stream, args.seed),
         "join_and_learn": run_join_and_learn(args.events * 4, args.seed),
     }
+    if args.kafka:
+        results["join_and_learn_kafka"] = run_join_and_learn(args.events * 4, args.seed,
+                                                             args.kafka)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
