@@ -26,18 +26,17 @@ from pathlib import Path
 
 from models.registry import LocalRegistry, ModelVersion, check_policy_name
 from models.signature import Manifest
-from online.bus import BusUnavailable
+from online.bus import MODELS, BusUnavailable
 from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
 from policyloop.errors import InvalidArgument, NotFound
 
-MODELS_TOPIC = "models"
 _CURRENT = "CURRENT"
 
 
 class KafkaRegistry:
     """The ``Registry`` interface over a compacted topic, cached in ``cache_dir``."""
 
-    def __init__(self, bootstrap: str, cache_dir: str | Path, *, topic: str = MODELS_TOPIC,
+    def __init__(self, bootstrap: str, cache_dir: str | Path, *, topic: str = MODELS,
                  sync_timeout_s: float = 0.5) -> None:
         self.cache = LocalRegistry(cache_dir)
         self.topic = topic

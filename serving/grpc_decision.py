@@ -10,7 +10,6 @@ import asyncio
 
 import grpc
 
-from models.registry import Registry
 from policyloop.errors import InvalidArgument, ResourceExhausted
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
@@ -110,9 +109,8 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
 class AdminServicer(pb_grpc.AdminServiceServicer):
     """Pin, unpin and roll back served versions. Loading happens off the event loop."""
 
-    def __init__(self, plane: DataPlane, registry: Registry) -> None:
+    def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
-        self._registry = registry
 
     async def Pin(self, request: pb.PinRequest,
                   context: grpc.aio.ServicerContext) -> pb.PolicyInfo:

@@ -108,7 +108,7 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
                              options=options, maximum_concurrent_rpcs=config.max_concurrency)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
         DecisionServicer(plane, config.max_batch_rows), server)
-    decision_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(plane, registry), server)
+    decision_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(plane), server)
 
     def ready() -> bool:
         return all(_loaded(store, p) for p in policies)
