@@ -41,6 +41,7 @@ class Example:
     decision: DecisionEvent
     reward: float
     rewarded: bool  # False when the default reward was used
+    reward_ms: int | None = None  # event time of the (last applied) reward
 
     @property
     def propensity(self) -> float:
@@ -57,6 +58,7 @@ class _Open:
     deadline_ms: int
     reward: float | None = None
     active: bool = False
+    reward_ms: int | None = None
 
 
 @dataclass
@@ -131,8 +133,10 @@ class RewardJoiner:
             self.stats.late_rewards += 1
         elif slot.reward is None:
             slot.reward = event.value
+            slot.reward_ms = event.timestamp_ms
         elif self.reward_rule == "sum":
             slot.reward += event.value
+            slot.reward_ms = event.timestamp_ms
         else:
             self.stats.duplicate_rewards += 1
         return self._advance(source, event.timestamp_ms) + self._evict()
@@ -154,16 +158,17 @@ class RewardJoiner:
         """Everything needed to resume exactly here (JSON-serialisable)."""
         return {
             "open": [[k, None if s.decision is None else s.decision.to_bytes().decode(),
-                      s.deadline_ms, s.reward, s.active] for k, s in self._open.items()],
+                      s.deadline_ms, s.reward, s.active, s.reward_ms]
+                     for k, s in self._open.items()],
             "emitted": list(self._emitted), "watermark": self._watermark,
             "marks": self._marks, "stats": vars(self.stats),
         }
 
     def load_state(self, state: dict) -> None:
         self._open.clear()
-        for k, decision, deadline, reward, active in state["open"]:
+        for k, decision, deadline, reward, active, reward_ms in state["open"]:
             self._open[k] = _Open(None if decision is None else DecisionEvent.from_bytes(
-                decision.encode()), deadline, reward, active)
+                decision.encode()), deadline, reward, active, reward_ms)
         self._deadlines = [(slot.deadline_ms, k) for k, slot in self._open.items()]
         heapq.heapify(self._deadlines)
         self._emitted = OrderedDict((k, None) for k in state["emitted"])
@@ -231,4 +236,4 @@ class RewardJoiner:
         else:
             self.stats.defaulted += 1
         return [Example(slot.decision, slot.reward if rewarded else self.default_reward,
-                        rewarded)]
+                        rewarded, slot.reward_ms)]

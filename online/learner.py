@@ -142,6 +142,7 @@ class Learner:
         self.positions: dict[tuple[str, int], int] = {}
         self.examples = 0
         self.since_publish = 0
+        self.latest_reward_ms = 0  # event time of the newest reward learned from
         self.published: list[dict] = []
         self._holdout = _Holdout()
         self._last_publish = time.monotonic()
@@ -247,6 +248,8 @@ class Learner:
         x = embeddings[d.chosen[0]] if allowed is None else embeddings
         self.heads.update(x, example.reward, head=head)
         self.since_publish += 1
+        if example.reward_ms is not None:
+            self.latest_reward_ms = max(self.latest_reward_ms, example.reward_ms)
 
     def _embed(self, d: DecisionEvent) -> tuple[np.ndarray, int, np.ndarray | None]:
         """Embeddings of the decision's candidates [K, H] (scoring) or of its context [H]
@@ -298,11 +301,13 @@ class Learner:
         new_manifest = replace(manifest, parent_version=manifest.version, version=0,
                                created_at="", sha256="", evaluation=evaluation,
                                training={"online": True, "examples": self.examples,
+                                         "latest_reward_ms": self.latest_reward_ms,
                                          "joiner": vars(self.joiner.stats)})
         version = self.registry.publish(
             self.config.policy, new_bytes, new_manifest,
             {"head.npz": self.heads.posterior().to_npz_bytes()}, make_current=promote)
-        record = {"version": version.version, "examples": self.examples, **evaluation}
+        record = {"version": version.version, "examples": self.examples,
+                  "latest_reward_ms": self.latest_reward_ms, **evaluation}
         self.published.append(record)
         log.info("published %s v%d (%s)", self.config.policy, version.version,
                  "promoted" if promote else "rejected by the gate")
@@ -324,6 +329,7 @@ class Learner:
             "positions": [[t, p, o] for (t, p), o in self.positions.items()],
             "heads": base64.b64encode(buffer.getvalue()).decode(),
             "examples": self.examples, "since_publish": self.since_publish,
+            "latest_reward_ms": self.latest_reward_ms,
             "published": self.published, "model_version": self.model.version,
             "joiner": self.joiner.state(), "holdout": self._holdout.state(),
         }
@@ -343,6 +349,7 @@ class Learner:
             self.heads = LinearHeads.from_npz_arrays({k: arrays[k] for k in arrays.files})
         self.examples = state["examples"]
         self.since_publish = state["since_publish"]
+        self.latest_reward_ms = state["latest_reward_ms"]
         self.published = state["published"]
         version = self.registry.get(self.config.policy, state["model_version"])
         self.model_bytes = version.read_model()
