@@ -80,41 +80,41 @@ class Greedy:
         return Decision(chosen, np.ones(slots), probabilities, ranking)
 
 
-class EpsilonGreedy:
-    """Uniform over the n candidates left with probability epsilon, else the best of them:
-    p = 1 - epsilon + epsilon/n for the best (ties: lowest index), epsilon/n for the others."""
+class _ScoreDistribution:
+    """A strategy defined by a distribution over the candidates left, computed from their
+    scores alone (``_probs``); slates draw it slot by slot."""
 
     needs_posterior = False
+
+    def _probs(self, s: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
+               embedding: np.ndarray | None = None,
+               posterior: LinearPosterior | None = None) -> Decision:
+        s = _scores(scores, slots)
+        return _slate(s, s, slots, rng, self._probs)
+
+
+class EpsilonGreedy(_ScoreDistribution):
+    """Uniform over the n candidates left with probability epsilon, else the best of them:
+    p = 1 - epsilon + epsilon/n for the best (ties: lowest index), epsilon/n for the others."""
 
     def __init__(self, epsilon: float) -> None:
         self.epsilon = _in_unit("epsilon", epsilon)
         self.name = f"epsilon_greedy(epsilon={_fmt(self.epsilon)})"
 
-    def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
-               embedding: np.ndarray | None = None,
-               posterior: LinearPosterior | None = None) -> Decision:
-        s = _scores(scores, slots)
-        return _slate(s, s, slots, rng, self._probs)
-
     def _probs(self, s: np.ndarray) -> np.ndarray:
         return _epsilon_greedy(s, self.epsilon)
 
 
-class Softmax:
+class Softmax(_ScoreDistribution):
     """Boltzmann exploration: p_a = exp(s_a / T) / sum_b exp(s_b / T) over the candidates
     left, computed after subtracting the best score so no exp overflows."""
-
-    needs_posterior = False
 
     def __init__(self, temperature: float) -> None:
         self.temperature = _positive("temperature", temperature)
         self.name = f"softmax(temperature={_fmt(self.temperature)})"
-
-    def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
-               embedding: np.ndarray | None = None,
-               posterior: LinearPosterior | None = None) -> Decision:
-        s = _scores(scores, slots)
-        return _slate(s, s, slots, rng, self._probs)
 
     def _probs(self, s: np.ndarray) -> np.ndarray:
         z = s - s[s.argmax()]
@@ -124,23 +124,15 @@ class Softmax:
         return z
 
 
-class SquareCB:
+class SquareCB(_ScoreDistribution):
     """Inverse-gap weighting (Foster & Rakhlin, 2020; VW's ``--squarecb``) over reward
     estimates: with b the best of the n candidates left (ties: lowest index),
     p_a = 1 / (n + gamma * (s_b - s_a)) for a != b, and p_b = 1 - sum of the others.
     Larger gamma exploits more; every p_a <= 1/n, so p_b >= 1/n."""
 
-    needs_posterior = False
-
     def __init__(self, gamma: float) -> None:
         self.gamma = _positive("gamma", gamma)
         self.name = f"squarecb(gamma={_fmt(self.gamma)})"
-
-    def decide(self, scores: np.ndarray, slots: int, rng: np.random.Generator, *,
-               embedding: np.ndarray | None = None,
-               posterior: LinearPosterior | None = None) -> Decision:
-        s = _scores(scores, slots)
-        return _slate(s, s, slots, rng, self._probs)
 
     def _probs(self, s: np.ndarray) -> np.ndarray:
         best = int(s.argmax())
