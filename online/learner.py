@@ -260,8 +260,7 @@ class Learner:
             _, emb = self.model.run(context, np.asarray(d.action_features, np.float32)[None])
             return emb[0].astype(np.float64), 0, None
         _, emb = self.model.run(context)
-        index = {a: i for i, a in enumerate(manifest.actions)}
-        allowed = np.array([index[a] for a in d.action_ids])
+        allowed = np.array([self.model.action_positions[a] for a in d.action_ids])
         return emb[0].astype(np.float64), int(allowed[d.chosen[0]]), allowed
 
     # -- publishing and the gate ----------------------------------------------------------

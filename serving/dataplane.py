@@ -136,7 +136,6 @@ class DataPlane:
         self._rng = np.random.default_rng(seed)
         self._strategies: dict[str, Strategy] = {
             name: strategy_from_spec(config.policy(name).strategy) for name in store.policies}
-        self._indexes: dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]] = {}
 
     @property
     def store(self) -> ModelStore:
@@ -151,16 +150,6 @@ class DataPlane:
 
     def apprentice(self, policy: str) -> bool:
         return self._config.policy(policy).apprentice
-
-    def _index(self, model: LoadedModel) -> tuple[dict[str, int], dict[str, int]]:
-        key = (model.manifest.policy, model.version)
-        found = self._indexes.get(key)
-        if found is None:
-            features = model.manifest.features
-            found = ({n: i for i, n in enumerate(features.context)},
-                     {n: i for i, n in enumerate(features.action)})
-            self._indexes[key] = found
-        return found
 
     def decide(self, request: DecideInput) -> DecideOutput:
         return self.decide_many([request])[0]
@@ -190,8 +179,7 @@ class DataPlane:
         model = self._store.get(r.policy)
         manifest = model.manifest
         event_id = check_event_id(r.event_id) if r.event_id else f"{getrandbits(128):032x}"
-        context_index, action_index = self._index(model)
-        context = _vector(r.context, manifest.features.context, context_index, "context")
+        context = _vector(r.context, manifest.features.context, model.context_index, "context")
         ids = list(r.candidate_ids)
         limit = self._config.policy(r.policy).max_candidates
         if len(ids) > limit:
@@ -207,10 +195,10 @@ class DataPlane:
             if len(r.candidate_features) != len(ids):
                 raise InvalidArgument("candidates: every candidate needs features")
             action_features = _matrix(r.candidate_features, manifest.features.action,
-                                      action_index)
+                                      model.action_index)
             allowed = None
         else:
-            positions = {a: i for i, a in enumerate(manifest.actions)}
+            positions = model.action_positions
             if not ids:
                 ids = list(manifest.actions)
             unknown = [a for a in ids if a not in positions]

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnxruntime as ort
@@ -39,6 +40,21 @@ class LoadedModel:
     @property
     def version(self) -> int:
         return self.manifest.version
+
+    @cached_property
+    def context_index(self) -> dict[str, int]:
+        """Context feature name -> position, for requests that send named features."""
+        return {name: i for i, name in enumerate(self.manifest.features.context)}
+
+    @cached_property
+    def action_index(self) -> dict[str, int]:
+        """Per-action feature name -> position."""
+        return {name: i for i, name in enumerate(self.manifest.features.action)}
+
+    @cached_property
+    def action_positions(self) -> dict[str, int]:
+        """Fixed action id -> its column in the model's scores (qnet policies)."""
+        return {action: i for i, action in enumerate(self.manifest.actions)}
 
     @property
     def context_dim(self) -> int:
