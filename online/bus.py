@@ -42,6 +42,14 @@ class Record:
 TopicPartition = tuple[str, int]
 
 
+def check_record(value: object, key: object) -> None:
+    """The types every producer accepts: value bytes, key bytes or None."""
+    if not isinstance(value, bytes | bytearray):
+        raise InvalidArgument(f"value must be bytes, got {type(value).__name__}")
+    if key is not None and not isinstance(key, bytes | bytearray):
+        raise InvalidArgument(f"key must be bytes or None, got {type(key).__name__}")
+
+
 class Producer(Protocol):
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         """Accept one record for delivery; raises BusUnavailable when it cannot."""

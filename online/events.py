@@ -80,12 +80,7 @@ class _JsonEvent:
     def to_bytes(self) -> bytes:
         """Compact UTF-8 JSON of every field; InvalidArgument if a float is NaN or infinite."""
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        try:
-            text = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-        except ValueError as e:
-            raise InvalidArgument(
-                f"{type(self).__name__} {self.event_id!r} holds NaN or infinity: {e}") from e
-        return text.encode("utf-8")
+        return _dump(type(self).__name__, self.event_id, body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
@@ -113,6 +108,15 @@ class _JsonEvent:
 
     def _check(self) -> None:
         """Cross-field checks of a decoded event (none by default)."""
+
+
+def _dump(name: str, event_id: str, body: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; InvalidArgument if a float is NaN or infinite."""
+    try:
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except ValueError as e:
+        raise InvalidArgument(f"{name} {event_id!r} holds NaN or infinity: {e}") from e
+    return text.encode("utf-8")
 
 
 def _load_object(name: str, data: bytes) -> dict[str, Any]:
@@ -186,12 +190,7 @@ class DecisionEvent:
             "active": self.active, "baseline_action": self.baseline_action,
             "policy_action": self.policy_action,
         }
-        try:
-            text = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-        except ValueError as e:
-            raise InvalidArgument(
-                f"DecisionEvent {self.event_id!r} holds NaN or infinity: {e}") from e
-        return text.encode("utf-8")
+        return _dump("DecisionEvent", self.event_id, body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DecisionEvent:

@@ -20,7 +20,7 @@ from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as _KafkaTP
 
-from online.bus import BusUnavailable, Record, TopicPartition
+from online.bus import BusUnavailable, Record, TopicPartition, check_record
 from policyloop.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,7 @@ class KafkaProducerAdapter:
         self._closed = False
 
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
-        if not isinstance(value, bytes | bytearray):
-            raise InvalidArgument(f"value must be bytes, got {type(value).__name__}")
-        if key is not None and not isinstance(key, bytes | bytearray):
-            raise InvalidArgument(f"key must be bytes or None, got {type(key).__name__}")
+        check_record(value, key)
         producer = self._connected()
         try:
             future = producer.send(topic, value=bytes(value),

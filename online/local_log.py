@@ -43,7 +43,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from online.bus import BusUnavailable, Record, TopicPartition
+from online.bus import BusUnavailable, Record, TopicPartition, check_record
 from policyloop.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -491,10 +491,7 @@ class LocalProducer:
         self._closed = False
 
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
-        if not isinstance(value, bytes | bytearray):
-            raise InvalidArgument(f"value must be bytes, got {type(value).__name__}")
-        if key is not None and not isinstance(key, bytes | bytearray):
-            raise InvalidArgument(f"key must be bytes or None, got {type(key).__name__}")
+        check_record(value, key)
         size = len(value) + len(key or b"")
         if size > MAX_RECORD_BYTES:
             raise InvalidArgument(
