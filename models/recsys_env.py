@@ -7,7 +7,8 @@ so tests can compute every action's true expected reward, the oracle and regret.
 
 Each step one user arrives with ``n_candidates`` items drawn from the catalogue; the action is the
 index of the item shown. ``drift()`` (or ``drift_at`` steps) flips the sign of half of the latent
-taste dimensions, so the best item changes for most users and a policy must relearn.
+taste dimensions in the click model while the context (built from what the app knew of the user)
+stays as it was: the same features now call for other items, so a policy must relearn.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from models.signature import FeatureSchema
+from models.signature import Arrivals, FeatureSchema
 
 SCALE = 1.6
 OFFSET = -2.6
@@ -75,8 +76,7 @@ class RecsysEnv(gym.Env):
         self._flip = np.where(np.arange(self.latent_dim) % 2 == 0, -1.0, 1.0)
 
     def _context(self, users: np.ndarray) -> np.ndarray:
-        return ((self._users[users] * self._flip) @ self._user_map
-                + self._user_noise[users]).astype(np.float32)
+        return (self._users[users] @ self._user_map + self._user_noise[users]).astype(np.float32)
 
     def _click_probability(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """users int[n], items int[n, K] -> float64[n, K]."""
@@ -133,8 +133,15 @@ class RecsysEnv(gym.Env):
                                                                          np.ndarray]:
         """n fresh arrivals, vectorised: context [n, Dc] float32, action_features
         [n, K, Da] float32, expected_rewards [n, K] float64. The env's state is untouched."""
+        arrivals = self.sample_arrivals(n, rng)
+        assert arrivals.action_features is not None
+        return arrivals.context, arrivals.action_features, arrivals.expected
+
+    def sample_arrivals(self, n: int, rng: np.random.Generator) -> Arrivals:
+        """``sample_contexts`` with the candidates' item ids, for a client sending requests."""
         users = rng.integers(self.n_users, size=n)
         items = np.argpartition(rng.random((n, self.n_items)), self.n_candidates,
                                 axis=1)[:, :self.n_candidates]
-        return (self._context(users), self._item_features[items],
-                self._click_probability(users, items))
+        return Arrivals(self._context(users), self._item_features[items],
+                        self._click_probability(users, items),
+                        [[f"item-{i}" for i in row] for row in items])

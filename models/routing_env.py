@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from models.signature import FeatureSchema
+from models.signature import Arrivals, FeatureSchema
 
 LOAD_PENALTY = 2.5
 URGENCY = 1.0
@@ -142,9 +142,16 @@ class RoutingEnv(gym.Env):
                                                                          np.ndarray]:
         """n tickets with plausible queue loads, vectorised: context [n, Dc] float32, None,
         expected_rewards [n, A] float64. The env's state is untouched."""
+        arrivals = self.sample_arrivals(n, rng)
+        return arrivals.context, None, arrivals.expected
+
+    def sample_arrivals(self, n: int, rng: np.random.Generator) -> Arrivals:
+        """``sample_contexts`` with the queue names, for a client sending requests."""
         topic = rng.integers(len(self.topics), size=n)
         lang = rng.integers(len(self.languages), size=n)
         urgency = rng.beta(2.0, 3.0, size=n)
         load = rng.gamma(1.5, 0.6, size=(n, self.n_queues)) * self._capacity / 3.0
-        return (self._features(topic, lang, urgency, load), None,
-                self._resolve_probability(topic, lang, urgency, load))
+        names = list(self.action_names)
+        return Arrivals(self._features(topic, lang, urgency, load), None,
+                        self._resolve_probability(topic, lang, urgency, load),
+                        [names] * n)
