@@ -31,6 +31,7 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +46,9 @@ from online.linear import LinearHeads
 from serving.model_store import LoadedModel, choose_providers, load_model
 
 log = logging.getLogger(__name__)
+
+GATE_Z = 2.0  # standard errors of the difference the gate allows beyond its margin
+HOLDOUT_LIMIT = 1000  # held-out events the gate evaluates on (fewer with forgetting)
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,13 @@ class Learner:
         self.since_publish = 0
         self.latest_reward_ms = 0  # event time of the newest reward learned from
         self.published: list[dict] = []
-        self._holdout = _Holdout()
+        # With forgetting the gate judges on about as much recent data as the head remembers,
+        # so after a drift it compares on the new world, not on the old one.
+        horizon = (HOLDOUT_LIMIT if config.gamma >= 1 or not config.holdout_every
+                   else int(1 / (1 - config.gamma) / config.holdout_every))
+        self._holdout = _Holdout(limit=max(100, min(HOLDOUT_LIMIT, horizon)))
         self._last_publish = time.monotonic()
+        self._stopping = False
         if config.checkpoint.exists():
             self._restore()
 
@@ -156,7 +165,9 @@ class Learner:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Consume until stopped; ``on_ready`` is called once the consumer listens (on Kafka,
+        after the group's first rebalance), so callers can tell when to send traffic."""
         consumer = bus.open_consumer(self.config.bus, self.config.group,
                                      [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS],
                                      path=self.config.bus_path,
@@ -166,6 +177,12 @@ class Learner:
             idle_since = time.monotonic()
             while not self._done():
                 records = consumer.poll(max_records=500, timeout=0.2)
+                # The local log assigns topics as they appear and reads them from the start, so
+                # it listens at once; a Kafka consumer once the group gave it partitions.
+                if on_ready is not None and (self.config.bus == "local"
+                                             or consumer.assignment()):
+                    on_ready()
+                    on_ready = None
                 drained = not records and self._drained(consumer)
                 if not drained:
                     idle_since = time.monotonic()
@@ -176,6 +193,9 @@ class Learner:
                     self.handle(record)
                     if self._done():
                         break
+                    if self._publish_due():  # within a batch too: versions stay fresh
+                        self.publish()
+                        self._commit(consumer)
                 if self._publish_due():
                     self.publish()
                     self._commit(consumer)
@@ -202,8 +222,13 @@ class Learner:
         except bus.BusUnavailable as exc:
             log.warning("offset commit failed, will retry at the next publish: %s", exc)
 
+    def stop(self) -> None:
+        """Ask ``run`` to return after the record in hand (safe from a signal handler)."""
+        self._stopping = True
+
     def _done(self) -> bool:
-        return self.config.max_examples is not None and self.examples >= self.config.max_examples
+        return self._stopping or (self.config.max_examples is not None
+                                  and self.examples >= self.config.max_examples)
 
     def _publish_due(self) -> bool:
         if self.since_publish == 0:
@@ -265,10 +290,9 @@ class Learner:
 
     # -- publishing and the gate ----------------------------------------------------------
 
-    def _holdout_value(self, weight: np.ndarray, bias: np.ndarray) -> ope.Estimate | None:
+    def _greedy_targets(self, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """Per held-out event: 1 if the head's greedy action is the logged one, else 0."""
         h = self._holdout
-        if len(h.action) < 20:
-            return None
         target = np.empty(len(h.action))
         for i, (emb, allowed) in enumerate(zip(h.embeddings, h.heads, strict=True)):
             if allowed is None:
@@ -276,25 +300,45 @@ class Learner:
             else:
                 scores = weight[allowed] @ emb + bias[allowed]
             target[i] = float(int(np.argmax(scores)) == h.action[i])
+        return target
+
+    def _holdout_value(self, target: np.ndarray) -> ope.Estimate | None:
+        h = self._holdout
+        if len(h.action) < 20:
+            return None
         if target.sum() == 0:
             return ope.Estimate("snips", 0.0, 0.0, 0.0, 0.0, len(target), 0, 0.0, 0.0)
         return ope.snips(np.array(h.reward), np.array(h.propensity), target)
+
+    def _difference_stderr(self, candidate: np.ndarray, incumbent: np.ndarray) -> float:
+        """Standard error of the candidate-minus-incumbent IPS difference, paired per event:
+        only events where the two heads disagree contribute, which is where the noise is."""
+        h = self._holdout
+        d = (candidate - incumbent) * np.array(h.reward) / np.array(h.propensity)
+        return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
 
     def publish(self) -> dict:
         """Build the candidate head, gate it against the serving one, publish it."""
         manifest = self.model.manifest
         weight, bias = self.heads.head()
         incumbent_w, incumbent_b = read_head(self.model_bytes, manifest.head)
-        candidate = self._holdout_value(weight, bias)
-        incumbent = self._holdout_value(incumbent_w, incumbent_b)
+        candidate_t = self._greedy_targets(weight, bias)
+        incumbent_t = self._greedy_targets(incumbent_w, incumbent_b)
+        candidate = self._holdout_value(candidate_t)
+        incumbent = self._holdout_value(incumbent_t)
+        stderr = self._difference_stderr(candidate_t, incumbent_t)
         promote = True
         if self.config.gate and candidate is not None and incumbent is not None:
-            promote = candidate.value >= incumbent.value - self.config.gate_margin
+            # Worse by more than the margin, beyond two standard errors of the difference:
+            # a noisy window alone does not block a refresh.
+            promote = (candidate.value >= incumbent.value - self.config.gate_margin
+                       - GATE_Z * stderr)
         evaluation = {
             "gate": self.config.gate, "margin": self.config.gate_margin, "promoted": promote,
             "holdout_events": len(self._holdout.action),
             "candidate_snips": None if candidate is None else candidate.value,
             "incumbent_snips": None if incumbent is None else incumbent.value,
+            "difference_stderr": stderr,
         }
         new_bytes = replace_head(self.model_bytes, manifest.head, weight, bias)
         new_manifest = replace(manifest, parent_version=manifest.version, version=0,
