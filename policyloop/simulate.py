@@ -1,0 +1,224 @@
+"""``policyloop simulate``: an app's traffic against any running server, from a simulator.
+
+It behaves like a client: for each simulated arrival (a user with candidate items, or a ticket)
+it calls ``Decide`` over gRPC, then reports the outcome with ``Reward`` after a random delay
+(exponential, mean ``reward_delay_ms``), the way clicks and resolutions arrive later than the
+decision. Some outcomes are never reported: in recsys only clicks are sent (a shown item
+without a click has no event, the learner's default reward covers it) and in both scenarios a
+fraction ``reward_loss`` of reports is lost. The simulator also knows what no client knows, the
+true expected reward of every candidate, so each decision is scored exactly: that is what the
+demo's learning curve and the end-to-end tests measure, not the noisy observed clicks.
+
+Arrivals are drawn independently (``sample_arrivals``), so several requests can be in flight at
+once; ``drift_at`` switches the simulator's preferences after that many decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from models.recsys_env import RecsysEnv
+from models.routing_env import RoutingEnv
+from models.signature import Arrivals
+from policyloop.errors import InvalidArgument
+from protos import decision_pb2 as pb
+from protos import decision_pb2_grpc as pb_grpc
+
+_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    target: str  # HOST:PORT of a policyloop server
+    scenario: str = "recsys"
+    policy: str = ""  # the served policy's name; default: the scenario
+    events: int = 10_000  # decisions to make
+    rate: float = 0.0  # decisions per second; 0 = as fast as the server answers
+    concurrency: int = 8  # requests in flight
+    reward_delay_ms: float = 200.0  # mean delay before an outcome is reported
+    reward_loss: float = 0.05  # fraction of outcome reports never sent
+    drift_at: int | None = None  # switch the simulator's preferences after this many decisions
+    seed: int = 0
+    world_seed: int = 0  # the simulator's world; must match the one the policy was trained on
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.scenario not in ("recsys", "routing"):
+            raise InvalidArgument(f"scenario must be recsys or routing, got {self.scenario!r}")
+        if self.events < 1:
+            raise InvalidArgument(f"events must be >= 1, got {self.events}")
+        if self.concurrency < 1:
+            raise InvalidArgument(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.rate < 0:
+            raise InvalidArgument(f"rate must be >= 0, got {self.rate}")
+        if not 0 <= self.reward_loss <= 1:
+            raise InvalidArgument(f"reward_loss must be in [0, 1], got {self.reward_loss}")
+        if self.reward_delay_ms < 0:
+            raise InvalidArgument(f"reward_delay_ms must be >= 0, got {self.reward_delay_ms}")
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy or self.scenario
+
+
+@dataclass
+class Traffic:
+    """What was sent and how good each decision truly was; arrays grow with ``decisions``."""
+
+    decisions: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # gRPC status name -> count
+    rewards_sent: int = 0
+    reward_value_sum: float = 0.0
+    expected: list[float] = field(default_factory=list)  # true E[reward] of the chosen action
+    optimal: list[float] = field(default_factory=list)  # best candidate's E[reward]
+    uniform: list[float] = field(default_factory=list)  # mean over candidates
+    versions: list[int] = field(default_factory=list)  # model version that answered
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def moving_average(self, window: int = 500) -> float:
+        tail = self.expected[-window:]
+        return float(np.mean(tail)) if tail else float("nan")
+
+    def rate(self) -> float:
+        end = self.finished if self.finished is not None else time.monotonic()
+        return self.decisions / max(end - self.started, 1e-9)
+
+    def summary(self) -> dict[str, Any]:
+        expected = np.array(self.expected)
+        return {
+            "decisions": self.decisions, "errors": dict(self.errors),
+            "rewards_sent": self.rewards_sent, "decisions_per_s": round(self.rate(), 1),
+            "mean_expected_reward": float(expected.mean()) if len(expected) else None,
+            "mean_optimal_reward": float(np.mean(self.optimal)) if self.optimal else None,
+            "mean_uniform_reward": float(np.mean(self.uniform)) if self.uniform else None,
+            "regret_per_decision": (float(np.mean(self.optimal) - expected.mean())
+                                    if len(expected) else None),
+            "versions_seen": sorted(set(self.versions)),
+        }
+
+
+def make_simulator(scenario: str, world_seed: int = 0) -> RecsysEnv | RoutingEnv:
+    return RecsysEnv(seed=world_seed) if scenario == "recsys" else RoutingEnv(seed=world_seed)
+
+
+class _Arrivals:
+    """Arrivals drawn a chunk at a time; a drift discards what was drawn before it."""
+
+    def __init__(self, env: RecsysEnv | RoutingEnv, rng: np.random.Generator) -> None:
+        self.env, self.rng = env, rng
+        self.start, self.chunk = 0, env.sample_arrivals(_CHUNK, rng)
+
+    def redraw(self, start: int) -> None:
+        self.start, self.chunk = start, self.env.sample_arrivals(_CHUNK, self.rng)
+
+    def get(self, i: int) -> tuple[Arrivals, int]:
+        if i - self.start >= _CHUNK:
+            self.redraw(i)
+        return self.chunk, i - self.start
+
+
+def decide_request(policy: str, arrivals: Arrivals, j: int) -> pb.DecideRequest:
+    request = pb.DecideRequest(policy=policy, context=pb.Features(dense=arrivals.context[j]))
+    if arrivals.action_features is not None:
+        request.candidates.extend(
+            pb.Candidate(id=action_id, features=pb.Features(dense=features))
+            for action_id, features in zip(arrivals.action_ids[j], arrivals.action_features[j],
+                                           strict=True))
+    return request
+
+
+async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | None = None,
+                      traffic: Traffic | None = None,
+                      on_drift: Callable[[int], None] | None = None) -> Traffic:
+    """Send ``config.events`` decisions and their delayed rewards; returns what happened.
+
+    ``traffic`` may be passed in so a caller (the demo's live display) can watch it fill.
+    Every reward task is awaited before returning, so the server has every report.
+    """
+    env = env or make_simulator(config.scenario, config.world_seed)
+    traffic = traffic or Traffic()
+    rng = np.random.default_rng(config.seed)
+    arrivals = _Arrivals(env, np.random.default_rng(config.seed + 1))
+    send_zeros = config.scenario != "recsys"
+    policy = config.policy_name
+    next_index = 0
+    reward_tasks: set[asyncio.Task[None]] = set()
+    start = time.monotonic()
+
+    async def report(stub: pb_grpc.DecisionServiceStub, delay: float, event_id: str,
+                     value: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await stub.Reward(pb.RewardRequest(event_id=event_id, value=value, policy=policy),
+                              timeout=config.timeout_s)
+            traffic.rewards_sent += 1
+            traffic.reward_value_sum += value
+        except grpc.aio.AioRpcError as exc:
+            name = f"Reward:{exc.code().name}"
+            traffic.errors[name] = traffic.errors.get(name, 0) + 1
+
+    async def worker(stub: pb_grpc.DecisionServiceStub) -> None:
+        nonlocal next_index
+        while next_index < config.events:
+            i = next_index
+            next_index += 1
+            if config.drift_at is not None and i == config.drift_at:
+                env.drift()
+                arrivals.redraw(i)
+                if on_drift is not None:
+                    on_drift(i)
+            if config.rate > 0:
+                await asyncio.sleep(max(0.0, start + i / config.rate - time.monotonic()))
+            chunk, j = arrivals.get(i)
+            try:
+                response = await stub.Decide(decide_request(policy, chunk, j),
+                                             timeout=config.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                name = f"Decide:{exc.code().name}"
+                traffic.errors[name] = traffic.errors.get(name, 0) + 1
+                continue
+            action = response.chosen[0].candidate_index
+            expected = chunk.expected[j]
+            traffic.decisions += 1
+            traffic.expected.append(float(expected[action]))
+            traffic.optimal.append(float(expected.max()))
+            traffic.uniform.append(float(expected.mean()))
+            traffic.versions.append(response.model_version)
+            outcome = float(rng.random() < expected[action])
+            lost = rng.random() < config.reward_loss
+            delay = rng.exponential(config.reward_delay_ms / 1000.0)
+            if not lost and (outcome > 0 or send_zeros):
+                task = asyncio.create_task(report(stub, delay, response.event_id, outcome))
+                reward_tasks.add(task)
+                task.add_done_callback(reward_tasks.discard)
+
+    async with grpc.aio.insecure_channel(config.target) as channel:
+        await channel.channel_ready()
+        stub = pb_grpc.DecisionServiceStub(channel)
+        await asyncio.gather(*(worker(stub) for _ in range(config.concurrency)))
+        if reward_tasks:
+            await asyncio.gather(*reward_tasks)
+    traffic.finished = time.monotonic()
+    return traffic
+
+
+def simulate_command(config: TrafficConfig, *, as_json: bool) -> int:
+    """``policyloop simulate``: run the traffic, print what was sent and how good it was."""
+    import json
+
+    traffic = asyncio.run(run_traffic(config))
+    summary = traffic.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>22}: {value}")
+    return 0 if not traffic.errors else 1
