@@ -7,11 +7,9 @@ RUN := scripts/run.sh
 setup:
 	bash scripts/bootstrap.sh
 
-# Until the closed-loop demo lands: train both scenarios offline, export, register.
+# The closed loop on the embedded defaults (no broker): train, serve, learn, simulate, summarise.
 demo: setup
-	$(RUN) policyloop train --scenario recsys --registry var/registry
-	$(RUN) policyloop train --scenario routing --registry var/registry
-	$(RUN) policyloop registry list --registry var/registry
+	$(RUN) policyloop --log-level WARNING demo
 
 test: setup
 	$(RUN) pytest

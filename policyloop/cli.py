@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,12 +148,37 @@ def _learn(args: argparse.Namespace) -> int:
         registry.register(LearnerCollector(learner))
         server, _ = start_http_server(args.metrics_port, registry=registry)
         print(f"policyloop learn: metrics=127.0.0.1:{server.server_port}", flush=True)
-    learner.run()
+    # SIGTERM (Kubernetes, the demo) ends the loop cleanly: what was learned is published and
+    # checkpointed below; events still waiting for their reward stay in the checkpoint.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: learner.stop())
+    learner.run(on_ready=lambda: print(f"policyloop learn: consuming policy={args.policy}",
+                                       flush=True))
     if learner.since_publish:
         learner.publish()
     print(json.dumps({"examples": learner.examples, "published": learner.published,
                       "joiner": vars(learner.joiner.stats)}))
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from policyloop.demo import DemoConfig, demo_command
+
+    return demo_command(DemoConfig(
+        scenario=args.scenario, kafka=args.kafka or "", drift=args.drift, events=args.events,
+        workdir=args.workdir, png=args.png, seed=args.seed, strategy=args.strategy,
+        concurrency=args.concurrency, rate=args.rate, live=not args.no_live))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from policyloop.simulate import TrafficConfig, simulate_command
+
+    return simulate_command(TrafficConfig(
+        target=args.target, scenario=args.scenario, policy=args.policy or "",
+        events=args.events, rate=args.rate, concurrency=args.concurrency,
+        reward_delay_ms=args.reward_delay_ms, reward_loss=args.reward_loss,
+        drift_at=args.drift_at, seed=args.seed, world_seed=args.world_seed,
+        timeout_s=args.timeout), as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +316,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=_topics)
+
+    p = sub.add_parser("demo", help="the closed loop on one machine: train, serve, learn, "
+                       "simulate traffic, show that the policy improves",
+                       description="Train a start policy offline, start `policyloop serve` and "
+                       "`policyloop learn` as processes (embedded log and registry, or Kafka), "
+                       "drive simulated traffic through gRPC with delayed and missing rewards, "
+                       "then compare uniform random, the start policy, the final online policy "
+                       "and the oracle by true expected reward, and draw the learning curve "
+                       "(PNG).")
+    p.add_argument("--scenario", choices=["recsys", "routing"], default="recsys")
+    p.add_argument("--kafka", metavar="HOST:PORT",
+                   help="run the loop on this Kafka broker instead of the embedded log")
+    p.add_argument("--drift", action="store_true",
+                   help="switch the simulator's preferences halfway; the learner forgets "
+                   "(gamma 0.999) to recover")
+    p.add_argument("--events", type=int, default=0,
+                   help="decisions to serve (default 16000 recsys, 10000 routing; half as "
+                   "many again with --drift)")
+    p.add_argument("--workdir", type=Path, default=Path("var/demo"),
+                   help="registry, event log, logs and summary.json go to WORKDIR/SCENARIO")
+    p.add_argument("--png", type=Path, help="learning curve path "
+                   "(default WORKDIR/SCENARIO/learning_curve.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", default="epsilon_greedy:0.05",
+                   help="exploration strategy served (default epsilon_greedy:0.05)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="decisions per second (default 0: as fast as the server answers)")
+    p.add_argument("--no-live", action="store_true", help="no live progress display")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("simulate", help="send simulated app traffic to a running server",
+                       description="Act as an app: Decide for simulated users or tickets, "
+                       "then Reward after a random delay (some rewards never sent); print "
+                       "what was sent and the true expected reward of the decisions. Exit "
+                       "status 1 if any call failed.")
+    p.add_argument("--target", required=True, help="server HOST:PORT")
+    p.add_argument("--scenario", choices=["recsys", "routing"], default="recsys")
+    p.add_argument("--policy", help="served policy name (default: the scenario)")
+    p.add_argument("--events", type=int, default=10_000, help="decisions to make")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="decisions per second (default 0: as fast as the server answers)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--reward-delay-ms", type=float, default=200.0,
+                   help="mean delay of a reward report (exponential)")
+    p.add_argument("--reward-loss", type=float, default=0.05,
+                   help="fraction of reward reports never sent")
+    p.add_argument("--drift-at", type=int, help="switch preferences after this many decisions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-seed", type=int, default=0,
+                   help="the simulator's world; must be the one the policy was trained on")
+    p.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_simulate)
     return parser
 
 
