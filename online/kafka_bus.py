@@ -118,6 +118,17 @@ class KafkaProducerAdapter:
             log.debug("kafka flush failed: %s", e)
         failed = [f for f in pending if f.is_done and f.failed()]
         waiting = sum(not f.is_done for f in pending)
+        if waiting:
+            # The caller keeps (spools) what was not acknowledged. Left alone, the client
+            # would still deliver its buffered copy once the broker is back, and every record
+            # would arrive twice; so this producer is dropped with its buffer, and the next
+            # send connects afresh. (A request already at the broker may still land: Kafka's
+            # delivery stays at-least-once, which the reward join tolerates.)
+            with self._lock:
+                if self._producer is producer:
+                    self._producer = None
+                    self._pending = []
+            _discard(producer)
         if failed or waiting:
             cause = f"; first error: {failed[0].exception}" if failed else ""
             raise BusUnavailable(
@@ -138,16 +149,7 @@ class KafkaProducerAdapter:
         except KafkaError as e:
             log.warning("closing the kafka producer for %s: unacknowledged records dropped: %s",
                         self.bootstrap, e)
-            # kafka-python's close() stops at a flush timeout and leaves its sender thread (not
-            # a daemon) retrying until delivery_timeout_ms, which would delay process exit.
-            sender = getattr(producer, "_sender", None)
-            if sender is not None:
-                sender.force_close()
-                sender.join(_CLOSE_TIMEOUT_S)
-            try:
-                producer.close(timeout=0)
-            except KafkaError:
-                pass
+            _discard(producer)
 
     def _connected(self) -> KafkaProducer:
         """The kafka-python producer, created on first use (and again after a failed try)."""
@@ -168,6 +170,20 @@ class KafkaProducerAdapter:
                     raise BusUnavailable(
                         f"kafka at {self.bootstrap!r} is unreachable: {e}") from e
             return self._producer
+
+
+def _discard(producer: KafkaProducer) -> None:
+    """Close a producer now, dropping what it buffers. kafka-python's close() stops at a flush
+    timeout and leaves its sender thread (not a daemon) retrying until delivery_timeout_ms,
+    which would deliver stale records and delay process exit; the sender is stopped first."""
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+        sender.join(_CLOSE_TIMEOUT_S)
+    try:
+        producer.close(timeout=0)
+    except KafkaError:
+        pass
 
 
 class KafkaConsumerAdapter:
