@@ -9,7 +9,9 @@ variable ``KAFKA_BOOTSTRAP`` set, that broker is used instead and never started 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -68,3 +70,47 @@ def unique_topic(kafka_bootstrap: str) -> Iterator[Callable[[str], str]]:
             admin.delete_topics(names, timeout_ms=10_000, raise_errors=False)
         finally:
             admin.close()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct local ports nothing listens on (bound together, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclasses.dataclass
+class PrivateBroker:
+    """A broker of one test's own on free ports, so it can be stopped and started without
+    disturbing the session's."""
+
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def run(self, command: str) -> None:
+        """``scripts/kafka.sh <command>`` for this broker."""
+        env = {**os.environ, "KAFKA_PORT": str(self.port),
+               "KAFKA_CONTROLLER_PORT": str(self.controller_port)}
+        done = subprocess.run(["bash", str(KAFKA_SH), command], env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def private_broker() -> Iterator[PrivateBroker]:
+    """A started ``PrivateBroker``, wiped (data, settings, log) after the test."""
+    broker = PrivateBroker(*free_ports(2))
+    broker.run("start")
+    try:
+        yield broker
+    finally:
+        broker.run("clean")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,25 +16,14 @@ from online.bus import BusUnavailable, Record
 from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
 from online.topics import DEFAULT_TOPICS, TopicSpec, create_topics
 from policyloop.errors import InvalidArgument
+from tests.conftest import PrivateBroker, free_ports
 
 HOUR_MS = 3600 * 1000
 KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct local ports nothing listens on (bound together, then released)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _free_port() -> int:
-    return _free_ports(1)[0]
+    return free_ports(1)[0]
 
 
 def _drain(consumer: KafkaConsumerAdapter, n: int, timeout: float = 30.0) -> list[Record]:
@@ -251,42 +237,10 @@ def test_default_topics_cover_the_bus_and_compact_only_models() -> None:
     assert len(event_partitions) == 1  # decisions and rewards are co-partitioned
 
 
-@dataclasses.dataclass(frozen=True)
-class _PrivateBroker:
-    """A broker of one test's own on free ports, so it can be stopped and started without
-    disturbing the session's."""
-
-    port: int
-    controller_port: int
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def run(self, command: str) -> None:
-        """``scripts/kafka.sh <command>`` for this broker."""
-        env = {**os.environ, "KAFKA_PORT": str(self.port),
-               "KAFKA_CONTROLLER_PORT": str(self.controller_port)}
-        done = subprocess.run(["bash", str(KAFKA_SH), command], env=env, capture_output=True,
-                              text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr
-
-
-@pytest.fixture
-def private_broker() -> Iterator[_PrivateBroker]:
-    """A started ``_PrivateBroker``, wiped (data, settings, log) after the test."""
-    broker = _PrivateBroker(*_free_ports(2))
-    broker.run("start")
-    try:
-        yield broker
-    finally:
-        broker.run("clean")
-
-
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_flush_fails_while_the_broker_is_down_and_recovers_after(
-        private_broker: _PrivateBroker) -> None:
+        private_broker: PrivateBroker) -> None:
     bootstrap = private_broker.bootstrap
     create_topics(bootstrap, [TopicSpec("fault", partitions=2, retention_ms=HOUR_MS)])
     producer = KafkaProducerAdapter(bootstrap, max_block_ms=500)
