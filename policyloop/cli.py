@@ -47,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         "kafka_bootstrap": args.kafka, "spool_dir": args.spool_dir,
         "default_strategy": args.strategy, "grace_period_s": args.grace,
         "watch_interval_s": args.watch_interval,
+        "durable_ack": True if args.durable_ack else None,
     }
     if args.policy:
         overrides["policies"] = {
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spool-dir", type=Path, help="where decisions wait while the bus is down")
     p.add_argument("--grace", type=float, help="drain period on SIGTERM, seconds")
     p.add_argument("--watch-interval", type=float, help="registry poll interval, seconds")
+    p.add_argument("--durable-ack", action="store_true",
+                   help="answer Decide/Reward/Activate only once the event is on the bus or in "
+                   "the spool file, so a killed server loses no acknowledged event")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("registry", help="inspect the model registry or roll a policy back")

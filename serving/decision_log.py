@@ -25,7 +25,9 @@ and sent again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
+import heapq
 import itertools
 import json
 import logging
@@ -313,6 +315,10 @@ class DecisionLog:
         self._last_drop_log = -float("inf")
         self._last_sync = 0.0
         self._bus_failing = False  # the thread's view, for logging transitions only
+        # Durable acknowledgement: records leave the queue in order (delivered, spooled or
+        # dropped), so everything up to ``submitted - len(queue)`` is out of memory.
+        self._submitted = 0
+        self._waiters: list[tuple[int, int, concurrent.futures.Future[None]]] = []
         if self._spooling:
             log.info("spool %s holds %d bytes from an earlier run; delivering them first",
                      self.spool_dir, self._spool.bytes_on_disk)
@@ -353,6 +359,7 @@ class DecisionLog:
         with self._lock:
             if self._stopped:
                 raise Unavailable("the decision log is closed")
+            self._submitted += 1
             if not self._spooling:
                 if len(self._queue) < self._max_queue:
                     self._queue.append(item)
@@ -361,6 +368,29 @@ class DecisionLog:
                     return
                 self._start_spooling()
             self._spool_items([item])
+
+    def durable(self) -> concurrent.futures.Future[None] | None:
+        """A future that resolves once every record submitted so far has left this process's
+        memory: confirmed by the bus, or written to the spool file (which a killed process
+        leaves behind for the next one). None when that is already so.
+
+        A server in durable-ack mode answers only then, so a client that got an answer knows
+        the decision survives a SIGKILL of the server. (Records dropped because the spool
+        budget is exhausted also leave memory; that is counted and logged loudly.)
+        """
+        with self._lock:
+            target = self._submitted
+            if self._submitted - len(self._queue) >= target:
+                return None
+            future: concurrent.futures.Future[None] = concurrent.futures.Future()
+            heapq.heappush(self._waiters, (target, id(future), future))
+            return future
+
+    def _release(self) -> None:
+        """Resolve the ``durable`` futures the queue's progress has satisfied."""
+        done = self._submitted - len(self._queue)
+        while self._waiters and self._waiters[0][0] <= done:
+            heapq.heappop(self._waiters)[2].set_result(None)
 
     def close(self, timeout: float) -> bool:
         """Deliver what is queued and spooled within ``timeout`` seconds, then stop.
@@ -381,6 +411,7 @@ class DecisionLog:
             if self._queue:
                 self._start_spooling()
             self._spooling = True
+            self._release()
             done = not self._spool.pending() and self._dropped == 0
             self._close_result = done
             try:
@@ -409,6 +440,7 @@ class DecisionLog:
         self._inflight_spooled = min(self._inflight, written)
         self._epoch += 1
         self._spooling = True
+        self._release()
 
     def _spool_items(self, items: list[_Item]) -> int:
         """Append to the spool within the budget; returns how many were written (a prefix)."""
@@ -518,6 +550,7 @@ class DecisionLog:
                     self._queue.popleft()
                 if failed:
                     self._start_spooling()
+                self._release()
             else:  # submit moved the batch into the spool meanwhile
                 self._spool.skip(min(settled, self._inflight_spooled))
         return not failed

@@ -14,6 +14,7 @@ from policyloop.errors import InvalidArgument, ResourceExhausted
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.dataplane import DataPlane, DecideInput, DecideOutput, Features, RewardInput
+from serving.decision_log import DecisionLog
 from serving.model_store import LoadedModel
 
 
@@ -58,13 +59,23 @@ def policy_info(plane: DataPlane, policy: str) -> pb.PolicyInfo:
 
 
 class DecisionServicer(pb_grpc.DecisionServiceServicer):
-    def __init__(self, plane: DataPlane, max_batch_rows: int) -> None:
+    def __init__(self, plane: DataPlane, max_batch_rows: int,
+                 log: DecisionLog | None = None) -> None:
+        """``log`` given: durable acknowledgement, each answer waits until its event has left
+        the server's memory (``DecisionLog.durable``)."""
         self._plane = plane
         self._max_batch_rows = max_batch_rows
+        self._log = log
+
+    async def _durable(self) -> None:
+        if self._log is not None and (future := self._log.durable()) is not None:
+            await asyncio.wrap_future(future)
 
     async def Decide(self, request: pb.DecideRequest,
                      context: grpc.aio.ServicerContext) -> pb.DecideResponse:
-        return decide_response(self._plane.decide(decide_input(request)))
+        response = decide_response(self._plane.decide(decide_input(request)))
+        await self._durable()
+        return response
 
     async def DecideBatch(self, request: pb.DecideBatchRequest,
                           context: grpc.aio.ServicerContext) -> pb.DecideBatchResponse:
@@ -74,6 +85,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         if rows > self._max_batch_rows:
             raise ResourceExhausted(f"requests: {rows} rows, at most {self._max_batch_rows}")
         outputs = self._plane.decide_many([decide_input(r) for r in request.requests])
+        await self._durable()
         return pb.DecideBatchResponse(responses=[decide_response(o) for o in outputs])
 
     async def Reward(self, request: pb.RewardRequest,
@@ -84,12 +96,14 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             event_id=request.event_id, value=request.value,
             slot_rewards=list(request.slot_rewards), timestamp_ms=timestamp_ms,
             policy=request.policy))
+        await self._durable()
         return pb.RewardResponse(event_id=event_id)
 
     async def Activate(self, request: pb.ActivateRequest,
                        context: grpc.aio.ServicerContext) -> pb.ActivateResponse:
-        return pb.ActivateResponse(event_id=self._plane.activate(request.event_id,
-                                                                 request.policy))
+        event_id = self._plane.activate(request.event_id, request.policy)
+        await self._durable()
+        return pb.ActivateResponse(event_id=event_id)
 
     async def GetPolicyInfo(self, request: pb.GetPolicyInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.PolicyInfo:

@@ -107,7 +107,8 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     server = grpc.aio.server(interceptors=[ServingInterceptor(metrics, policies)],
                              options=options, maximum_concurrent_rpcs=config.max_concurrency)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-        DecisionServicer(plane, config.max_batch_rows), server)
+        DecisionServicer(plane, config.max_batch_rows,
+                         decision_log if config.durable_ack else None), server)
     decision_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(plane), server)
 
     def ready() -> bool:

@@ -284,3 +284,17 @@ def test_one_spool_folder_serves_one_decision_log_at_a_time(bus_log: LocalLog,
 def test_limits_are_validated(bus_log: LocalLog, tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(InvalidArgument, match=next(iter(kwargs))):
         _decision_log(bus_log.producer(), tmp_path / "spool", **kwargs)
+
+
+def test_durable_resolves_once_every_record_submitted_so_far_left_memory(
+        bus_log: LocalLog, tmp_path: Path) -> None:
+    log, _ = _decision_log(bus_log.producer(), tmp_path / "spool", linger_s=0.05)
+    try:
+        log.submit(TOPIC, b"k", b"one")
+        future = log.durable()
+        assert future is not None and not future.done()  # still lingering in memory
+        future.result(timeout=5)
+        assert log.durable() is None  # nothing left in memory
+        assert _values(bus_log) == [b"one"]
+    finally:
+        log.close(5)
