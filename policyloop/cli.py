@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
         "default_strategy": args.strategy, "grace_period_s": args.grace,
         "watch_interval_s": args.watch_interval,
         "durable_ack": True if args.durable_ack else None,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+        "tokens_file": args.tokens_file,
     }
     if args.policy:
         overrides["policies"] = {
@@ -88,15 +91,27 @@ def _admin(args: argparse.Namespace) -> int:
     from protos import decision_pb2 as pb
     from protos import decision_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    if args.tls_ca is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=args.tls_ca.read_bytes(),
+            private_key=args.tls_key.read_bytes() if args.tls_key else None,
+            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None)
+        channel = grpc.secure_channel(args.target, credentials)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    token = args.token or os.environ.get("POLICYLOOP_TOKEN", "")
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with channel:
         stub = pb_grpc.AdminServiceStub(channel)
         if args.action == "pin":
-            info = stub.Pin(pb.PinRequest(policy=args.policy, version=args.version), timeout=30)
+            info = stub.Pin(pb.PinRequest(policy=args.policy, version=args.version), timeout=30,
+                            metadata=metadata)
         elif args.action == "unpin":
-            info = stub.Unpin(pb.UnpinRequest(policy=args.policy), timeout=30)
+            info = stub.Unpin(pb.UnpinRequest(policy=args.policy), timeout=30,
+                              metadata=metadata)
         else:
             info = stub.Rollback(pb.RollbackRequest(policy=args.policy, version=args.version),
-                                 timeout=30)
+                                 timeout=30, metadata=metadata)
     print(f"{info.policy}: serving version {info.model_version} (pinned={info.pinned})")
     return 0
 
@@ -246,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--durable-ack", action="store_true",
                    help="answer Decide/Reward/Activate only once the event is on the bus or in "
                    "the spool file, so a killed server loses no acknowledged event")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    p.add_argument("--tokens-file", type=Path,
+                   help="TOML file of bearer tokens and their scopes (decide, reward, admin)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("registry", help="inspect the model registry or roll a policy back")
@@ -261,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
     p.add_argument("--policy", required=True)
     p.add_argument("--version", type=int, default=0)
+    p.add_argument("--token", help="bearer token with the admin scope (default: "
+                   "$POLICYLOOP_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
     p.set_defaults(func=_admin)
 
     p = sub.add_parser("learn", help="join rewards and refresh a policy online",

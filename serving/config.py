@@ -56,6 +56,12 @@ class ServeConfig:
     max_concurrency: int = 1024
     ort_threads: int = 1
     use_gpu: bool = True
+    # Security (serving/auth.py): TLS on the gRPC port when tls_cert and tls_key are set;
+    # mutual TLS when tls_client_ca is set too; token scopes when tokens_file is set.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tokens_file: Path | None = None
 
     def policy(self, name: str) -> PolicyConfig:
         return self.policies.get(name) or PolicyConfig(strategy=self.default_strategy)
@@ -69,6 +75,10 @@ class ServeConfig:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise InvalidArgument(f"{name} must be in 0..65535, got {value}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         for name in ("log_queue_size", "max_message_bytes", "max_batch_rows", "max_concurrency",
                      "ort_threads"):
             if getattr(self, name) < 1:
@@ -84,6 +94,10 @@ _ENV = {
     "POLICYLOOP_KAFKA_BOOTSTRAP": "kafka_bootstrap",
     "POLICYLOOP_SPOOL_DIR": "spool_dir",
     "POLICYLOOP_DURABLE_ACK": "durable_ack",
+    "POLICYLOOP_TLS_CERT": "tls_cert",
+    "POLICYLOOP_TLS_KEY": "tls_key",
+    "POLICYLOOP_TLS_CLIENT_CA": "tls_client_ca",
+    "POLICYLOOP_TOKENS_FILE": "tokens_file",
 }
 
 
@@ -92,6 +106,8 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind == "Path":
             return Path(value)
+        if kind == "Path | None":
+            return Path(value) if value else None
         if kind == "int":
             return int(value)
         if kind == "float":

@@ -33,6 +33,7 @@ class ServingMetrics:
     rewards: Counter
     apprentice_matches: Counter
     in_flight: Gauge
+    auth_failures: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ServingMetrics:
@@ -75,4 +76,8 @@ class ServingMetrics:
             in_flight=Gauge(
                 "requests_in_flight", "Requests being handled now.", namespace=ns,
                 registry=registry),
+            auth_failures=Counter(
+                "auth_failures", "Calls refused by token authentication, by reason: missing "
+                "(no bearer token), invalid (unknown token), scope (token lacks the scope).",
+                ["reason"], namespace=ns, registry=registry),
         )

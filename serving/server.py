@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from models.registry import LocalRegistry, Registry
 from online.bus import open_producer
 from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
+from serving.auth import AuthInterceptor, load_tokens
 from serving.config import ServeConfig
 from serving.dataplane import DataPlane
 from serving.decision_log import DecisionLog
@@ -104,7 +105,13 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(interceptors=[ServingInterceptor(metrics, policies)],
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.tokens_file is not None:
+        interceptors.append(AuthInterceptor(
+            load_tokens(config.tokens_file),
+            on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()))
+    interceptors.append(ServingInterceptor(metrics, policies))
+    server = grpc.aio.server(interceptors=interceptors,
                              options=options, maximum_concurrent_rpcs=config.max_concurrency)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
         DecisionServicer(plane, config.max_batch_rows,
@@ -123,7 +130,16 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert is not None and config.tls_key is not None:
+        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=client_ca, require_client_auth=client_ca is not None)
+        port = server.add_secure_port(address, credentials)
+        log.info("gRPC with TLS%s", " and client certificates (mTLS)" if client_ca else "")
+    else:
+        port = server.add_insecure_port(address)
     http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics_registry)
     await server.start()
     await health_servicer.set("", SERVING if ready() else NOT_SERVING)
