@@ -94,8 +94,10 @@ def open_producer(kind: str, *, path: str | Path, bootstrap: str = "", partition
 
 
 def open_consumer(kind: str, group: str, topics: list[str], *, path: str | Path,
-                  bootstrap: str = "", partitions: int = 4) -> Consumer:
-    """A consumer-group member of the configured bus."""
+                  bootstrap: str = "", partitions: int = 4, from_latest: bool = False
+                  ) -> Consumer:
+    """A consumer-group member of the configured bus. ``from_latest``: on Kafka, a group
+    without committed offsets starts at the end of each partition, not the beginning."""
     if kind == "local":
         from online.local_log import LocalLog
 
@@ -103,5 +105,6 @@ def open_consumer(kind: str, group: str, topics: list[str], *, path: str | Path,
     if kind == "kafka":
         from online.kafka_bus import KafkaConsumerAdapter
 
-        return KafkaConsumerAdapter(bootstrap, group, topics)
+        return KafkaConsumerAdapter(bootstrap, group, topics,
+                                    auto_offset_reset="latest" if from_latest else "earliest")
     raise InvalidArgument(f"bus must be 'local' or 'kafka', got {kind!r}")

@@ -62,6 +62,7 @@ class LearnConfig:
     kafka_bootstrap: str = ""
     partitions: int = 4
     group: str = "policyloop-learner"
+    from_latest: bool = False  # Kafka: a new group skips what the topics already hold
     checkpoint: Path = Path("var/learner/checkpoint.json")
     window_ms: int = 30_000
     default_reward: float = 0.0
@@ -172,7 +173,8 @@ class Learner:
                                      [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS],
                                      path=self.config.bus_path,
                                      bootstrap=self.config.kafka_bootstrap,
-                                     partitions=self.config.partitions)
+                                     partitions=self.config.partitions,
+                                     from_latest=self.config.from_latest)
         try:
             idle_since = time.monotonic()
             while not self._done():

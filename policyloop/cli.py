@@ -148,6 +148,7 @@ def _learn(args: argparse.Namespace) -> int:
         registry=args.registry, policy=args.policy, registry_kafka=args.registry_kafka or "",
         bus=args.bus, bus_path=args.bus_path,
         kafka_bootstrap=args.kafka or "", partitions=args.partitions, group=args.group,
+        from_latest=args.from_latest,
         checkpoint=args.checkpoint, window_ms=args.window_ms,
         default_reward=args.default_reward, reward_rule=args.reward_rule,
         publish_every=args.publish_every, publish_interval_s=args.publish_interval,
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (bus=kafka)")
     p.add_argument("--partitions", type=int, default=4, help="local bus partitions")
     p.add_argument("--group", default="policyloop-learner", help="consumer group")
+    p.add_argument("--from-latest", action="store_true",
+                   help="Kafka: a group without committed offsets starts at the end of the "
+                   "topics (skip the history) instead of the beginning")
     p.add_argument("--checkpoint", type=Path, default=Path("var/learner/checkpoint.json"))
     p.add_argument("--window-ms", type=int, default=30_000, help="reward window")
     p.add_argument("--default-reward", type=float, default=0.0)

@@ -154,7 +154,9 @@ def start_loop(config: DemoConfig, run_dir: Path, policy: str) -> Processes:
              "--checkpoint", str(run_dir / "learner.json"), "--window-ms",
              str(config.window_ms), "--publish-every", str(config.publish_every),
              "--publish-interval", "2", "--gamma", str(config.gamma), "--metrics-port", "0",
-             "--group", f"demo-{policy}", *bus_args),
+             "--group", f"demo-{policy}", *bus_args,
+             # the shared topics' history belongs to other runs; traffic starts once it listens
+             *(["--from-latest"] if config.kafka else [])),
         "policyloop learn: consuming", run_dir / "learn.log")
     return Processes(server, learner, target)
 

@@ -188,7 +188,7 @@ def test_serving_killed_and_restarted_under_load_loses_no_acknowledged_decision(
         after_restart = len(app.decisions) - accepted_before_kill
     server.terminate()
     server.wait(timeout=30)
-    assert accepted_before_kill > 20 and after_restart > 20, (accepted_before_kill,
+    assert accepted_before_kill > 10 and after_restart > 10, (accepted_before_kill,
                                                               after_restart, app.errors)
     # errors only while the server was down, plus the client's reconnect backoff (gRPC waits
     # about a second, then longer, before it tries a failed address again)

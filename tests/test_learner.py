@@ -198,8 +198,10 @@ def test_the_learner_on_kafka_killed_five_times_ends_with_the_uninterrupted_mode
     assert report["examples"] == expected["examples"], (resumed_from, report["joiner"])
     assert report["joiner"] == expected["joiner"]
     joiner = report["joiner"]
-    assert joiner["duplicate_decisions"] == 0 and joiner["late_rewards"] == 0
-    assert joiner["emitted"] == report["examples"]
+    # (the producer may have written a record twice under load: Kafka is at-least-once, and
+    # duplicates are counted by the join, the same in both runs, never learned twice)
+    assert joiner["late_rewards"] == 0
+    assert joiner["emitted"] == report["examples"] <= 3000
     assert 0.85 * joiner["emitted"] <= joiner["rewarded"] <= rewards_sent
     np.testing.assert_allclose(_final_head(killed, policy), _final_head(clean, policy),
                                rtol=1e-9, atol=1e-12)
