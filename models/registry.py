@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -45,6 +46,8 @@ _POLICY_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Extra files: a plain name, no separators, never starting with a dot (so never "." or "..").
 _FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _RESERVED_FILES = frozenset({MODEL_FILE, MANIFEST_FILE})
+# Larger files are refused on publish and on load: a registry file is read whole into memory.
+DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
 
 
 def check_policy_name(policy: str) -> str:
@@ -69,18 +72,31 @@ def _check_version(version: int) -> int:
     return version
 
 
-def _read_inside(path: Path, root: Path, what: str) -> bytes:
-    """Read ``path`` after checking that it resolves inside ``root`` (no symlink escapes)."""
+def _read_inside(path: Path, root: Path, what: str, max_bytes: int) -> bytes:
+    """Read ``path`` after checking that it resolves inside ``root`` (no symlink escapes) and
+    is a regular file of at most ``max_bytes`` (checked before reading, so a huge file placed
+    by hand never reaches memory)."""
     try:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError) as exc:
-        raise ModelRejected(f"{what} {path} is missing") from exc
+        raise ModelRejected(f"{what} {path} is missing", "missing") from exc
     if not resolved.is_relative_to(root.resolve()):
-        raise ModelRejected(f"{what} {path} resolves to {resolved}, outside the registry {root}")
+        raise ModelRejected(f"{what} {path} resolves to {resolved}, outside the registry {root}",
+                            "outside")
     try:
-        return resolved.read_bytes()
+        info = os.stat(resolved)  # before opening: opening a FIFO would block
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelRejected(f"{what} {path} is not a regular file", "outside")
+        if info.st_size > max_bytes:
+            raise ModelRejected(f"{what} {path} is {info.st_size} bytes, over "
+                                f"max_model_bytes {max_bytes}", "oversized")
+        with open(resolved, "rb") as f:
+            data = f.read(max_bytes + 1)
     except FileNotFoundError as exc:
-        raise ModelRejected(f"{what} {path} is missing") from exc
+        raise ModelRejected(f"{what} {path} is missing", "missing") from exc
+    if len(data) > max_bytes:  # grew after the check
+        raise ModelRejected(f"{what} {path} is over max_model_bytes {max_bytes}", "oversized")
+    return data
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,7 @@ class ModelVersion:
     version: int
     manifest: Manifest
     path: Path
+    max_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest file it will read
 
     @property
     def model_path(self) -> Path:
@@ -108,12 +125,13 @@ class ModelVersion:
         """The ONNX bytes, checked against ``manifest.sha256``; ModelRejected when the file is
         missing, altered, or a link out of the registry."""
         data = _read_inside(self.model_path, self._root,
-                            f"model of policy {self.policy!r} version {self.version}")
+                            f"model of policy {self.policy!r} version {self.version}",
+                            self.max_bytes)
         digest = hashlib.sha256(data).hexdigest()
         if digest != self.manifest.sha256:
             raise ModelRejected(
                 f"model of policy {self.policy!r} version {self.version} has sha256 {digest}, "
-                f"manifest says {self.manifest.sha256}")
+                f"manifest says {self.manifest.sha256}", "checksum")
         return data
 
     def read_file(self, name: str) -> bytes:
@@ -124,7 +142,8 @@ class ModelVersion:
             raise NotFound(
                 f"policy {self.policy!r} version {self.version} has no file {name!r}")
         return _read_inside(path, self._root,
-                            f"file {name!r} of policy {self.policy!r} version {self.version}")
+                            f"file {name!r} of policy {self.policy!r} version {self.version}",
+                            self.max_bytes)
 
 
 class Registry(Protocol):
@@ -165,11 +184,11 @@ class LocalRegistry:
     host, via ``flock``) and lock-free readers.
 
     ``keep_last`` versions per policy survive each publish, plus the current one whatever its
-    age; ``max_model_bytes`` bounds a published model.
+    age; ``max_model_bytes`` bounds every file a version publishes, installs or loads.
     """
 
     def __init__(self, root: str | Path, *, keep_last: int = 10,
-                 max_model_bytes: int = 256 * 2**20) -> None:
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
         if keep_last < 1:
             raise InvalidArgument(f"keep_last {keep_last!r} is invalid: expected >= 1")
         if max_model_bytes < 1:
@@ -217,7 +236,8 @@ class LocalRegistry:
             raise ModelRejected(
                 f"manifest at {path} names policy {manifest.policy!r} version "
                 f"{manifest.version}, expected {policy!r} version {version}")
-        return ModelVersion(policy=policy, version=version, manifest=manifest, path=path)
+        return ModelVersion(policy=policy, version=version, manifest=manifest, path=path,
+                            max_bytes=self.max_model_bytes)
 
     def current(self, policy: str) -> ModelVersion:
         """The version ``CURRENT`` names. Retries when retention deleted that version between
@@ -251,11 +271,8 @@ class LocalRegistry:
         model = bytes(model)
         if not model:
             raise InvalidArgument(f"model of policy {policy!r} is empty")
-        if len(model) > self.max_model_bytes:
-            raise ResourceExhausted(
-                f"model of policy {policy!r} is {len(model)} bytes, over max_model_bytes "
-                f"{self.max_model_bytes}")
         extras = {_check_file_name(name): bytes(data) for name, data in (files or {}).items()}
+        self._check_sizes(policy, model, extras)
         clash = _RESERVED_FILES.intersection(extras)
         if clash:
             raise InvalidArgument(f"file name {sorted(clash)[0]!r} is reserved by the registry")
@@ -286,11 +303,22 @@ class LocalRegistry:
             raise ModelRejected(f"cannot install {policy} v{manifest.version}: no version "
                                 "number or the model does not match its sha256")
         extras = {_check_file_name(name): bytes(data) for name, data in (files or {}).items()}
+        try:
+            self._check_sizes(policy, model, extras)
+        except ResourceExhausted as exc:
+            raise ModelRejected(f"cannot install {policy} v{manifest.version}: {exc}") from exc
         (self._policy_dir(policy) / "versions").mkdir(parents=True, exist_ok=True)
         with self._locked(policy):
             if not self._version_dir(policy, manifest.version).exists():
                 self._store(policy, manifest, bytes(model), extras, make_current=False)
         return self.get(policy, manifest.version)
+
+    def _check_sizes(self, policy: str, model: bytes, extras: Mapping[str, bytes]) -> None:
+        for name, data in {MODEL_FILE: model, **extras}.items():
+            if len(data) > self.max_model_bytes:
+                raise ResourceExhausted(
+                    f"{name} of policy {policy!r} is {len(data)} bytes, over max_model_bytes "
+                    f"{self.max_model_bytes}")
 
     def _store(self, policy: str, stored: Manifest, model: bytes, extras: Mapping[str, bytes],
                make_current: bool) -> None:

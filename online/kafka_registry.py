@@ -17,6 +17,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -24,11 +25,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from models.registry import LocalRegistry, ModelVersion, check_policy_name
+from models.registry import DEFAULT_MAX_MODEL_BYTES, LocalRegistry, ModelVersion, check_policy_name
 from models.signature import Manifest
 from online.bus import MODELS, BusUnavailable
 from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
-from policyloop.errors import InvalidArgument, NotFound
+from policyloop.errors import InvalidArgument, ModelRejected, NotFound
+
+log = logging.getLogger(__name__)
 
 _CURRENT = "CURRENT"
 
@@ -37,8 +40,9 @@ class KafkaRegistry:
     """The ``Registry`` interface over a compacted topic, cached in ``cache_dir``."""
 
     def __init__(self, bootstrap: str, cache_dir: str | Path, *, topic: str = MODELS,
-                 sync_timeout_s: float = 0.5) -> None:
-        self.cache = LocalRegistry(cache_dir)
+                 sync_timeout_s: float = 0.5,
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
+        self.cache = LocalRegistry(cache_dir, max_model_bytes=max_model_bytes)
         self.topic = topic
         self._bootstrap = bootstrap
         self._timeout = sync_timeout_s
@@ -75,10 +79,16 @@ class KafkaRegistry:
             except NotFound:
                 pass  # the version record comes later in a reordered replay; set again then
             return
-        body = json.loads(value)
-        manifest = Manifest.from_json(body["manifest"])
-        files = {name: base64.b64decode(data) for name, data in body["files"].items()}
-        self.cache.install(base64.b64decode(body["model"]), manifest, files)
+        try:
+            body = json.loads(value)
+            manifest = Manifest.from_json(body["manifest"])
+            files = {name: base64.b64decode(data) for name, data in body["files"].items()}
+            self.cache.install(base64.b64decode(body["model"]), manifest, files)
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidArgument,
+                ModelRejected) as exc:
+            # one bad record must not stop this replica from reading the versions after it
+            log.error("registry topic %r: skipping record %r: %s", self.topic, key, exc)
+            return
         if self._current.get(policy) == manifest.version:
             self.cache.set_current(policy, manifest.version)
 

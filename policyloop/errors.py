@@ -31,8 +31,9 @@ class Unavailable(PolicyloopError):
 class ModelRejected(PolicyloopError):
     """A model version failed validation: corrupt file, checksum or signature mismatch.
 
-    ``reason`` is a short fixed word (a metric label): checksum, corrupt, incompatible,
-    signature, warmup, posterior or other.
+    ``reason`` is a short fixed word (a metric label): checksum, missing, outside (a link out
+    of the registry or not a regular file), oversized, corrupt, incompatible, signature,
+    warmup, posterior or other.
     """
 
     def __init__(self, message: str, reason: str = "other") -> None:

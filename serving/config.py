@@ -54,6 +54,7 @@ class ServeConfig:
     max_message_bytes: int = 4 << 20
     max_batch_rows: int = 1024
     max_concurrency: int = 1024
+    max_model_bytes: int = 256 << 20  # larger registry files are refused on load
     ort_threads: int = 1
     use_gpu: bool = True
     # Security (serving/auth.py): TLS on the gRPC port when tls_cert and tls_key are set;
@@ -80,7 +81,7 @@ class ServeConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         for name in ("log_queue_size", "max_message_bytes", "max_batch_rows", "max_concurrency",
-                     "ort_threads"):
+                     "max_model_bytes", "ort_threads"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         return self

@@ -110,10 +110,7 @@ def load_model(version: ModelVersion, *, expected: Manifest | None, providers: l
         if reason is not None:
             raise ModelRejected(f"{manifest.policy} v{manifest.version} incompatible: {reason}",
                                 "incompatible")
-    try:
-        data = version.read_model()  # verifies the checksum
-    except ModelRejected as exc:
-        raise ModelRejected(str(exc), "checksum") from exc
+    data = version.read_model()  # checksum, size, inside the registry: ModelRejected if not
     try:
         session = ort.InferenceSession(data, sess_options=session_options(threads),
                                        providers=providers)
@@ -199,6 +196,7 @@ class ModelStore:
         self._interval = watch_interval_s
         self._on_change = on_change
         self._models: dict[str, LoadedModel] = {}
+        metrics.declare_policies(self._policies)
         self._pinned: set[str] = set()
         self._rejected: dict[str, int] = {}  # policy -> last rejected version, not retried
         self._lock = threading.Lock()  # serialises loads and swaps, never taken by readers
@@ -232,7 +230,8 @@ class ModelStore:
             except NotFound:
                 continue
             except PolicyloopError as exc:
-                log.warning("registry read failed for %s: %s", policy, exc)
+                log.warning("registry read failed for %s: %s", policy, exc,
+                            extra={"policy": policy})
                 continue
             serving = self._models.get(policy)
             if serving is not None and serving.version == version.version:
@@ -252,13 +251,16 @@ class ModelStore:
                 reason = exc.reason
                 self._metrics.rejected_loads.labels(policy, reason).inc()
                 log.error("rejected model %s v%d (%s): %s; still serving v%s", policy,
-                          version.version, reason, exc, serving.version if serving else None)
+                          version.version, reason, exc, serving.version if serving else None,
+                          extra={"policy": policy, "model_version": version.version})
                 raise
             self._models[policy] = model  # the swap: one reference assignment
         if serving is not None:
             self._metrics.swaps.labels(policy).inc()
-        log.info("serving %s v%d on %s", policy, model.version, model.provider)
+        log.info("serving %s v%d on %s", policy, model.version, model.provider,
+                 extra={"policy": policy, "model_version": model.version})
         self._metrics.model_version.labels(policy).set(model.version)
+        self._metrics.record_load(policy, model.manifest.created_at)
         self._metrics.model_info.labels(policy).info({
             "version": str(model.version), "sha256": model.manifest.sha256[:16],
             "created_at": model.manifest.created_at,
@@ -307,7 +309,8 @@ class ModelStore:
             try:
                 self._load(policy, self._registry.current(policy))
             except (NotFound, ModelRejected) as exc:
-                log.error("policy %s not ready at start-up: %s", policy, exc)
+                log.error("policy %s not ready at start-up: %s", policy, exc,
+                          extra={"policy": policy})
         self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
         self._thread.start()
 

@@ -70,9 +70,10 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
         from online.kafka_registry import KafkaRegistry
 
         registry = KafkaRegistry(config.registry_kafka, config.registry,
-                                 topic=config.registry_topic, sync_timeout_s=0.05)
+                                 topic=config.registry_topic, sync_timeout_s=0.05,
+                                 max_model_bytes=config.max_model_bytes)
     else:
-        registry = LocalRegistry(config.registry)
+        registry = LocalRegistry(config.registry, max_model_bytes=config.max_model_bytes)
     policies = sorted(config.policies) or registry.policies()
     if not policies:
         log.warning("registry %s holds no policy yet; serving none", config.registry)

@@ -21,7 +21,7 @@ from tests.test_server import recsys_request
 @pytest.fixture()
 def served(tmp_path: Path) -> Iterator[tuple[ServerThread, LocalRegistry]]:
     registry = make_registry(tmp_path / "registry")
-    server = ServerThread(serve_config(tmp_path))
+    server = ServerThread(serve_config(tmp_path, max_model_bytes=64 * 1024))
     yield server, registry
     server.stop()
 
@@ -83,16 +83,29 @@ def test_fifty_swaps_under_concurrent_load_fail_no_request(served) -> None:
 
 @pytest.mark.parametrize("damage, reason", [
     ("corrupt", "checksum"),
+    ("truncated", "checksum"),
+    ("oversized", "oversized"),  # the server's max_model_bytes is 64 KiB here
+    ("link out of the registry", "outside"),
     ("incompatible", "incompatible"),
 ])
-def test_a_bad_version_is_rejected_and_the_old_one_keeps_serving(served, damage,
-                                                                  reason) -> None:
+def test_a_bad_version_is_rejected_and_the_old_one_keeps_serving(served, tmp_path: Path,
+                                                                  damage, reason) -> None:
     server, registry = served
-    if damage == "corrupt":
-        bad = registry.publish("recsys", *scoring_model(seed=2))
-        bad.model_path.write_bytes(b"\x08garbage" + bad.model_path.read_bytes()[8:])
-    else:  # a model trained on another feature layout
+    if damage == "incompatible":  # a model trained on another feature layout
         registry.publish("recsys", *scoring_model(seed=2, context_dim=9))
+    else:
+        bad = registry.publish("recsys", *scoring_model(seed=2))
+        good = bad.model_path.read_bytes()
+        if damage == "corrupt":
+            bad.model_path.write_bytes(b"\x08garbage" + good[8:])
+        elif damage == "truncated":
+            bad.model_path.write_bytes(good[: len(good) // 2])
+        elif damage == "oversized":
+            bad.model_path.write_bytes(good + b"\0" * (64 * 1024))
+        else:  # the same bytes, but outside: the checksum alone would pass
+            (tmp_path / "elsewhere.onnx").write_bytes(good)
+            bad.model_path.unlink()
+            bad.model_path.symlink_to(tmp_path / "elsewhere.onnx")
     labels = {"policy": "recsys", "reason": reason}
     deadline = time.monotonic() + 10
     metrics = server.running.metrics_registry

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from online.kafka_bus import KafkaProducerAdapter
 from online.kafka_registry import KafkaRegistry
 from online.topics import TopicSpec, create_topics
 from protos import decision_pb2_grpc as pb_grpc
@@ -38,6 +42,28 @@ def test_versions_and_current_travel_through_the_topic(kafka_bootstrap: str, top
     writer.set_current("recsys", 2)
     assert reader.current("recsys").version == 2
     assert reader.get("recsys", 2).manifest.parent_version == 1
+    writer.close()
+    reader.close()
+
+
+def test_a_bad_record_on_the_topic_is_skipped_and_later_versions_still_arrive(
+        kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
+    writer = KafkaRegistry(kafka_bootstrap, tmp_path / "writer", topic=topic)
+    writer.publish("recsys", *scoring_model(seed=1))
+    producer = KafkaProducerAdapter(kafka_bootstrap)
+    model, manifest = scoring_model(seed=2)
+    tampered = dataclasses.replace(manifest, version=2, sha256="0" * 64).to_json()
+    for value in (b"not json", json.dumps({"manifest": tampered, "files": {},
+                                           "model": base64.b64encode(model).decode()}).encode()):
+        producer.send(topic, value, b"recsys/00000002")
+    producer.flush()
+    producer.close()
+    good = writer.publish("recsys", *scoring_model(seed=3))
+    # the next version reuses the bad records' key, so compaction drops them eventually
+    assert good.version == 2
+    reader = KafkaRegistry(kafka_bootstrap, tmp_path / "reader", topic=topic)
+    assert reader.versions("recsys") == [1, 2]
+    assert reader.current("recsys").read_model() == good.read_model() == scoring_model(seed=3)[0]
     writer.close()
     reader.close()
 

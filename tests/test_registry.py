@@ -238,6 +238,34 @@ def test_symlinks_out_of_the_registry_are_rejected(tmp_path: Path) -> None:
         mv.read_file("head.npz")
 
 
+def test_files_over_the_size_limit_are_refused_on_load_and_install(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path / "reg", max_model_bytes=100)
+    mv = reg.publish("recs", b"m" * 100, _manifest(), {"head.npz": b"h" * 100})
+    assert mv.read_model() == b"m" * 100
+    mv.model_path.write_bytes(b"m" * 101)  # grown by hand: refused before it is read
+    with pytest.raises(ModelRejected, match="101 bytes, over max_model_bytes 100") as err:
+        reg.get("recs", 1).read_model()
+    assert err.value.reason == "oversized"
+    (mv.path / "head.npz").write_bytes(b"h" * 101)
+    with pytest.raises(ModelRejected, match="head.npz.*101 bytes"):
+        mv.read_file("head.npz")
+    with pytest.raises(ResourceExhausted, match="head.npz of policy 'recs' is 101 bytes"):
+        reg.publish("recs", b"m", _manifest(), {"head.npz": b"h" * 101})
+    other = LocalRegistry(tmp_path / "other", max_model_bytes=100)
+    stored = dataclasses.replace(mv.manifest, sha256=hashlib.sha256(b"m" * 101).hexdigest())
+    with pytest.raises(ModelRejected, match="cannot install recs v1"):
+        other.install(b"m" * 101, stored)
+
+
+def test_a_registry_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    mv = reg.publish("recs", _model("v1"), _manifest())
+    mv.model_path.unlink()
+    os.mkfifo(mv.model_path)  # opening it would block the loader
+    with pytest.raises(ModelRejected, match="not a regular file"):
+        mv.read_model()
+
+
 def test_symlink_inside_the_registry_is_allowed(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path)
     mv = reg.publish("recs", _model("v1"), _manifest())
