@@ -7,6 +7,7 @@ could drift from them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -67,3 +68,16 @@ class LearnerCollector(Collector):
                                       labels=["policy"])
         watermark.add_metric([policy], learner.joiner.watermark_ms / 1000)
         yield watermark
+        lag = GaugeMetricFamily("policyloop_learner_lag_seconds",
+                                "Wall time minus the join watermark: how far behind real time "
+                                "the learner has closed reward windows (absent until the "
+                                "watermark first moves).", labels=["policy"])
+        if learner.joiner.watermark_ms > 0:
+            lag.add_metric([policy], time.time() - learner.joiner.watermark_ms / 1000)
+        yield lag
+        incumbent = GaugeMetricFamily("policyloop_learner_model_version",
+                                      "Version the learner trains against (the last one it "
+                                      "promoted, or the registry's current at start).",
+                                      labels=["policy"])
+        incumbent.add_metric([policy], learner.model.version)
+        yield incumbent

@@ -284,6 +284,7 @@ class DataPlane:
                             timestamp_ms=r.timestamp_ms or int(time.time() * 1000))
         self._log.submit(bus.REWARDS, event.key, event.to_bytes())
         self._metrics.rewards.labels(r.policy or "unspecified").inc()
+        self._metrics.reward_value.labels(r.policy or "unspecified").observe(float(r.value))
         return r.event_id
 
     def activate(self, event_id: str, policy: str) -> str:

@@ -8,9 +8,12 @@ the server's configuration, methods and codes from fixed sets, actions only for 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
 
 NAMESPACE = "policyloop"
 
@@ -18,6 +21,10 @@ NAMESPACE = "policyloop"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
                    0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PROPENSITY_BUCKETS = (0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
+# Every ``ModelRejected.reason`` (policyloop/errors.py); declared up front per policy so a
+# first rejection is an increase Prometheus can see (a series born at 1 has no increase).
+REJECT_REASONS = ("checksum", "missing", "outside", "oversized", "corrupt", "incompatible",
+                  "signature", "warmup", "posterior", "other")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,9 @@ class ServingMetrics:
     swaps: Counter
     rejected_loads: Counter
     rewards: Counter
+    reward_value: Summary
+    model_created: Gauge
+    model_loaded: Gauge
     apprentice_matches: Counter
     in_flight: Gauge
     auth_failures: Counter
@@ -69,6 +79,18 @@ class ServingMetrics:
             rewards=Counter(
                 "rewards", "Rewards accepted, by policy.", ["policy"], namespace=ns,
                 registry=registry),
+            reward_value=Summary(
+                "reward_value", "Accepted reward values, by policy: rate(_sum) / rate(_count) "
+                "is the mean reward (rate() assumes rewards >= 0).", ["policy"],
+                namespace=ns, registry=registry),
+            model_created=Gauge(
+                "model_created_timestamp_seconds", "Unix time the served version was created "
+                "(published to the registry), per policy; time() minus it is the model's age.",
+                ["policy"], namespace=ns, registry=registry),
+            model_loaded=Gauge(
+                "model_loaded_timestamp_seconds", "Unix time the served version was loaded "
+                "(first load or swap), per policy.", ["policy"], namespace=ns,
+                registry=registry),
             apprentice_matches=Counter(
                 "apprentice_decisions", "Apprentice-mode decisions, by whether the policy "
                 "agreed with the app's baseline action.", ["policy", "match"], namespace=ns,
@@ -81,3 +103,23 @@ class ServingMetrics:
                 "(no bearer token), invalid (unknown token), scope (token lacks the scope).",
                 ["reason"], namespace=ns, registry=registry),
         )
+
+    def declare_policies(self, policies: Iterable[str]) -> None:
+        """Create the per-policy swap and rejection series at zero, so their first increase
+        shows in ``increase()`` and the alerts on it fire on the first bad version."""
+        for policy in policies:
+            self.swaps.labels(policy)
+            for reason in REJECT_REASONS:
+                self.rejected_loads.labels(policy, reason)
+
+    def record_load(self, policy: str, created_at: str) -> None:
+        """A version of ``policy`` created at ``created_at`` (ISO 8601, as the registry writes
+        it) has just been loaded; a manifest without a readable time leaves the age unset."""
+        self.model_loaded.labels(policy).set(time.time())
+        try:
+            created = datetime.fromisoformat(created_at)
+        except ValueError:
+            return
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        self.model_created.labels(policy).set(created.timestamp())
