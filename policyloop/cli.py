@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from policyloop.errors import PolicyloopError
+from policyloop.logs import setup_logging
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="policyloop",
         description="Real-time decisions that learn online: train, serve, learn, evaluate.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="text lines, or one JSON object per line (default text)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a policy offline from simulated logged data",
@@ -409,8 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format)
     try:
         return int(args.func(args) or 0)
     except PolicyloopError as exc:

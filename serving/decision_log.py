@@ -57,6 +57,11 @@ _MIN_BACKOFF_S = 0.05
 _Item = tuple[str, bytes | None, bytes]
 
 
+def _event_fields(key: bytes | None) -> dict[str, str]:
+    """Log ``extra=`` naming the event a record belongs to (its key is the event id)."""
+    return {} if key is None else {"event_id": key.decode("utf-8", "replace")}
+
+
 def _encode(item: _Item) -> bytes:
     topic, key, value = item
     name = topic.encode("utf-8")
@@ -461,17 +466,18 @@ class DecisionLog:
             n = 0
         self._spooled.inc(n)
         if n < len(items):
-            self._drop(len(items) - n, why)
+            self._drop(len(items) - n, why, items[-1][1])
         return n
 
-    def _drop(self, n: int, why: str) -> None:
+    def _drop(self, n: int, why: str, key: bytes | None = None) -> None:
+        """Count ``n`` dropped records; ``key`` (an event id) of the last one goes in the log."""
         self._dropped += n
         self._dropped_total.inc(n)
         self._drops_unlogged += n
         now = time.monotonic()
         if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
             log.error("decision log DROPPED %d records (%d in total): %s", self._drops_unlogged,
-                      self._dropped, why)
+                      self._dropped, why, extra=_event_fields(key))
             self._drops_unlogged = 0
             self._last_drop_log = now
 
@@ -584,13 +590,14 @@ class DecisionLog:
                 except InvalidArgument as e:
                     dropped += 1
                     with self._lock:
-                        self._drop(1, f"the producer rejected a record for {topic!r}: {e}")
+                        self._drop(1, f"the producer rejected a record for {topic!r}: {e}",
+                                   key)
                 settled += 1
             self._producer.flush(self._flush_timeout_s)
         except Exception as e:
             if not self._bus_failing:
                 log.warning("decision log: the bus failed (%s); spooling to %s and retrying",
-                            e, self.spool_dir)
+                            e, self.spool_dir, extra=_event_fields(batch[0][1] if batch else None))
                 self._bus_failing = True
             else:
                 log.debug("decision log: the bus still fails: %s", e)

@@ -129,7 +129,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             except PolicyloopError as exc:
                 code, message = status_of(exc), str(exc)
             except Exception:
-                log.exception("unhandled error in %s", method)
+                log.exception("unhandled error in %s", method, extra={
+                    "policy": getattr(request, "policy", None) or None,
+                    "event_id": getattr(request, "event_id", None) or None})
                 code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
             finally:
                 metrics.in_flight.dec()
