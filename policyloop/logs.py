@@ -11,7 +11,7 @@ A JSON line carries ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``log
 >>> record.policy, record.model_version = "recsys", 7
 >>> print(JsonFormatter().format(record))
 {"time": "1970-01-01T00:00:00.000Z", "level": "ERROR", "logger": "serving.model_store", \
-"message": "rejected model recsys v7", "policy": "recsys", "model_version": 7}
+"message": "rejected model recsys v7", "model_version": 7, "policy": "recsys"}
 """
 
 from __future__ import annotations
