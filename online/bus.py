@@ -23,6 +23,7 @@ REWARDS = "rewards"
 ACTIVATIONS = "activations"
 EXAMPLES = "examples"
 MODELS = "models"
+LEARNER_STATS = "learner-stats"  # each learner shard's sufficient statistics (online/shards.py)
 
 
 class BusUnavailable(PolicyloopError):
@@ -40,6 +41,19 @@ class Record:
 
 
 TopicPartition = tuple[str, int]
+# (index, count): a consumer that reads only partitions p with p % count == index, assigned
+# statically instead of by the group (the learner's scale-out, online/shards.py)
+Shard = tuple[int, int]
+
+
+def check_shard(shard: object) -> Shard:
+    """``shard`` when it is (index, count) with 0 <= index < count."""
+    if (not isinstance(shard, tuple) or len(shard) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            or not 0 <= shard[0] < shard[1]):
+        raise InvalidArgument(f"shard must be (index, count) with 0 <= index < count, "
+                              f"got {shard!r}")
+    return shard
 
 
 def check_record(value: object, key: object) -> None:
@@ -94,17 +108,20 @@ def open_producer(kind: str, *, path: str | Path, bootstrap: str = "", partition
 
 
 def open_consumer(kind: str, group: str, topics: list[str], *, path: str | Path,
-                  bootstrap: str = "", partitions: int = 4, from_latest: bool = False
-                  ) -> Consumer:
+                  bootstrap: str = "", partitions: int = 4, from_latest: bool = False,
+                  shard: Shard | None = None) -> Consumer:
     """A consumer-group member of the configured bus. ``from_latest``: on Kafka, a group
-    without committed offsets starts at the end of each partition, not the beginning."""
+    without committed offsets starts at the end of each partition, not the beginning.
+    ``shard``: read only that shard's partitions (static assignment; offsets are still
+    committed to ``group``)."""
     if kind == "local":
         from online.local_log import LocalLog
 
-        return LocalLog(Path(path), partitions=partitions).consumer(group, topics)
+        return LocalLog(Path(path), partitions=partitions).consumer(group, topics, shard=shard)
     if kind == "kafka":
         from online.kafka_bus import KafkaConsumerAdapter
 
         return KafkaConsumerAdapter(bootstrap, group, topics,
-                                    auto_offset_reset="latest" if from_latest else "earliest")
+                                    auto_offset_reset="latest" if from_latest else "earliest",
+                                    shard=shard)
     raise InvalidArgument(f"bus must be 'local' or 'kafka', got {kind!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as _KafkaTP
 
-from online.bus import BusUnavailable, Record, TopicPartition, check_record
+from online.bus import BusUnavailable, Record, Shard, TopicPartition, check_record, check_shard
 from policyloop.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -191,14 +192,17 @@ class KafkaConsumerAdapter:
 
     Offsets are committed only by ``commit`` (auto-commit is off), so processing is
     at-least-once. Partitions are assigned by the group on ``poll``: ``assignment()`` is empty
-    until the first poll has joined the group, and changes when members join or leave. A
-    partition without a committed offset starts at ``auto_offset_reset`` ("earliest" or
-    "latest"). Not thread-safe: use one consumer per thread.
+    until the first poll has joined the group, and changes when members join or leave. With
+    ``shard`` = (index, count) the consumer assigns itself partitions p with p % count == index
+    instead (no group rebalancing; offsets are still committed to ``group``). A partition
+    without a committed offset starts at ``auto_offset_reset`` ("earliest" or "latest").
+    Not thread-safe: use one consumer per thread.
     """
 
     def __init__(self, bootstrap: str, group: str, topics: Iterable[str], *,
                  auto_offset_reset: str = "earliest", client_id: str = "policyloop",
-                 session_timeout_ms: int = 10_000, timeout: float = 10.0) -> None:
+                 session_timeout_ms: int = 10_000, timeout: float = 10.0,
+                 shard: Shard | None = None) -> None:
         if isinstance(topics, str) or not (topics := list(dict.fromkeys(topics))):
             raise InvalidArgument(f"topics must be a non-empty list of names, got {topics!r}")
         if not isinstance(group, str) or not group:
@@ -211,21 +215,47 @@ class KafkaConsumerAdapter:
         self.topics = topics
         self.timeout = timeout
         self._timeout_ms = max(int(timeout * 1000), 1)
+        self._shard = None if shard is None else check_shard(shard)
+        self._unassigned = set(topics) if shard is not None else set()
+        self._assign_checked = 0.0
         try:
             self._consumer = KafkaConsumer(
-                *topics, bootstrap_servers=bootstrap, group_id=group, client_id=client_id,
+                *([] if shard is not None else topics),
+                bootstrap_servers=bootstrap, group_id=group, client_id=client_id,
                 enable_auto_commit=False, auto_offset_reset=auto_offset_reset,
                 allow_auto_create_topics=False, session_timeout_ms=session_timeout_ms,
                 bootstrap_timeout_ms=self._timeout_ms,
                 reconnect_backoff_max_ms=_RECONNECT_BACKOFF_MAX_MS)
         except KafkaError as e:
             raise BusUnavailable(f"kafka at {bootstrap!r} is unreachable: {e}") from e
+        self._assign_shard()
+
+    def _assign_shard(self) -> None:
+        """Static assignment (``shard``): this shard's partitions of every subscribed topic
+        that exists; topics that do not exist yet are looked for again about once a second."""
+        if not self._unassigned or time.monotonic() - self._assign_checked < 1.0:
+            return
+        self._assign_checked = time.monotonic()
+        assert self._shard is not None
+        index, count = self._shard
+        try:
+            found = {t: self._consumer.partitions_for_topic(t) for t in self._unassigned}
+        except KafkaError as e:
+            raise BusUnavailable(f"kafka at {self.bootstrap!r}: metadata failed: {e}") from e
+        found = {t: ps for t, ps in found.items() if ps}
+        if not found:
+            return
+        mine = [_KafkaTP(t, p) for t, ps in found.items() for p in sorted(ps)
+                if p % count == index]
+        self._consumer.assign(sorted(set(self._consumer.assignment()) | set(mine)))
+        self._unassigned -= set(found)
 
     def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
         """Up to ``max_records`` records, in offset order per partition; [] after ``timeout``
         seconds without any."""
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise InvalidArgument(f"max_records must be an int >= 1, got {max_records!r}")
+        self._assign_shard()
         try:
             batches = self._consumer.poll(timeout_ms=max(int(timeout * 1000), 0),
                                           max_records=max_records)

@@ -20,6 +20,10 @@ the interleaving of partitions (see ``online/join.py``) and, without forgetting 
 the statistics are sums that do not depend on the order of examples, so a killed and
 restarted learner ends with the same head as an uninterrupted one. With forgetting, or with the
 gate on, the result also depends on when versions were published, which a restart can shift.
+
+Scale-out (``shard_count`` > 1, ``online/shards.py``): each shard reads its share of the
+partitions and keeps its own checkpoint; shard 0 alone publishes models, from its statistics
+merged with the other shards' latest snapshots, and gates on its own held-out events.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from online import bus, ope
 from online.events import ActivationEvent, DecisionEvent, RewardEvent
 from online.join import Example, RewardJoiner
 from online.linear import LinearHeads
+from online.shards import ShardStats, StatsReader, StatsWriter
+from policyloop.errors import InvalidArgument
 from serving.model_store import LoadedModel, choose_providers, load_model
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,8 @@ class LearnConfig:
     partitions: int = 4
     group: str = "policyloop-learner"
     from_latest: bool = False  # Kafka: a new group skips what the topics already hold
+    shard_index: int = 0  # scale-out: this learner reads partitions p % shard_count == index
+    shard_count: int = 1
     checkpoint: Path = Path("var/learner/checkpoint.json")
     window_ms: int = 30_000
     default_reward: float = 0.0
@@ -138,12 +146,22 @@ class Learner:
         self.model = self._load_current()
         weight, bias = read_head(self.model_bytes, self.model.manifest.head)
         self.heads = LinearHeads.from_head(weight, bias, prior=config.prior, gamma=config.gamma)
+        self.shard = bus.check_shard((config.shard_index, config.shard_count))
+        self.partitions = [p for p in range(config.partitions)
+                           if p % config.shard_count == config.shard_index]
+        if not self.partitions:
+            raise InvalidArgument(f"shard {config.shard_index}/{config.shard_count} owns none "
+                                  f"of the {config.partitions} partitions: use at most "
+                                  f"{config.partitions} shards")
         self.joiner = RewardJoiner(window_ms=config.window_ms,
                                    default_reward=config.default_reward,
                                    reward_rule=config.reward_rule,
                                    sources=tuple(f"{topic}:{p}"
                                                  for topic in (bus.DECISIONS, bus.REWARDS)
-                                                 for p in range(config.partitions)))
+                                                 for p in self.partitions))
+        self._stats_writer: StatsWriter | None = None
+        self._stats_reader: StatsReader | None = None
+        self.merged: dict[int, int] = {}  # shard 0: examples of each shard's merged snapshot
         self.positions: dict[tuple[str, int], int] = {}
         self.examples = 0
         self.since_publish = 0
@@ -174,7 +192,8 @@ class Learner:
                                      path=self.config.bus_path,
                                      bootstrap=self.config.kafka_bootstrap,
                                      partitions=self.config.partitions,
-                                     from_latest=self.config.from_latest)
+                                     from_latest=self.config.from_latest,
+                                     shard=self.shard if self.shard[1] > 1 else None)
         try:
             idle_since = time.monotonic()
             while not self._done():
@@ -207,11 +226,25 @@ class Learner:
         finally:
             consumer.close()
 
+    def close(self) -> None:
+        """Release the scale-out clients (the bus consumer closes when ``run`` returns)."""
+        for client in (self._stats_writer, self._stats_reader):
+            if client is not None:
+                client.close()
+
+    def finish(self) -> None:
+        """After ``run``: publish what is not published yet (examples, or shard 0 of several:
+        snapshots other shards wrote since its last version)."""
+        if self.since_publish or self._others_reported():
+            self.publish()
+
     def _drained(self, consumer: bus.Consumer) -> bool:
         """True when every record on the bus has been read. An empty poll alone does not say
         so: a Kafka consumer waiting for a rebalance also polls nothing."""
         for topic in (bus.DECISIONS, bus.REWARDS):
             for partition, end in consumer.end_offsets(topic).items():
+                if partition % self.shard[1] != self.shard[0]:
+                    continue
                 if self.positions.get((topic, partition), 0) < end:
                     return False
         return True
@@ -233,10 +266,66 @@ class Learner:
                                   and self.examples >= self.config.max_examples)
 
     def _publish_due(self) -> bool:
-        if self.since_publish == 0:
+        if self.since_publish >= self.config.publish_every:
+            return True
+        if time.monotonic() - self._last_publish < self.config.publish_interval_s:
             return False
-        return (self.since_publish >= self.config.publish_every
-                or time.monotonic() - self._last_publish >= self.config.publish_interval_s)
+        if self.since_publish or self._others_reported():
+            return True
+        self._last_publish = time.monotonic()  # look at the other shards once an interval
+        return False
+
+    def _others_reported(self) -> bool:
+        """Shard 0 of several: has another shard written a snapshot not merged yet?"""
+        reader = self._reader()
+        if reader is None:
+            return False
+        reader.refresh()
+        return any(self.merged.get(i, -1) < stats.examples
+                   for i, stats in reader.latest.items())
+
+    def _reader(self) -> StatsReader | None:
+        if self.shard[1] == 1 or self.shard[0] != 0:
+            return None
+        if self._stats_reader is None:
+            self._stats_reader = StatsReader(
+                self.config.bus, self.config.policy, self.shard, path=self.config.bus_path,
+                bootstrap=self.config.kafka_bootstrap, partitions=self.config.partitions)
+        return self._stats_reader
+
+    def _write_stats(self) -> dict:
+        """Shards 1..N-1 publish no model: they hand their statistics to shard 0."""
+        if self._stats_writer is None:
+            self._stats_writer = StatsWriter(bus.open_producer(
+                self.config.bus, path=self.config.bus_path,
+                bootstrap=self.config.kafka_bootstrap, partitions=self.config.partitions,
+                client_id=f"policyloop-learner-{self.shard[0]}"))
+        self._stats_writer.write(self.config.policy, ShardStats(
+            self.shard[0], self.shard[1], self.examples, self.heads))
+        log.info("learner shard %d/%d: wrote statistics of %d examples", *self.shard,
+                 self.examples)
+        record = {"shard": self.shard[0], "examples": self.examples}
+        self.since_publish = 0
+        self._last_publish = time.monotonic()
+        self.checkpoint()
+        return record
+
+    def _all_heads(self) -> tuple[LinearHeads, int]:
+        """This shard's statistics merged with every other shard's latest snapshot, and the
+        examples they cover."""
+        heads, examples = self.heads, self.examples
+        reader = self._reader()
+        if reader is not None:
+            reader.refresh()
+            for index, stats in sorted(reader.latest.items()):
+                heads = heads.merge(stats.heads)
+                examples += stats.examples
+                self.merged[index] = stats.examples
+            missing = set(range(1, self.shard[1])) - set(reader.latest)
+            if missing:
+                log.warning("publishing without statistics of shards %s (none written yet)",
+                            sorted(missing))
+        return heads, examples
 
     def handle(self, record: bus.Record) -> None:
         """One bus record: join it, learn from whatever examples it completes.
@@ -320,9 +409,13 @@ class Learner:
         return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
 
     def publish(self) -> dict:
-        """Build the candidate head, gate it against the serving one, publish it."""
+        """Build the candidate head, gate it against the serving one, publish it (shards
+        other than 0: write this shard's statistics instead)."""
+        if self.shard[0] != 0:
+            return self._write_stats()
         manifest = self.model.manifest
-        weight, bias = self.heads.head()
+        heads, examples = self._all_heads()
+        weight, bias = heads.head()
         incumbent_w, incumbent_b = read_head(self.model_bytes, manifest.head)
         candidate_t = self._greedy_targets(weight, bias)
         incumbent_t = self._greedy_targets(incumbent_w, incumbent_b)
@@ -345,13 +438,14 @@ class Learner:
         new_bytes = replace_head(self.model_bytes, manifest.head, weight, bias)
         new_manifest = replace(manifest, parent_version=manifest.version, version=0,
                                created_at="", sha256="", evaluation=evaluation,
-                               training={"online": True, "examples": self.examples,
+                               training={"online": True, "examples": examples,
+                                         "shards": self.shard[1],
                                          "latest_reward_ms": self.latest_reward_ms,
                                          "joiner": vars(self.joiner.stats)})
         version = self.registry.publish(
             self.config.policy, new_bytes, new_manifest,
-            {"head.npz": self.heads.posterior().to_npz_bytes()}, make_current=promote)
-        record = {"version": version.version, "examples": self.examples,
+            {"head.npz": heads.posterior().to_npz_bytes()}, make_current=promote)
+        record = {"version": version.version, "examples": examples,
                   "latest_reward_ms": self.latest_reward_ms, **evaluation}
         self.published.append(record)
         log.info("published %s v%d (%s)", self.config.policy, version.version,
@@ -377,6 +471,7 @@ class Learner:
             "latest_reward_ms": self.latest_reward_ms,
             "published": self.published, "model_version": self.model.version,
             "joiner": self.joiner.state(), "holdout": self._holdout.state(),
+            "shard": list(self.shard), "merged": {str(i): n for i, n in self.merged.items()},
         }
         path = self.config.checkpoint
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +484,12 @@ class Learner:
 
     def _restore(self) -> None:
         state = json.loads(self.config.checkpoint.read_text())
+        if tuple(state.get("shard", (0, 1))) != self.shard:
+            raise InvalidArgument(
+                f"checkpoint {self.config.checkpoint} belongs to shard "
+                f"{state['shard'][0]}/{state['shard'][1]}, not {self.shard[0]}/{self.shard[1]}:"
+                " resharding needs fresh checkpoints and a new consumer group")
+        self.merged = {int(i): n for i, n in state.get("merged", {}).items()}
         self.positions = {(t, p): o for t, p, o in state["positions"]}
         with np.load(io.BytesIO(base64.b64decode(state["heads"]))) as arrays:
             self.heads = LinearHeads.from_npz_arrays({k: arrays[k] for k in arrays.files})

@@ -43,7 +43,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from online.bus import BusUnavailable, Record, TopicPartition, check_record
+from online.bus import BusUnavailable, Record, Shard, TopicPartition, check_record, check_shard
 from policyloop.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -366,8 +366,9 @@ class LocalLog:
     def producer(self) -> LocalProducer:
         return LocalProducer(self)
 
-    def consumer(self, group: str, topics: Sequence[str]) -> LocalConsumer:
-        return LocalConsumer(self, group, topics)
+    def consumer(self, group: str, topics: Sequence[str], *,
+                 shard: Shard | None = None) -> LocalConsumer:
+        return LocalConsumer(self, group, topics, shard=shard)
 
     def topics(self) -> list[str]:
         """Names of the topics that exist (have received a record)."""
@@ -550,13 +551,16 @@ class LocalConsumer:
     """Reads its topics' partitions of a ``LocalLog``, from the group's committed offsets.
 
     The one member of its group: it is assigned every partition of its topics, including those
-    of topics created after it started. Without a committed offset it starts at the earliest
-    record. ``poll`` moves the position; ``commit`` stores it only when asked.
+    of topics created after it started (with ``shard`` = (index, count), only partitions p
+    with p % count == index). Without a committed offset it starts at the earliest record.
+    ``poll`` moves the position; ``commit`` stores it only when asked.
     """
 
-    def __init__(self, log: LocalLog, group: str, topics: Sequence[str]) -> None:
+    def __init__(self, log: LocalLog, group: str, topics: Sequence[str], *,
+                 shard: Shard | None = None) -> None:
         if isinstance(topics, str) or not topics:
             raise InvalidArgument(f"topics must be a non-empty list of names, got {topics!r}")
+        self._shard = (0, 1) if shard is None else check_shard(shard)
         self._log = log
         self._group = _check_name("group", group)
         self._topics = [_check_name("topic", t) for t in dict.fromkeys(topics)]
@@ -638,6 +642,8 @@ class LocalConsumer:
                 committed = self._log._read_group(self._group)
             partitions, segment_bytes = meta
             for p in range(partitions):
+                if p % self._shard[1] != self._shard[0]:
+                    continue
                 self._readers[(topic, p)] = _Reader(self._log._partition_dir(topic, p),
                                                     segment_bytes)
                 self._positions[(topic, p)] = committed.get((topic, p), 0)

@@ -4,7 +4,8 @@ The test broker runs with ``auto.create.topics.enable=false``: every topic is cr
 explicitly, so its partition count, retention and cleanup policy are the declared ones rather
 than broker defaults. Event topics share one partition count so that a key (an event id) maps
 to the same partition number in ``decisions`` and ``rewards``. ``models`` is compacted: the
-latest record per key (a policy name) is kept forever.
+latest record per key (a policy's version or its current pointer) is kept forever, and so is
+``learner-stats`` (each learner shard's latest statistics).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 
-from online.bus import ACTIVATIONS, DECISIONS, EXAMPLES, MODELS, REWARDS, BusUnavailable
+from online.bus import (
+    ACTIVATIONS,
+    DECISIONS,
+    EXAMPLES,
+    LEARNER_STATS,
+    MODELS,
+    REWARDS,
+    BusUnavailable,
+)
 from policyloop.errors import InvalidArgument
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -61,6 +70,8 @@ DEFAULT_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(ACTIVATIONS, partitions=4, retention_ms=WEEK_MS),
     TopicSpec(EXAMPLES, partitions=4, retention_ms=WEEK_MS),
     TopicSpec(MODELS, partitions=1, retention_ms=-1, compact=True),
+    # the learner shards' latest statistics, one record per policy and shard (online/shards.py)
+    TopicSpec(LEARNER_STATS, partitions=1, retention_ms=-1, compact=True),
 )
 
 

@@ -143,12 +143,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _learn(args: argparse.Namespace) -> int:
     from online.learner import LearnConfig, Learner
+    from online.shards import parse_shard
 
+    shard_index, shard_count = parse_shard(args.shard)
     config = LearnConfig(
         registry=args.registry, policy=args.policy, registry_kafka=args.registry_kafka or "",
         bus=args.bus, bus_path=args.bus_path,
         kafka_bootstrap=args.kafka or "", partitions=args.partitions, group=args.group,
-        from_latest=args.from_latest,
+        from_latest=args.from_latest, shard_index=shard_index, shard_count=shard_count,
         checkpoint=args.checkpoint, window_ms=args.window_ms,
         default_reward=args.default_reward, reward_rule=args.reward_rule,
         publish_every=args.publish_every, publish_interval_s=args.publish_interval,
@@ -171,8 +173,8 @@ def _learn(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: learner.stop())
     learner.run(on_ready=lambda: print(f"policyloop learn: consuming policy={args.policy}",
                                        flush=True))
-    if learner.since_publish:
-        learner.publish()
+    learner.finish()
+    learner.close()
     print(json.dumps({"examples": learner.examples, "published": learner.published,
                       "joiner": vars(learner.joiner.stats)}))
     return 0
@@ -310,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-latest", action="store_true",
                    help="Kafka: a group without committed offsets starts at the end of the "
                    "topics (skip the history) instead of the beginning")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="scale-out: this learner is shard I of N and reads partitions p with "
+                   "p %% N == I; shard 0 publishes, merging the others' statistics (each shard "
+                   "its own --checkpoint; N at most the topics' partitions). Default 0/1")
     p.add_argument("--checkpoint", type=Path, default=Path("var/learner/checkpoint.json"))
     p.add_argument("--window-ms", type=int, default=30_000, help="reward window")
     p.add_argument("--default-reward", type=float, default=0.0)

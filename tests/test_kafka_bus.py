@@ -178,7 +178,7 @@ def test_producer_rejects_non_bytes_before_connecting() -> None:
 
 
 @pytest.mark.kafka
-def test_create_topics_is_idempotent_and_compacts_models(
+def test_create_topics_is_idempotent_and_compacts_the_latest_state_topics(
         kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
     specs = [dataclasses.replace(s, name=unique_topic(s.name)) for s in DEFAULT_TOPICS]
     names = [s.name for s in specs]
@@ -194,9 +194,9 @@ def test_create_topics_is_idempotent_and_compacts_models(
             config_filter="all")["topic"]
     finally:
         admin.close()
-    for spec in specs:
+    for spec, default in zip(specs, DEFAULT_TOPICS, strict=True):
         policy = configs[spec.name]["cleanup.policy"]["value"]
-        assert policy == ("compact" if spec.name.startswith("models-") else "delete")
+        assert policy == ("compact" if default.name in ("models", "learner-stats") else "delete")
         assert configs[spec.name]["retention.ms"]["value"] == str(spec.retention_ms)
 
 
@@ -229,10 +229,10 @@ def test_topic_spec_rejects_bad_fields(kwargs: dict[str, object], field: str) ->
         TopicSpec(**kwargs)  # type: ignore[arg-type]
 
 
-def test_default_topics_cover_the_bus_and_compact_only_models() -> None:
+def test_default_topics_cover_the_bus_and_compact_only_the_latest_state_topics() -> None:
     assert [s.name for s in DEFAULT_TOPICS] == [
-        "decisions", "rewards", "activations", "examples", "models"]
-    assert [s.name for s in DEFAULT_TOPICS if s.compact] == ["models"]
+        "decisions", "rewards", "activations", "examples", "models", "learner-stats"]
+    assert [s.name for s in DEFAULT_TOPICS if s.compact] == ["models", "learner-stats"]
     event_partitions = {s.partitions for s in DEFAULT_TOPICS if not s.compact}
     assert len(event_partitions) == 1  # decisions and rewards are co-partitioned
 
