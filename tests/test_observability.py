@@ -94,6 +94,25 @@ def test_alert_unit_tests_pass_with_a_firing_and_a_quiet_case_per_alert(tmp_path
     assert "SUCCESS" in done.stdout, done.stdout
 
 
+def test_the_alert_unit_tests_fail_when_an_alert_never_fires(tmp_path: Path) -> None:
+    """Each alert's firing case really depends on its expression: silenced, the case fails."""
+    tests = yaml.safe_load(prom_tools.ALERT_TESTS.read_text())
+    for name in (a["alert"] for a in prom_tools.alerts()):
+        # Only the groups testing this alert: promtool then runs in a fraction of the time.
+        groups = [g for g in tests["tests"]
+                  if any(c["alertname"] == name for c in g["alert_rule_test"])]
+        (tmp_path / "alerts_test.yaml").write_text(yaml.safe_dump({**tests, "tests": groups}))
+        spec = prom_tools.rule_spec()
+        for group in spec["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") == name:
+                    rule["expr"] = "vector(1) == 0"
+        (tmp_path / "rules.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        done = prom_tools.promtool("test", "rules", tmp_path / "alerts_test.yaml")
+        assert done.returncode != 0 and f"alertname: {name}" in done.stdout + done.stderr, (
+            f"silencing {name} did not fail its unit test:\n{done.stdout}{done.stderr}")
+
+
 def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     queries = prom_tools.dashboard_queries()
     assert len(queries) >= 20, queries
