@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZE = ROOT / ".tools" / "bin" / "kustomize"
 K8S_VERSION = "1.32.0"
 APP_OVERLAYS = ["dev", "prod", "gpu"]
-OVERLAYS = [*APP_OVERLAYS, "strimzi"]
+OVERLAYS = [*APP_OVERLAYS, "strimzi", "seed"]
 CRD_KINDS = {"KafkaTopic", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 SERVING = {"app.kubernetes.io/name": "policyloop", "app.kubernetes.io/component": "serving"}
 LEARNER = {"app.kubernetes.io/name": "policyloop", "app.kubernetes.io/component": "learner"}
@@ -440,11 +440,15 @@ def test_each_learner_is_one_replica_with_its_checkpoint_on_a_claim(overlay: str
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
+def test_the_namespace_enforces_the_restricted_pod_security_standard(overlay: str) -> None:
+    namespace = one(render(overlay), "Namespace", "policyloop")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+@pytest.mark.parametrize("overlay", [*APP_OVERLAYS, "seed"])
 def test_every_pod_is_non_root_restricted_and_sized(overlay: str) -> None:
     docs = render(overlay)
-    namespace = one(docs, "Namespace", "policyloop")
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    for workload in workloads(docs):
+    for workload in workloads(docs) + objects(docs, "Job"):
         name = workload["metadata"]["name"]
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -465,7 +469,8 @@ def test_every_pod_is_non_root_restricted_and_sized(overlay: str) -> None:
         assert account["automountServiceAccountToken"] is False, name
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole",
                                                   "ClusterRoleBinding")]
-    accounts = [w["spec"]["template"]["spec"]["serviceAccountName"] for w in workloads(docs)]
+    accounts = [w["spec"]["template"]["spec"]["serviceAccountName"]
+                for w in workloads(docs) + objects(docs, "Job")]
     assert len(set(accounts)) == len(accounts), "workloads share a ServiceAccount"
 
 
@@ -561,6 +566,38 @@ def test_services_expose_grpc_and_metrics_of_serving(overlay: str) -> None:
     c = container(serving(docs))
     for p in service["spec"]["ports"]:
         port(c, p["targetPort"])
+
+
+# ---- seeding the registry
+
+
+def test_the_seed_job_trains_scenarios_the_cli_knows_and_uses_the_base_kafka() -> None:
+    docs = render("seed")
+    job = one(docs, "Job", "policyloop-seed")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    c = container(job)
+    # The Kafka ConfigMap comes from the base the Job is applied next to.
+    bootstrap, topic, *policies = resolved_args(render("prod") + docs, job)[len(c["command"]):]
+    assert bootstrap == one(render("prod"), "ConfigMap", "policyloop-kafka")["data"]["bootstrap"]
+    assert topic == ServeConfig().registry_topic
+    assert set(policies) == {"recsys", "routing"}
+    script = [v for p, v, _ in mounts(job) if p in PurePosixPath(c["command"][1]).parents]
+    assert script and "configMap" in script[0]
+    source = one(docs, "ConfigMap", script[0]["configMap"]["name"])["data"]["seed.py"]
+    tree = ast.parse(source)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and n.func.id == "main"]
+    assert len(calls) == 1 and isinstance(calls[0].args[0], ast.List)
+    for policy in policies:
+        argv = [e.value if isinstance(e, ast.Constant) else policy
+                for e in calls[0].args[0].elts]
+        args = parse_cli(argv)
+        assert args.command == "train" and args.policy == policy and args.scenario == policy
+        assert "emptyDir" in writable_volume(job, PurePosixPath(c["workingDir"]) / args.registry)
+    assert "head.npz" in source and "KafkaRegistry" in source
+    assert any(v.get("name") == "HOME" and v.get("value", "").startswith(c["workingDir"])
+               for v in c["env"]), "torch and friends write under $HOME"
 
 
 # ---- images
