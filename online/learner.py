@@ -47,6 +47,7 @@ from online import bus, ope
 from online.events import ActivationEvent, DecisionEvent, RewardEvent
 from online.join import Example, RewardJoiner
 from online.linear import LinearHeads
+from online.qlearning import QTargets
 from online.shards import ShardStats, StatsReader, StatsWriter
 from policyloop.errors import InvalidArgument
 from serving.model_store import LoadedModel, choose_providers, load_model
@@ -78,6 +79,7 @@ class LearnConfig:
     publish_every: int = 500
     publish_interval_s: float = 30.0
     gamma: float = 1.0
+    discount: float = 0.0  # > 0: Q-learning on sequential decisions (qnet; online/qlearning.py)
     prior: float = 1.0
     holdout_every: int = 5
     gate: bool = True
@@ -162,6 +164,13 @@ class Learner:
         self._stats_writer: StatsWriter | None = None
         self._stats_reader: StatsReader | None = None
         self.merged: dict[int, int] = {}  # shard 0: examples of each shard's merged snapshot
+        self.q: QTargets | None = None
+        if config.discount:
+            if self.model.manifest.kind != "qnet":
+                raise InvalidArgument(f"discount {config.discount} (Q-learning) needs a fixed "
+                                      f"action set (kind qnet); {config.policy} is "
+                                      f"{self.model.manifest.kind}")
+            self.q = QTargets(config.discount, weight, bias)
         self.positions: dict[tuple[str, int], int] = {}
         self.examples = 0
         self.since_publish = 0
@@ -356,13 +365,22 @@ class Learner:
             return  # apprentice mode: the app chose, its propensity is unknown
         embeddings, head, allowed = self._embed(d)
         self.examples += 1
-        if (self.config.holdout_every
-                and zlib.crc32(d.event_id.encode()) % self.config.holdout_every == 0):
+        held_out = bool(self.config.holdout_every and zlib.crc32(d.event_id.encode())
+                        % self.config.holdout_every == 0)
+        if held_out:
             self._holdout.add(embeddings, allowed, d.chosen[0], d.propensities[0],
                               example.reward)
+        if self.q is not None:
+            assert allowed is not None
+            done = self.q.step(embeddings, head, example.reward, allowed, train=not held_out)
+            if done is None:
+                return
+            self.heads.update(done[0], done[2], head=done[1])
+        elif held_out:
             return
-        x = embeddings[d.chosen[0]] if allowed is None else embeddings
-        self.heads.update(x, example.reward, head=head)
+        else:
+            x = embeddings[d.chosen[0]] if allowed is None else embeddings
+            self.heads.update(x, example.reward, head=head)
         self.since_publish += 1
         if example.reward_ms is not None:
             self.latest_reward_ms = max(self.latest_reward_ms, example.reward_ms)
@@ -453,6 +471,8 @@ class Learner:
         if promote:
             self.model = load_model(version, expected=manifest, providers=self._providers)
             self.model_bytes = new_bytes
+            if self.q is not None:
+                self.q.sync(weight, bias)
         self.since_publish = 0
         self._last_publish = time.monotonic()
         self.checkpoint()
@@ -472,6 +492,7 @@ class Learner:
             "published": self.published, "model_version": self.model.version,
             "joiner": self.joiner.state(), "holdout": self._holdout.state(),
             "shard": list(self.shard), "merged": {str(i): n for i, n in self.merged.items()},
+            "q": None if self.q is None else self.q.state(),
         }
         path = self.config.checkpoint
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -500,5 +521,8 @@ class Learner:
         version = self.registry.get(self.config.policy, state["model_version"])
         self.model_bytes = version.read_model()
         self.model = load_model(version, expected=None, providers=self._providers)
+        if self.q is not None:
+            self.q.sync(*read_head(self.model_bytes, self.model.manifest.head))
+            self.q.load_state(state.get("q") or {})
         self.joiner.load_state(state["joiner"])
         self._holdout = _Holdout.from_state(state["holdout"])

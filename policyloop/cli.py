@@ -154,7 +154,7 @@ def _learn(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, window_ms=args.window_ms,
         default_reward=args.default_reward, reward_rule=args.reward_rule,
         publish_every=args.publish_every, publish_interval_s=args.publish_interval,
-        gamma=args.gamma, prior=args.prior, gate=not args.no_gate,
+        gamma=args.gamma, discount=args.discount, prior=args.prior, gate=not args.no_gate,
         gate_margin=args.gate_margin, max_examples=args.max_examples,
         idle_exit_s=args.idle_exit)
     learner = Learner(config)
@@ -323,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--publish-every", type=int, default=500, help="examples per version")
     p.add_argument("--publish-interval", type=float, default=30.0, help="seconds per version")
     p.add_argument("--gamma", type=float, default=1.0, help="forgetting factor (1 = none)")
+    p.add_argument("--discount", type=float, default=0.0,
+                   help="Q-learning discount in [0, 1) for sequential decisions with a fixed "
+                   "action set (routing): targets r + discount * max Q of the next decision, "
+                   "DQN-style target head synced at each promotion; 0 = contextual bandit. "
+                   "Use with forgetting (--gamma < 1) so targets of older heads fade")
     p.add_argument("--prior", type=float, default=1.0, help="ridge prior strength")
     p.add_argument("--no-gate", action="store_true", help="promote without the OPE gate")
     p.add_argument("--gate-margin", type=float, default=0.01)
