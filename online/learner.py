@@ -7,11 +7,9 @@ embedding of an example is recomputed with the serving model from the logged con
 candidate features, so the learner needs no torch.
 
 One example in ``holdout_every`` (chosen by a hash of its event id, so the choice does not
-depend on arrival order) is held out from training and used by the promotion gate:
-the candidate head and the incumbent are compared by SNIPS on the held-out window (both greedy
-on their own scores, the way a reward model is judged); the candidate becomes current only if
-its estimate is not below the incumbent's by more than ``gate_margin``. A rejected candidate is
-still published (not current) with its evaluation, for the audit trail.
+depend on arrival order) is held out from training for the promotion gate (``online/gate.py``);
+a candidate the gate rejects is still published (not current) with its evaluation, for the
+audit trail.
 
 State (consumer positions, joiner, head statistics, held-out window, counters) is checkpointed
 atomically in one file after every publish, then the consumer group's offsets are committed; a
@@ -36,15 +34,16 @@ import os
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from models.neural_linear import read_head, replace_head
 from models.registry import LocalRegistry, Registry
-from online import bus, ope
+from online import bus
 from online.events import ActivationEvent, DecisionEvent, RewardEvent
+from online.gate import HOLDOUT_LIMIT, Holdout
 from online.join import Example, RewardJoiner
 from online.linear import LinearHeads
 from online.qlearning import QTargets
@@ -54,8 +53,6 @@ from serving.model_store import LoadedModel, choose_providers, load_model
 
 log = logging.getLogger(__name__)
 
-GATE_Z = 2.0  # standard errors of the difference the gate allows beyond its margin
-HOLDOUT_LIMIT = 1000  # held-out events the gate evaluates on (fewer with forgetting)
 
 
 @dataclass(frozen=True)
@@ -86,51 +83,6 @@ class LearnConfig:
     gate_margin: float = 0.01
     max_examples: int | None = None  # stop after this many (tests, replays)
     idle_exit_s: float | None = None  # stop after this long with the bus drained (replays)
-
-
-@dataclass
-class _Holdout:
-    """The gate's evaluation window: the most recent held-out examples."""
-
-    limit: int = 1000
-    embeddings: list[np.ndarray] = field(default_factory=list)  # [K, H] or [H] each
-    heads: list[np.ndarray | None] = field(default_factory=list)  # allowed actions (qnet)
-    action: list[int] = field(default_factory=list)
-    propensity: list[float] = field(default_factory=list)
-    reward: list[float] = field(default_factory=list)
-
-    def add(self, embeddings: np.ndarray, allowed: np.ndarray | None, action: int,
-            propensity: float, reward: float) -> None:
-        self.embeddings.append(embeddings)
-        self.heads.append(allowed)
-        self.action.append(action)
-        self.propensity.append(propensity)
-        self.reward.append(reward)
-        if len(self.action) > self.limit:
-            for items in (self.embeddings, self.heads, self.action, self.propensity,
-                          self.reward):
-                del items[0]
-
-    def state(self) -> dict:
-        return {"limit": self.limit,
-                "embeddings": [_b64(e) for e in self.embeddings],
-                "heads": [None if a is None else a.tolist() for a in self.heads],
-                "action": self.action, "propensity": self.propensity, "reward": self.reward}
-
-    @classmethod
-    def from_state(cls, state: dict) -> _Holdout:
-        return cls(state["limit"], [_unb64(e) for e in state["embeddings"]],
-                   [None if a is None else np.array(a) for a in state["heads"]],
-                   state["action"], state["propensity"], state["reward"])
-
-
-def _b64(array: np.ndarray) -> list:
-    return [list(array.shape), base64.b64encode(array.astype("<f8").tobytes()).decode()]
-
-
-def _unb64(item: list) -> np.ndarray:
-    shape, data = item
-    return np.frombuffer(base64.b64decode(data), "<f8").reshape(shape).copy()
 
 
 class Learner:
@@ -180,7 +132,7 @@ class Learner:
         # so after a drift it compares on the new world, not on the old one.
         horizon = (HOLDOUT_LIMIT if config.gamma >= 1 or not config.holdout_every
                    else int(1 / (1 - config.gamma) / config.holdout_every))
-        self._holdout = _Holdout(limit=max(100, min(HOLDOUT_LIMIT, horizon)))
+        self._holdout = Holdout(limit=max(100, min(HOLDOUT_LIMIT, horizon)))
         self._last_publish = time.monotonic()
         self._stopping = False
         if config.checkpoint.exists():
@@ -264,7 +216,8 @@ class Learner:
         try:
             consumer.commit(dict(self.positions))
         except bus.BusUnavailable as exc:
-            log.warning("offset commit failed, will retry at the next publish: %s", exc)
+            log.warning("offset commit failed, will retry at the next publish: %s", exc,
+                        extra={"policy": self.config.policy})
 
     def stop(self) -> None:
         """Ask ``run`` to return after the record in hand (safe from a signal handler)."""
@@ -312,7 +265,7 @@ class Learner:
         self._stats_writer.write(self.config.policy, ShardStats(
             self.shard[0], self.shard[1], self.examples, self.heads))
         log.info("learner shard %d/%d: wrote statistics of %d examples", *self.shard,
-                 self.examples)
+                 self.examples, extra={"policy": self.config.policy})
         record = {"shard": self.shard[0], "examples": self.examples}
         self.since_publish = 0
         self._last_publish = time.monotonic()
@@ -333,7 +286,7 @@ class Learner:
             missing = set(range(1, self.shard[1])) - set(reader.latest)
             if missing:
                 log.warning("publishing without statistics of shards %s (none written yet)",
-                            sorted(missing))
+                            sorted(missing), extra={"policy": self.config.policy})
         return heads, examples
 
     def handle(self, record: bus.Record) -> None:
@@ -399,33 +352,6 @@ class Learner:
 
     # -- publishing and the gate ----------------------------------------------------------
 
-    def _greedy_targets(self, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        """Per held-out event: 1 if the head's greedy action is the logged one, else 0."""
-        h = self._holdout
-        target = np.empty(len(h.action))
-        for i, (emb, allowed) in enumerate(zip(h.embeddings, h.heads, strict=True)):
-            if allowed is None:
-                scores = emb @ weight[0] + bias[0]
-            else:
-                scores = weight[allowed] @ emb + bias[allowed]
-            target[i] = float(int(np.argmax(scores)) == h.action[i])
-        return target
-
-    def _holdout_value(self, target: np.ndarray) -> ope.Estimate | None:
-        h = self._holdout
-        if len(h.action) < 20:
-            return None
-        if target.sum() == 0:
-            return ope.Estimate("snips", 0.0, 0.0, 0.0, 0.0, len(target), 0, 0.0, 0.0)
-        return ope.snips(np.array(h.reward), np.array(h.propensity), target)
-
-    def _difference_stderr(self, candidate: np.ndarray, incumbent: np.ndarray) -> float:
-        """Standard error of the candidate-minus-incumbent IPS difference, paired per event:
-        only events where the two heads disagree contribute, which is where the noise is."""
-        h = self._holdout
-        d = (candidate - incumbent) * np.array(h.reward) / np.array(h.propensity)
-        return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-
     def publish(self) -> dict:
         """Build the candidate head, gate it against the serving one, publish it (shards
         other than 0: write this shard's statistics instead)."""
@@ -434,25 +360,10 @@ class Learner:
         manifest = self.model.manifest
         heads, examples = self._all_heads()
         weight, bias = heads.head()
-        incumbent_w, incumbent_b = read_head(self.model_bytes, manifest.head)
-        candidate_t = self._greedy_targets(weight, bias)
-        incumbent_t = self._greedy_targets(incumbent_w, incumbent_b)
-        candidate = self._holdout_value(candidate_t)
-        incumbent = self._holdout_value(incumbent_t)
-        stderr = self._difference_stderr(candidate_t, incumbent_t)
-        promote = True
-        if self.config.gate and candidate is not None and incumbent is not None:
-            # Worse by more than the margin, beyond two standard errors of the difference:
-            # a noisy window alone does not block a refresh.
-            promote = (candidate.value >= incumbent.value - self.config.gate_margin
-                       - GATE_Z * stderr)
-        evaluation = {
-            "gate": self.config.gate, "margin": self.config.gate_margin, "promoted": promote,
-            "holdout_events": len(self._holdout.action),
-            "candidate_snips": None if candidate is None else candidate.value,
-            "incumbent_snips": None if incumbent is None else incumbent.value,
-            "difference_stderr": stderr,
-        }
+        evaluation = self._holdout.judge((weight, bias), read_head(self.model_bytes, manifest.head),
+                                         enabled=self.config.gate,
+                                         margin=self.config.gate_margin)
+        promote = evaluation["promoted"]
         new_bytes = replace_head(self.model_bytes, manifest.head, weight, bias)
         new_manifest = replace(manifest, parent_version=manifest.version, version=0,
                                created_at="", sha256="", evaluation=evaluation,
@@ -467,7 +378,8 @@ class Learner:
                   "latest_reward_ms": self.latest_reward_ms, **evaluation}
         self.published.append(record)
         log.info("published %s v%d (%s)", self.config.policy, version.version,
-                 "promoted" if promote else "rejected by the gate")
+                 "promoted" if promote else "rejected by the gate",
+                 extra={"policy": self.config.policy, "model_version": version.version})
         if promote:
             self.model = load_model(version, expected=manifest, providers=self._providers)
             self.model_bytes = new_bytes
@@ -525,4 +437,4 @@ class Learner:
             self.q.sync(*read_head(self.model_bytes, self.model.manifest.head))
             self.q.load_state(state.get("q") or {})
         self.joiner.load_state(state["joiner"])
-        self._holdout = _Holdout.from_state(state["holdout"])
+        self._holdout = Holdout.from_state(state["holdout"])

@@ -134,7 +134,8 @@ class StatsReader:
         try:
             stats = ShardStats.from_bytes(record.value)
         except InvalidArgument as exc:
-            log.error("learner stats: skipping record %r: %s", key, exc)
+            log.error("learner stats: skipping record %r: %s", key, exc,
+                      extra={"policy": self._policy})
             return
         if key != _key(self._policy, stats.index, stats.count).decode():
             log.error("learner stats: record %r holds shard %d/%d", key, stats.index,
