@@ -197,7 +197,8 @@ def _simulate(args: argparse.Namespace) -> int:
         events=args.events, rate=args.rate, concurrency=args.concurrency,
         reward_delay_ms=args.reward_delay_ms, reward_loss=args.reward_loss,
         drift_at=args.drift_at, seed=args.seed, world_seed=args.world_seed,
-        timeout_s=args.timeout), as_json=args.json)
+        timeout_s=args.timeout, token=args.token or os.environ.get("POLICYLOOP_TOKEN", "")),
+        as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bus", choices=["local", "kafka"], default="local")
     p.add_argument("--bus-path", type=Path, default=Path("var/bus"))
     p.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (bus=kafka)")
-    p.add_argument("--partitions", type=int, default=4, help="local bus partitions")
+    p.add_argument("--partitions", type=int, default=4,
+                   help="partitions of the event topics: the join waits for each of them, so "
+                   "on Kafka this must equal the topics' partition count (default 4)")
     p.add_argument("--group", default="policyloop-learner", help="consumer group")
     p.add_argument("--from-latest", action="store_true",
                    help="Kafka: a group without committed offsets starts at the end of the "
@@ -415,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-seed", type=int, default=0,
                    help="the simulator's world; must be the one the policy was trained on")
     p.add_argument("--timeout", type=float, default=5.0, help="per-call deadline, seconds")
+    p.add_argument("--token", help="bearer token with the decide and reward scopes (default: "
+                   "$POLICYLOOP_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_simulate)
     return parser

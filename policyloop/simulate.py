@@ -48,6 +48,7 @@ class TrafficConfig:
     seed: int = 0
     world_seed: int = 0  # the simulator's world; must match the one the policy was trained on
     timeout_s: float = 5.0
+    token: str = ""  # bearer token (scopes decide and reward) for a server with tokens on
 
     def __post_init__(self) -> None:
         if self.scenario not in ("recsys", "routing"):
@@ -152,13 +153,14 @@ async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | No
     next_index = 0
     reward_tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
+    metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
 
     async def report(stub: pb_grpc.DecisionServiceStub, delay: float, event_id: str,
                      value: float) -> None:
         await asyncio.sleep(delay)
         try:
             await stub.Reward(pb.RewardRequest(event_id=event_id, value=value, policy=policy),
-                              timeout=config.timeout_s)
+                              timeout=config.timeout_s, metadata=metadata)
             traffic.rewards_sent += 1
             traffic.reward_value_sum += value
         except grpc.aio.AioRpcError as exc:
@@ -180,7 +182,7 @@ async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | No
             chunk, j = arrivals.get(i)
             try:
                 response = await stub.Decide(decide_request(policy, chunk, j),
-                                             timeout=config.timeout_s)
+                                             timeout=config.timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 name = f"Decide:{exc.code().name}"
                 traffic.errors[name] = traffic.errors.get(name, 0) + 1

@@ -83,8 +83,13 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     loop = asyncio.get_running_loop()
 
     def on_change(policy: str, model: LoadedModel) -> None:
-        loop.call_soon_threadsafe(
-            lambda: asyncio.ensure_future(health_servicer.set(policy, SERVING)))
+        async def update() -> None:
+            await health_servicer.set(policy, SERVING)
+            # a model that arrives after start-up (an empty registry then) makes the server
+            # ready as a whole once every policy has one (ignored after a SIGTERM)
+            if all(_loaded(store, p) for p in policies):
+                await health_servicer.set("", SERVING)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(update()))
 
     providers = choose_providers(config.use_gpu)
     log.info("onnxruntime providers: %s", providers)

@@ -106,11 +106,19 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def resolved_args(docs: list[dict[str, Any]], workload: dict[str, Any]) -> list[str]:
+# Labels the StatefulSet controller puts on each pod (not in the template).
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+
+
+def resolved_args(docs: list[dict[str, Any]], workload: dict[str, Any],
+                  pod_index: int = 0) -> list[str]:
     """The container's args with every $(VAR) replaced as the kubelet would: literal env
-    values, ConfigMap keys (from the same render) and pod-label field references."""
+    values, ConfigMap keys (from the same render) and pod-label field references (for a
+    StatefulSet, of its pod ``pod_index``)."""
     c = container(workload)
-    labels = workload["spec"]["template"]["metadata"]["labels"]
+    labels = dict(workload["spec"]["template"]["metadata"]["labels"])
+    if workload["kind"] == "StatefulSet":
+        labels[POD_INDEX_LABEL] = str(pod_index)
     env: dict[str, str] = {}
     for var in c.get("env", []):
         if "value" in var:
@@ -416,14 +424,22 @@ def test_tokens_come_from_a_secret_that_holds_no_token(overlay: str, tmp_path: P
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
-def test_each_learner_is_one_replica_with_its_checkpoint_on_a_claim(overlay: str) -> None:
+def test_each_learner_pod_is_one_shard_with_its_checkpoint_on_a_claim(overlay: str) -> None:
+    from online.shards import parse_shard
+
     docs = render(overlay)
     groups = set()
     for learner in learners(docs):
         name = learner["metadata"]["name"]
-        args = parse_cli(resolved_args(docs, learner))
+        replicas = learner["spec"]["replicas"]
+        shards = [parse_cli(resolved_args(docs, learner, i)) for i in range(replicas)]
+        assert [parse_shard(a.shard) for a in shards] == [(i, replicas) for i in
+                                                          range(replicas)], (
+            f"{name}: pod i must be shard i/{replicas}")
+        assert len({(a.group, a.policy, a.partitions) for a in shards}) == 1
+        args = shards[0]
+        assert 1 <= replicas <= args.partitions, f"{name}: more shards than partitions"
         assert args.command == "learn"
-        assert learner["spec"]["replicas"] == 1, f"{name}: learners cannot scale out yet"
         assert name == f"policyloop-learner-{args.policy}"
         assert args.bus == "kafka" and args.kafka and args.registry_kafka == args.kafka
         assert "persistentVolumeClaim" in writable_volume(learner, args.checkpoint), (

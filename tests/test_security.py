@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -104,6 +105,33 @@ token = "{READ_TOKEN}"
 scopes = ["decide"]
 """)
     return path
+
+
+def test_the_traffic_generator_sends_its_token(tmp_path: Path, tokens_file: Path) -> None:
+    import asyncio
+
+    import torch
+
+    from models.export import export_and_register
+    from models.policies import QNetwork
+    from models.registry import LocalRegistry
+    from models.routing_env import RoutingEnv
+    from policyloop.simulate import TrafficConfig, run_traffic
+    from serving.config import PolicyConfig
+
+    torch.manual_seed(0)
+    env = RoutingEnv()
+    export_and_register(QNetwork(len(env.feature_schema.context), 8), env,
+                        LocalRegistry(tmp_path / "registry"), policy="routing", training={})
+    config = serve_config(tmp_path, tokens_file=tokens_file,
+                          policies={"routing": PolicyConfig(strategy="softmax:0.5")})
+    with running_server(config) as server:
+        traffic = TrafficConfig(target=server.target, scenario="routing", events=30,
+                                reward_delay_ms=0, reward_loss=0, token=APP_TOKEN)
+        sent = asyncio.run(run_traffic(traffic))
+        assert sent.decisions == 30 and sent.rewards_sent == 30 and not sent.errors
+        anonymous = asyncio.run(run_traffic(replace(traffic, token="")))
+        assert anonymous.decisions == 0 and anonymous.errors == {"Decide:UNAUTHENTICATED": 30}
 
 
 def test_tokens_and_scopes(tmp_path: Path, tokens_file: Path,

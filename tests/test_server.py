@@ -13,12 +13,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from models.registry import LocalRegistry
 from online import bus
 from online.events import ActivationEvent, DecisionEvent, RewardEvent
 from online.local_log import LocalLog
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.config import PolicyConfig
+from tests.onnx_models import qnet_model, scoring_model
 from tests.server_harness import ServerThread, channel, make_registry, serve_config
 
 CONTEXT_DIM, ACTION_DIM = 8, 6
@@ -238,6 +240,32 @@ def test_policy_info_tells_a_caller_what_the_model_expects(stub) -> None:
     assert list(routing.actions) == ["queue-0", "queue-1", "queue-2"]
     listed = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=5)
     assert sorted(p.policy for p in listed.policies) == ["recsys", "routing"]
+
+
+def test_health_turns_serving_when_the_models_arrive_after_start_up(tmp_path: Path) -> None:
+    running = ServerThread(serve_config(tmp_path))  # the registry is still empty
+    try:
+        with channel(running.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            def status(service: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=service),
+                                    timeout=5).status
+
+            assert status("") == status("recsys") == health_pb2.HealthCheckResponse.NOT_SERVING
+            registry = LocalRegistry(tmp_path / "registry")
+            registry.publish("recsys", *scoring_model())
+            deadline = time.monotonic() + 10
+            while status("recsys") != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING  # routing: none
+            registry.publish("routing", *qnet_model())
+            while status("") != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "overall health never turned SERVING"
+                time.sleep(0.05)
+    finally:
+        running.stop()
 
 
 def test_health_is_serving_overall_and_per_policy(server) -> None:
