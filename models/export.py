@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from models.recsys_env import RecsysEnv
-from models.registry import LocalRegistry, ModelVersion
+from models.registry import ModelVersion, Registry, open_registry
 from models.routing_env import RoutingEnv
 from models.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
 from policyloop.errors import ExportParityError
@@ -183,7 +183,7 @@ def export_onnx(model: nn.Module, env: RecsysEnv | RoutingEnv, *, policy: str,
     return data, manifest
 
 
-def export_and_register(model: nn.Module, env: RecsysEnv | RoutingEnv, registry: LocalRegistry,
+def export_and_register(model: nn.Module, env: RecsysEnv | RoutingEnv, registry: Registry,
                         *, policy: str, training: dict[str, Any],
                         seed: int = 0) -> ModelVersion:
     data, manifest = export_onnx(model, env, policy=policy, training=training, seed=seed)
@@ -192,14 +192,19 @@ def export_and_register(model: nn.Module, env: RecsysEnv | RoutingEnv, registry:
 
 
 def export_command(checkpoint: Path, *, registry: Path, policy: str | None,
-                   out: Path | None) -> int:
-    """``policyloop export``: checkpoint -> parity-checked ONNX -> registry (and ``out``)."""
+                   out: Path | None, registry_kafka: str = "") -> int:
+    """``policyloop export``: checkpoint -> parity-checked ONNX -> registry (and ``out``);
+    with ``registry_kafka`` the Kafka-backed registry, cached in ``registry``."""
     from models.training import load_checkpoint, make_env
 
     model, scenario, env_kwargs, training = load_checkpoint(checkpoint)
     name = policy or scenario
-    version = export_and_register(model, make_env(scenario, **env_kwargs), LocalRegistry(registry),
-                                  policy=name, training=training)
+    target = open_registry(registry, kafka=registry_kafka)
+    try:
+        version = export_and_register(model, make_env(scenario, **env_kwargs), target,
+                                      policy=name, training=training)
+    finally:
+        target.close()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.onnx").write_bytes(version.read_model())

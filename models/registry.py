@@ -163,6 +163,23 @@ class Registry(Protocol):
 
     def policies(self) -> list[str]: ...
 
+    def close(self) -> None:
+        """Release connections (a Kafka-backed registry's clients; nothing for a folder)."""
+
+
+def open_registry(path: str | Path, *, kafka: str = "", topic: str = "models",
+                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+                  sync_timeout_s: float = 0.5) -> Registry:
+    """The registry a process is configured with: the folder ``path`` (a shared volume), or,
+    with ``kafka`` (bootstrap HOST:PORT), the Kafka-backed registry on ``topic`` that this
+    process caches in ``path`` (``online/kafka_registry.py``, no shared volume)."""
+    if kafka:
+        from online.kafka_registry import KafkaRegistry
+
+        return KafkaRegistry(kafka, path, topic=topic, sync_timeout_s=sync_timeout_s,
+                             max_model_bytes=max_model_bytes)
+    return LocalRegistry(path, max_model_bytes=max_model_bytes)
+
 
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
@@ -201,6 +218,9 @@ class LocalRegistry:
     def __repr__(self) -> str:
         return (f"LocalRegistry({str(self.root)!r}, keep_last={self.keep_last}, "
                 f"max_model_bytes={self.max_model_bytes})")
+
+    def close(self) -> None:
+        pass  # a folder holds nothing open
 
     # ---- reading
 

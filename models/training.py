@@ -221,9 +221,10 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, str, dict[str, Any], dict[st
 
 
 def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str,
-                  checkpoint: Path | None) -> int:
+                  checkpoint: Path | None, registry_kafka: str = "") -> int:
     """``policyloop train``: train, print the summary, then export and register unless told
-    not to (``registry`` None)."""
+    not to (``registry`` None); with ``registry_kafka`` on the Kafka-backed registry, cached in
+    ``registry``."""
     import json
 
     result = train_offline(cfg)
@@ -233,10 +234,14 @@ def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str,
     report = {k: v for k, v in result.summary.items() if k != "config"}
     if registry is not None:
         from models.export import export_and_register
-        from models.registry import LocalRegistry
+        from models.registry import open_registry
 
-        version = export_and_register(result.model, result.env, LocalRegistry(registry),
-                                      policy=policy, training=result.summary, seed=cfg.seed)
+        target = open_registry(registry, kafka=registry_kafka)
+        try:
+            version = export_and_register(result.model, result.env, target, policy=policy,
+                                          training=result.summary, seed=cfg.seed)
+        finally:
+            target.close()
         report.update(policy=policy, version=version.version, registry=str(registry),
                       parity_max_abs_diff=version.manifest.training["parity_max_abs_diff"])
     print(json.dumps(report, indent=2))

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from models.neural_linear import read_head, replace_head
-from models.registry import LocalRegistry, Registry
+from models.registry import Registry, open_registry
 from online import bus
 from online.events import ActivationEvent, DecisionEvent, RewardEvent
 from online.gate import HOLDOUT_LIMIT, Holdout
@@ -88,14 +88,8 @@ class LearnConfig:
 class Learner:
     def __init__(self, config: LearnConfig) -> None:
         self.config = config
-        self.registry: Registry
-        if config.registry_kafka:
-            from online.kafka_registry import KafkaRegistry
-
-            self.registry = KafkaRegistry(config.registry_kafka, config.registry,
-                                          topic=config.registry_topic)
-        else:
-            self.registry = LocalRegistry(config.registry)
+        self.registry: Registry = open_registry(config.registry, kafka=config.registry_kafka,
+                                                topic=config.registry_topic)
         self._providers = choose_providers(False)
         self.model = self._load_current()
         weight, bias = read_head(self.model_bytes, self.model.manifest.head)
@@ -188,10 +182,12 @@ class Learner:
             consumer.close()
 
     def close(self) -> None:
-        """Release the scale-out clients (the bus consumer closes when ``run`` returns)."""
+        """Release the registry's and the scale-out clients (the bus consumer closes when
+        ``run`` returns)."""
         for client in (self._stats_writer, self._stats_reader):
             if client is not None:
                 client.close()
+        self.registry.close()
 
     def finish(self) -> None:
         """After ``run``: publish what is not published yet (examples, or shard 0 of several:

@@ -25,14 +25,16 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(scenario=args.scenario, n_logged=args.n_logged, epochs=args.epochs,
                       objective=args.objective, seed=args.seed)
     return train_command(cfg, registry=None if args.no_export else args.registry,
-                         policy=args.policy or args.scenario, checkpoint=args.checkpoint)
+                         policy=args.policy or args.scenario, checkpoint=args.checkpoint,
+                         registry_kafka=args.registry_kafka or "")
 
 
 def _export(args: argparse.Namespace) -> int:
     from models.export import export_command
 
     return export_command(args.checkpoint, registry=args.registry,
-                          policy=args.policy, out=args.out)
+                          policy=args.policy, out=args.out,
+                          registry_kafka=args.registry_kafka or "")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -216,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "with an IPS/DR objective, then export it to ONNX and register it.")
     p.add_argument("--scenario", choices=["recsys", "routing"], required=True)
     p.add_argument("--registry", type=Path, default=Path("var/registry"),
-                   help="model registry folder (default var/registry)")
+                   help="model registry folder (default var/registry; with --registry-kafka: "
+                   "this process's cache)")
+    p.add_argument("--registry-kafka", metavar="HOST:PORT",
+                   help="publish to the Kafka-backed registry (compacted topic 'models')")
     p.add_argument("--policy", help="policy name to register under (default: the scenario)")
     p.add_argument("--n-logged", type=int, default=20_000, help="logged events to train on")
     p.add_argument("--epochs", type=int, default=8)
@@ -232,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export to ONNX (dynamic batch axis, pinned opset), check "
                        "torch/onnxruntime parity within 1e-5, and register the version.")
     p.add_argument("checkpoint", type=Path, help="torch checkpoint written by `train`")
-    p.add_argument("--registry", type=Path, default=Path("var/registry"))
+    p.add_argument("--registry", type=Path, default=Path("var/registry"),
+                   help="registry folder (with --registry-kafka: this process's cache)")
+    p.add_argument("--registry-kafka", metavar="HOST:PORT",
+                   help="publish to the Kafka-backed registry (compacted topic 'models')")
     p.add_argument("--policy", help="policy name (default: the checkpoint's scenario)")
     p.add_argument("--out", type=Path, help="also write model.onnx and manifest.json here")
     p.set_defaults(func=_export)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from models.registry import LocalRegistry, Registry
+from models.registry import open_registry
 from online.bus import open_producer
 from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
 from serving.auth import AuthInterceptor, load_tokens
@@ -65,15 +65,9 @@ class RunningServer:
 
 
 async def start_server(config: ServeConfig, *, seed: int | None = None) -> RunningServer:
-    registry: Registry
-    if config.registry_kafka:
-        from online.kafka_registry import KafkaRegistry
-
-        registry = KafkaRegistry(config.registry_kafka, config.registry,
-                                 topic=config.registry_topic, sync_timeout_s=0.05,
-                                 max_model_bytes=config.max_model_bytes)
-    else:
-        registry = LocalRegistry(config.registry, max_model_bytes=config.max_model_bytes)
+    registry = open_registry(config.registry, kafka=config.registry_kafka,
+                             topic=config.registry_topic, sync_timeout_s=0.05,
+                             max_model_bytes=config.max_model_bytes)
     policies = sorted(config.policies) or registry.policies()
     if not policies:
         log.warning("registry %s holds no policy yet; serving none", config.registry)

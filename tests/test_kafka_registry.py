@@ -68,6 +68,25 @@ def test_a_bad_record_on_the_topic_is_skipped_and_later_versions_still_arrive(
     reader.close()
 
 
+def test_train_publishes_a_first_version_to_the_kafka_registry(kafka_bootstrap: str,
+                                                               tmp_path: Path) -> None:
+    from online.topics import DEFAULT_TOPICS, create_topics
+    from policyloop.cli import main
+
+    create_topics(kafka_bootstrap, DEFAULT_TOPICS)  # the default "models" topic
+    policy = f"routing-{uuid.uuid4().hex[:8]}"
+    assert main(["--log-level", "WARNING", "train", "--scenario", "routing", "--policy", policy,
+                 "--n-logged", "300", "--epochs", "1", "--registry", str(tmp_path / "cache"),
+                 "--registry-kafka", kafka_bootstrap]) == 0
+    reader = KafkaRegistry(kafka_bootstrap, tmp_path / "reader")
+    try:
+        current = reader.current(policy)
+        assert current.version == 1 and current.read_file("head.npz")
+        assert current.manifest.training["parity_max_abs_diff"] < 1e-5
+    finally:
+        reader.close()
+
+
 def test_every_serving_replica_converges_to_the_published_version(
         kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
     publisher = KafkaRegistry(kafka_bootstrap, tmp_path / "publisher", topic=topic)
