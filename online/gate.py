@@ -59,38 +59,13 @@ class Holdout:
             target[i] = float(int(np.argmax(scores)) == self.action[i])
         return target
 
-    def value(self, target: np.ndarray) -> ope.Estimate | None:
-        """SNIPS value of a target policy (None below 20 held-out events)."""
-        if len(self.action) < 20:
-            return None
-        if target.sum() == 0:
-            return ope.Estimate("snips", 0.0, 0.0, 0.0, 0.0, len(target), 0, 0.0, 0.0)
-        return ope.snips(np.array(self.reward), np.array(self.propensity), target)
-
-    def difference_stderr(self, candidate: np.ndarray, incumbent: np.ndarray) -> float:
-        """Standard error of the candidate-minus-incumbent IPS difference, paired per event:
-        only events where the two heads disagree contribute, which is where the noise is."""
-        d = (candidate - incumbent) * np.array(self.reward) / np.array(self.propensity)
-        return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-
     def judge(self, candidate_head: Head, incumbent_head: Head, *, enabled: bool,
               margin: float) -> dict:
         """The evaluation stored with a version's manifest; ``promoted`` is the verdict
         (always True when the gate is off or the window is too small to judge)."""
-        candidate_t = self.greedy_targets(candidate_head)
-        incumbent_t = self.greedy_targets(incumbent_head)
-        candidate, incumbent = self.value(candidate_t), self.value(incumbent_t)
-        stderr = self.difference_stderr(candidate_t, incumbent_t)
-        promote = True
-        if enabled and candidate is not None and incumbent is not None:
-            promote = candidate.value >= incumbent.value - margin - GATE_Z * stderr
-        return {
-            "gate": enabled, "margin": margin, "promoted": promote,
-            "holdout_events": len(self.action),
-            "candidate_snips": None if candidate is None else candidate.value,
-            "incumbent_snips": None if incumbent is None else incumbent.value,
-            "difference_stderr": stderr,
-        }
+        return judge_targets(self.greedy_targets(candidate_head),
+                             self.greedy_targets(incumbent_head), np.array(self.reward),
+                             np.array(self.propensity), enabled=enabled, margin=margin)
 
     def state(self) -> dict:
         return {"limit": self.limit,
@@ -103,6 +78,36 @@ class Holdout:
         return cls(state["limit"], [_unb64(e) for e in state["embeddings"]],
                    [None if a is None else np.array(a) for a in state["heads"]],
                    state["action"], state["propensity"], state["reward"])
+
+
+def judge_targets(candidate: np.ndarray, incumbent: np.ndarray, reward: np.ndarray,
+                  propensity: np.ndarray, *, enabled: bool, margin: float) -> dict:
+    """The gate on held-out events [N]: ``candidate`` and ``incumbent`` are each policy's
+    probability of the logged action (1/0 for greedy policies), ``reward`` and ``propensity``
+    the logged ones. Returns the evaluation stored with a version; ``promoted`` is the
+    verdict (always True when the gate is off or fewer than 20 events can judge)."""
+    cand, inc = _snips(candidate, reward, propensity), _snips(incumbent, reward, propensity)
+    d = (candidate - incumbent) * reward / propensity  # paired: only disagreements count
+    stderr = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    promote = True
+    if enabled and cand is not None and inc is not None:
+        promote = cand.value >= inc.value - margin - GATE_Z * stderr
+    return {
+        "gate": enabled, "margin": margin, "promoted": promote,
+        "holdout_events": len(reward),
+        "candidate_snips": None if cand is None else cand.value,
+        "incumbent_snips": None if inc is None else inc.value,
+        "difference_stderr": stderr,
+    }
+
+
+def _snips(target: np.ndarray, reward: np.ndarray, propensity: np.ndarray
+           ) -> ope.Estimate | None:
+    if len(target) < 20:
+        return None
+    if target.sum() == 0:
+        return ope.Estimate("snips", 0.0, 0.0, 0.0, 0.0, len(target), 0, 0.0, 0.0)
+    return ope.snips(reward, propensity, target)
 
 
 def _b64(array: np.ndarray) -> list:

@@ -401,6 +401,7 @@ class Learner:
             "joiner": self.joiner.state(), "holdout": self._holdout.state(),
             "shard": list(self.shard), "merged": {str(i): n for i, n in self.merged.items()},
             "q": None if self.q is None else self.q.state(),
+            **self._extra_state(),
         }
         path = self.config.checkpoint
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,3 +435,12 @@ class Learner:
             self.q.load_state(state.get("q") or {})
         self.joiner.load_state(state["joiner"])
         self._holdout = Holdout.from_state(state["holdout"])
+        self._restore_extra(state)
+
+    def _extra_state(self) -> dict:
+        """More checkpoint entries, for a learner that keeps more state (the torch network
+        learner, ``models/network_learner.py``); written in the same atomic file."""
+        return {}
+
+    def _restore_extra(self, state: dict) -> None:
+        """Read back what ``_extra_state`` wrote."""

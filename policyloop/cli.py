@@ -159,7 +159,13 @@ def _learn(args: argparse.Namespace) -> int:
         gamma=args.gamma, discount=args.discount, prior=args.prior, gate=not args.no_gate,
         gate_margin=args.gate_margin, max_examples=args.max_examples,
         idle_exit_s=args.idle_exit)
-    learner = Learner(config)
+    if args.network is not None:
+        from models.network_learner import NetworkLearner  # torch: the trainer image
+
+        learner: Learner = NetworkLearner(config, args.network, epochs=args.network_epochs,
+                                          replay=args.replay)
+    else:
+        learner = Learner(config)
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server
 
@@ -340,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "DQN-style target head synced at each promotion; 0 = contextual bandit. "
                    "Use with forgetting (--gamma < 1) so targets of older heads fade")
     p.add_argument("--prior", type=float, default=1.0, help="ridge prior strength")
+    p.add_argument("--network", type=Path, metavar="CHECKPOINT",
+                   help="refit the whole torch network (IPS then DR, from this `train "
+                   "--checkpoint` of the serving version) at each publish instead of the "
+                   "linear head; slower, needs torch")
+    p.add_argument("--network-epochs", type=int, default=2,
+                   help="with --network: passes over the replay window per publish")
+    p.add_argument("--replay", type=int, default=20_000,
+                   help="with --network: the latest joined examples trained on")
     p.add_argument("--no-gate", action="store_true", help="promote without the OPE gate")
     p.add_argument("--gate-margin", type=float, default=0.01)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (0 = any port)")
