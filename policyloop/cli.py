@@ -14,9 +14,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from policyloop.errors import PolicyloopError
 from policyloop.logs import setup_logging
+
+if TYPE_CHECKING:
+    from online.learner import LearnConfig, Learner
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -159,13 +163,7 @@ def _learn(args: argparse.Namespace) -> int:
         gamma=args.gamma, discount=args.discount, prior=args.prior, gate=not args.no_gate,
         gate_margin=args.gate_margin, max_examples=args.max_examples,
         idle_exit_s=args.idle_exit)
-    if args.network is not None:
-        from models.network_learner import NetworkLearner  # torch: the trainer image
-
-        learner: Learner = NetworkLearner(config, args.network, epochs=args.network_epochs,
-                                          replay=args.replay)
-    else:
-        learner = Learner(config)
+    learner = Learner(config) if args.network is None else _network_learner(config, args)
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server
 
@@ -186,6 +184,13 @@ def _learn(args: argparse.Namespace) -> int:
     print(json.dumps({"examples": learner.examples, "published": learner.published,
                       "joiner": vars(learner.joiner.stats)}))
     return 0
+
+
+def _network_learner(config: LearnConfig, args: argparse.Namespace) -> Learner:
+    """``learn --network``: needs torch, so only the trainer image runs it."""
+    from models.network_learner import NetworkLearner
+
+    return NetworkLearner(config, args.network, epochs=args.network_epochs, replay=args.replay)
 
 
 def _demo(args: argparse.Namespace) -> int:

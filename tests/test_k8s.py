@@ -693,6 +693,7 @@ def _module(path: Path) -> str:
 
 # Subcommands whose code the serving and learner images leave out (the trainer image has it).
 _TRAINER_ONLY = {("policyloop/cli.py", "_train"), ("policyloop/cli.py", "_export"),
+                 ("policyloop/cli.py", "_network_learner"),
                  ("policyloop/demo.py", "train_start_policy")}
 
 
