@@ -150,7 +150,7 @@ class Learner:
                                      from_latest=self.config.from_latest,
                                      shard=self.shard if self.shard[1] > 1 else None)
         try:
-            idle_since = time.monotonic()
+            drained_since: float | None = None  # the bus has been drained since then
             while not self._done():
                 records = consumer.poll(max_records=500, timeout=0.2)
                 # The local log assigns topics as they appear and reads them from the start, so
@@ -161,8 +161,10 @@ class Learner:
                     on_ready = None
                 drained = not records and self._drained(consumer)
                 if not drained:
-                    idle_since = time.monotonic()
+                    drained_since = None
                 else:  # windows may close on the furthest input's time
+                    if drained_since is None:
+                        drained_since = time.monotonic()
                     for example in self.joiner.caught_up():
                         self.learn(example)
                 for record in records:
@@ -175,8 +177,10 @@ class Learner:
                 if self._publish_due():
                     self.publish()
                     self._commit(consumer)
-                if (self.config.idle_exit_s is not None
-                        and time.monotonic() - idle_since > self.config.idle_exit_s):
+                # measured from when the bus was found drained, never across the handling of
+                # records: a slow batch on a loaded machine must not end a replay early
+                if (self.config.idle_exit_s is not None and drained_since is not None
+                        and time.monotonic() - drained_since > self.config.idle_exit_s):
                     break
         finally:
             consumer.close()
