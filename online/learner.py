@@ -294,21 +294,28 @@ class Learner:
 
         Records before the checkpointed position were already handled (the group's committed
         offsets can lag the checkpoint by one publish if the process died between the two):
-        they are skipped, so nothing is counted twice.
+        they are skipped, so nothing is counted twice. Records of other policies (the topics
+        are shared) are skipped too: another policy's rewards would only wait in the join as
+        orphans, crowd its bounded state and move its clock. A reward or activation that
+        names no policy is joined by its event id.
         """
         tp = (record.topic, record.partition)
         if record.offset < self.positions.get(tp, 0):
             return
         self.positions[tp] = record.offset + 1
         source = f"{record.topic}:{record.partition}"
+        mine = self.config.policy
         if record.topic == bus.DECISIONS:
             event = DecisionEvent.from_bytes(record.value)
-            examples = (self.joiner.add_decision(event, source)
-                        if event.policy == self.config.policy else [])
+            examples = self.joiner.add_decision(event, source) if event.policy == mine else []
         elif record.topic == bus.REWARDS:
-            examples = self.joiner.add_reward(RewardEvent.from_bytes(record.value), source)
+            reward = RewardEvent.from_bytes(record.value)
+            examples = (self.joiner.add_reward(reward, source)
+                        if reward.policy in ("", mine) else [])
         else:
-            examples = self.joiner.add_activation(ActivationEvent.from_bytes(record.value))
+            activation = ActivationEvent.from_bytes(record.value)
+            examples = (self.joiner.add_activation(activation)
+                        if activation.policy in ("", mine) else [])
         for example in examples:
             self.learn(example)
 

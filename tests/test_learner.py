@@ -79,6 +79,21 @@ def test_the_learner_joins_learns_and_publishes(base: Path, tmp_path: Path) -> N
     assert after > before + 0.1, (before, after)
 
 
+def test_another_policys_events_on_the_shared_topics_are_ignored(base: Path,
+                                                                  tmp_path: Path) -> None:
+    root = _copy(base, tmp_path / "shared")
+    producer = LocalLog(root / "bus", partitions=2).producer()
+    write(producer, routing_events(500, seed=4, policy="recsys", reward_rate=1.0))
+    producer.close()
+    alone = Learner(_config(_copy(base, tmp_path / "alone")))
+    alone.run()
+    shared = Learner(_config(root))
+    shared.run()
+    assert vars(shared.joiner.stats) == vars(alone.joiner.stats)  # no orphans, no evictions
+    assert shared.examples == alone.examples
+    np.testing.assert_array_equal(shared.heads.data_b, alone.heads.data_b)
+
+
 def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) -> None:
     root = _copy(base, tmp_path / "gate")
     learner = Learner(_config(root, gate=True, max_examples=2000))
