@@ -10,7 +10,12 @@ every version it publishes, the event time of the newest reward it learned from
 is the moment the server first answers with it minus that time. The reward window is part of
 it by design: an event is learned from only after its window closes.
 
-Usage: python bench/freshness_bench.py [--seconds 30] [--out bench/results/freshness.json]
+With ``--kafka HOST:PORT`` the same three processes run as deployed without a shared volume:
+decisions and rewards on Kafka, the registry on the compacted ``models`` topic (server and
+learner each with their own cache), the learner in its own consumer group.
+
+Usage: python bench/freshness_bench.py [--seconds 30] [--kafka HOST:PORT]
+       [--out bench/results/freshness.json]
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -34,16 +39,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=200.0, help="decisions per second")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /
-                        "freshness.json")
+    parser.add_argument("--kafka", metavar="HOST:PORT",
+                        help="run on this Kafka (topics from `policyloop topics`)")
+    parser.add_argument("--out", type=Path, help="default bench/results/freshness.json "
+                        "(freshness-kafka.json with --kafka)")
     args = parser.parse_args()
+    out = args.out or ROOT / "bench" / "results" / (
+        "freshness-kafka.json" if args.kafka else "freshness.json")
 
     import torch
 
     from bench.serving_bench import start
     from models.export import export_and_register
     from models.policies import QNetwork
-    from models.registry import LocalRegistry
+    from models.registry import LocalRegistry, open_registry
     from models.routing_env import RoutingEnv
     from protos import decision_pb2 as pb
     from protos import decision_pb2_grpc as pb_grpc
@@ -51,20 +60,34 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="policyloop-fresh-"))
     torch.manual_seed(0)
     env = RoutingEnv()
-    export_and_register(QNetwork(len(env.feature_schema.context), 8), env,
-                        LocalRegistry(work / "registry"), policy="routing", training={})
+    policy = f"routing-{uuid.uuid4().hex[:8]}" if args.kafka else "routing"
+    if args.kafka:
+        from online.topics import DEFAULT_TOPICS, create_topics
+
+        create_topics(args.kafka, DEFAULT_TOPICS)
+        where = ["--bus", "kafka", "--kafka", args.kafka, "--registry-kafka", args.kafka]
+        learn_from = ["--from-latest"]  # the topics' history belongs to other runs
+    else:
+        where = ["--bus-path", str(work / "bus")]
+        learn_from = []
+    registry = open_registry(work / "seed", kafka=args.kafka or "") if args.kafka else \
+        LocalRegistry(work / "registry")
+    export_and_register(QNetwork(len(env.feature_schema.context), 8), env, registry,
+                        policy=policy, training={})
+    registry.close()
     server, line = start([sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING",
                           "serve", "--registry", str(work / "registry"), "--port", "0",
-                          "--metrics-port", "0", "--bus-path", str(work / "bus"),
+                          "--metrics-port", "0", *where,
                           "--spool-dir", str(work / "spool"), "--watch-interval", "0.2",
-                          "--policy", "routing=epsilon_greedy:0.1"], "policyloop serve:")
+                          "--policy", f"{policy}=epsilon_greedy:0.1"], "policyloop serve:")
     target = line.split("grpc=")[1].split()[0]
-    learner = subprocess.Popen(
+    learner, _ = start(
         [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING", "learn",
-         "--registry", str(work / "registry"), "--policy", "routing", "--bus-path",
-         str(work / "bus"), "--checkpoint", str(work / "ckpt.json"), "--window-ms", "500",
-         "--publish-every", "100", "--publish-interval", "1", "--no-gate"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--registry", str(work / "learner-registry" if args.kafka else work / "registry"),
+         "--policy", policy, *where, "--group", f"fresh-{policy}",
+         "--checkpoint", str(work / "ckpt.json"), "--window-ms", "500",
+         "--publish-every", "100", "--publish-interval", "1", "--no-gate", *learn_from],
+        "policyloop learn: consuming")
     first_served: dict[int, float] = {}
     rng = np.random.default_rng(0)
     contexts, _, expected = env.sample_contexts(int(args.seconds * args.rate) + 1, rng)
@@ -77,7 +100,7 @@ def main() -> None:
             while time.time() < end:
                 now = time.time()
                 response = stub.Decide(pb.DecideRequest(
-                    policy="routing", context=pb.Features(dense=contexts[i])), timeout=5)
+                    policy=policy, context=pb.Features(dense=contexts[i])), timeout=5)
                 first_served.setdefault(response.model_version, now)
                 action = list(env.action_names).index(response.chosen[0].action_id)
                 pending.append((now + 0.02, response.event_id,
@@ -96,14 +119,15 @@ def main() -> None:
     samples = [first_served[p["version"]] - p["latest_reward_ms"] / 1000
                for p in published if p["latest_reward_ms"] and p["version"] in first_served]
     freshness = np.array(samples)
-    result = {"decisions": i, "versions_measured": len(samples),
+    result = {"bus": "kafka" if args.kafka else "local", "decisions": i,
+              "versions_measured": len(samples),
               "p50_s": float(np.percentile(freshness, 50)) if samples else None,
               "p95_s": float(np.percentile(freshness, 95)) if samples else None,
               "settings": {"reward_window_ms": 500, "publish_every": 100,
                            "watch_interval_s": 0.2, "reward_delay_ms": 20,
                            "rate_per_s": args.rate}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
