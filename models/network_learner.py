@@ -49,6 +49,7 @@ class _Row:
     action: int  # index among the candidates (ranking) or in the fixed action set
     propensity: float
     reward: float
+    allowed: np.ndarray | None = None  # fixed action set: the positions the request allowed
 
 
 class NetworkLearner(Learner):
@@ -81,13 +82,14 @@ class NetworkLearner(Learner):
         d = example.decision
         if d.baseline_action is not None:
             return  # apprentice mode: the app chose, its propensity is unknown
-        chosen = d.chosen[0]
+        chosen, allowed = d.chosen[0], None
         if self.model.manifest.kind == "qnet":  # the network scores the fixed action set
-            chosen = self.model.action_positions[d.action_ids[chosen]]
+            allowed = np.array([self.model.action_positions[a] for a in d.action_ids])
+            chosen = int(allowed[chosen])
         row = _Row(np.asarray(d.context, np.float32),
                    None if d.action_features is None else np.asarray(d.action_features,
                                                                      np.float32),
-                   int(chosen), float(d.propensities[0]), float(example.reward))
+                   int(chosen), float(d.propensities[0]), float(example.reward), allowed)
         self.examples += 1
         if (self.config.holdout_every
                 and zlib.crc32(d.event_id.encode()) % self.config.holdout_every == 0):
@@ -149,9 +151,9 @@ class NetworkLearner(Learner):
             with torch.no_grad():
                 scores, _ = policies.score(candidate, torch.from_numpy(ctx),
                                            None if act is None else torch.from_numpy(act))
-            cand[i] = float(int(scores[0].argmax()) == row.action)
             served, _ = self.model.run(ctx, act)
-            inc[i] = float(int(np.argmax(served[0])) == row.action)
+            cand[i] = float(_greedy(scores[0].numpy(), row.allowed) == row.action)
+            inc[i] = float(_greedy(served[0], row.allowed) == row.action)
         return judge_targets(cand, inc, np.array([r.reward for r in rows]),
                              np.array([r.propensity for r in rows]),
                              enabled=self.config.gate, margin=self.config.gate_margin)
@@ -171,6 +173,13 @@ class NetworkLearner(Learner):
         self.replay.extend(saved["replay"])
         self.raw_holdout.extend(saved["holdout"])
         self._rng.bit_generator.state = saved["rng"]
+
+
+def _greedy(scores: np.ndarray, allowed: np.ndarray | None) -> int:
+    """The best-scored action, among the allowed ones when the request restricted them."""
+    if allowed is None:
+        return int(np.argmax(scores))
+    return int(allowed[int(np.argmax(scores[allowed]))])
 
 
 def _batch(rows: list[_Row]) -> LoggedBandit:

@@ -48,6 +48,7 @@ _FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _RESERVED_FILES = frozenset({MODEL_FILE, MANIFEST_FILE})
 # Larger files are refused on publish and on load: a registry file is read whole into memory.
 DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
+MAX_MANIFEST_BYTES = 2**20  # a manifest is a small JSON document
 
 
 def check_policy_name(policy: str) -> str:
@@ -84,16 +85,20 @@ def _read_inside(path: Path, root: Path, what: str, max_bytes: int) -> bytes:
         raise ModelRejected(f"{what} {path} resolves to {resolved}, outside the registry {root}",
                             "outside")
     try:
-        info = os.stat(resolved)  # before opening: opening a FIFO would block
+        # no following a link swapped in since resolve(); non-blocking, so a FIFO cannot hang
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError as exc:
+        raise ModelRejected(f"{what} {path} is missing", "missing") from exc
+    except OSError as exc:
+        raise ModelRejected(f"{what} {path} cannot be opened safely: {exc}", "outside") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ModelRejected(f"{what} {path} is not a regular file", "outside")
         if info.st_size > max_bytes:
             raise ModelRejected(f"{what} {path} is {info.st_size} bytes, over "
                                 f"max_model_bytes {max_bytes}", "oversized")
-        with open(resolved, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except FileNotFoundError as exc:
-        raise ModelRejected(f"{what} {path} is missing", "missing") from exc
+        data = f.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew after the check
         raise ModelRejected(f"{what} {path} is over max_model_bytes {max_bytes}", "oversized")
     return data
@@ -243,8 +248,14 @@ class LocalRegistry:
         _check_version(version)
         path = self._version_dir(policy, version)
         try:
-            text = (path / MANIFEST_FILE).read_text()
-        except FileNotFoundError as exc:
+            if not (path / MANIFEST_FILE).exists():
+                raise ModelRejected("no manifest", "missing")
+            text = _read_inside(path / MANIFEST_FILE, self.root,
+                                f"manifest of policy {policy!r} version {version}",
+                                MAX_MANIFEST_BYTES).decode(errors="replace")
+        except ModelRejected as exc:
+            if exc.reason != "missing":
+                raise
             raise NotFound(f"policy {policy!r} has no version {version} in registry "
                            f"{self.root}") from exc
         try:
@@ -399,10 +410,15 @@ class LocalRegistry:
         policy_dir = self._policy_dir(policy)
         if not policy_dir.is_dir():
             raise NotFound(f"policy {policy!r} does not exist in registry {self.root}")
-        try:
-            text = (policy_dir / CURRENT_FILE).read_text()
-        except FileNotFoundError:
+        if not (policy_dir / CURRENT_FILE).exists():
             return None
+        try:
+            text = _read_inside(policy_dir / CURRENT_FILE, self.root, f"CURRENT of {policy!r}",
+                                64).decode(errors="replace")
+        except ModelRejected as exc:
+            if exc.reason == "missing":
+                return None
+            raise
         try:
             return _check_version(int(text.strip()))
         except (ValueError, InvalidArgument) as exc:

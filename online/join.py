@@ -141,6 +141,11 @@ class RewardJoiner:
             self.stats.duplicate_rewards += 1
         return self._advance(source, event.timestamp_ms) + self._evict()
 
+    def observe(self, source: str, timestamp_ms: int) -> list[Example]:
+        """A record of another policy on a shared input: it says how far that input has got,
+        so the clock moves on without opening anything."""
+        return self._advance(source, timestamp_ms)
+
     def add_activation(self, event: ActivationEvent) -> list[Example]:
         if event.event_id not in self._emitted:
             slot = self._open.get(event.event_id)

@@ -63,34 +63,34 @@ class KafkaRegistry:
             while any(self._positions.get(p, 0) < end for p, end in ends.items()):
                 records = self._consumer.poll(max_records=100, timeout=self._timeout)
                 for record in records:
-                    self._apply(record.key.decode() if record.key else "", record.value)
                     self._positions[record.partition] = record.offset + 1
+                    self._apply(record.key or b"", record.value)
                 if not records and time.monotonic() > deadline:
                     raise BusUnavailable(f"registry topic {self.topic!r}: could not read up to "
                                          f"offsets {ends} within {self._join_timeout}s")
 
-    def _apply(self, key: str, value: bytes) -> None:
-        policy, _, what = key.partition("/")
-        if what == _CURRENT:
-            version = int(value)
-            self._current[policy] = version
-            try:
-                self.cache.set_current(policy, version)
-            except NotFound:
-                pass  # the version record comes later in a reordered replay; set again then
-            return
+    def _apply(self, key: bytes, value: bytes) -> None:
+        """One record into the cache; a bad one is logged and skipped, so it can never stop
+        this replica from reading the versions after it."""
         try:
+            policy, _, what = key.decode().partition("/")
+            if what == _CURRENT:
+                version = int(value)
+                self._current[policy] = version
+                try:
+                    self.cache.set_current(policy, version)
+                except NotFound:
+                    pass  # the version record comes later in a reordered replay; set then
+                return
             body = json.loads(value)
             manifest = Manifest.from_json(body["manifest"])
             files = {name: base64.b64decode(data) for name, data in body["files"].items()}
             self.cache.install(base64.b64decode(body["model"]), manifest, files)
+            if self._current.get(policy) == manifest.version:
+                self.cache.set_current(policy, manifest.version)
         except (ValueError, KeyError, TypeError, AttributeError, InvalidArgument,
                 ModelRejected) as exc:
-            # one bad record must not stop this replica from reading the versions after it
             log.error("registry topic %r: skipping record %r: %s", self.topic, key, exc)
-            return
-        if self._current.get(policy) == manifest.version:
-            self.cache.set_current(policy, manifest.version)
 
     # ---- the Registry interface
 

@@ -48,7 +48,7 @@ from online.join import Example, RewardJoiner
 from online.linear import LinearHeads
 from online.qlearning import QTargets
 from online.shards import ShardStats, StatsReader, StatsWriter
-from policyloop.errors import InvalidArgument
+from policyloop.errors import InvalidArgument, NotFound
 from serving.model_store import LoadedModel, choose_providers, load_model
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,14 @@ class LearnConfig:
     max_examples: int | None = None  # stop after this many (tests, replays)
     idle_exit_s: float | None = None  # stop after this long with the bus drained (replays)
 
+    def __post_init__(self) -> None:
+        for name in ("partitions", "publish_every", "window_ms"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.publish_interval_s > 0:
+            raise InvalidArgument(
+                f"publish_interval_s must be > 0, got {self.publish_interval_s}")
+
 
 class Learner:
     def __init__(self, config: LearnConfig) -> None:
@@ -112,6 +120,9 @@ class Learner:
         self.merged: dict[int, int] = {}  # shard 0: examples of each shard's merged snapshot
         self.q: QTargets | None = None
         if config.discount:
+            if config.shard_count > 1:
+                raise InvalidArgument("discount (Q-learning) runs unsharded: its transitions "
+                                      "follow the decisions of all partitions in time order")
             if self.model.manifest.kind != "qnet":
                 raise InvalidArgument(f"discount {config.discount} (Q-learning) needs a fixed "
                                       f"action set (kind qnet); {config.policy} is "
@@ -251,7 +262,8 @@ class Learner:
             return None
         if self._stats_reader is None:
             self._stats_reader = StatsReader(
-                self.config.bus, self.config.policy, self.shard, path=self.config.bus_path,
+                self.config.bus, self.config.policy, self.config.group, self.shard,
+                path=self.config.bus_path,
                 bootstrap=self.config.kafka_bootstrap, partitions=self.config.partitions)
         return self._stats_reader
 
@@ -262,7 +274,7 @@ class Learner:
                 self.config.bus, path=self.config.bus_path,
                 bootstrap=self.config.kafka_bootstrap, partitions=self.config.partitions,
                 client_id=f"policyloop-learner-{self.shard[0]}"))
-        self._stats_writer.write(self.config.policy, ShardStats(
+        self._stats_writer.write(self.config.policy, self.config.group, ShardStats(
             self.shard[0], self.shard[1], self.examples, self.heads))
         log.info("learner shard %d/%d: wrote statistics of %d examples", *self.shard,
                  self.examples, extra={"policy": self.config.policy})
@@ -280,7 +292,12 @@ class Learner:
         if reader is not None:
             reader.refresh()
             for index, stats in sorted(reader.latest.items()):
-                heads = heads.merge(stats.heads)
+                try:
+                    heads = heads.merge(stats.heads)
+                except InvalidArgument as exc:  # e.g. another body's width, another prior
+                    log.error("not merging shard %d's statistics: %s", index, exc,
+                              extra={"policy": self.config.policy})
+                    continue
                 examples += stats.examples
                 self.merged[index] = stats.examples
             missing = set(range(1, self.shard[1])) - set(reader.latest)
@@ -295,9 +312,9 @@ class Learner:
         Records before the checkpointed position were already handled (the group's committed
         offsets can lag the checkpoint by one publish if the process died between the two):
         they are skipped, so nothing is counted twice. Records of other policies (the topics
-        are shared) are skipped too: another policy's rewards would only wait in the join as
-        orphans, crowd its bounded state and move its clock. A reward or activation that
-        names no policy is joined by its event id.
+        are shared) only move the join's clock: another policy's rewards would otherwise wait
+        as orphans and crowd its bounded state. A reward or activation that names no policy
+        is joined by its event id.
         """
         tp = (record.topic, record.partition)
         if record.offset < self.positions.get(tp, 0):
@@ -307,11 +324,12 @@ class Learner:
         mine = self.config.policy
         if record.topic == bus.DECISIONS:
             event = DecisionEvent.from_bytes(record.value)
-            examples = self.joiner.add_decision(event, source) if event.policy == mine else []
+            examples = (self.joiner.add_decision(event, source) if event.policy == mine
+                        else self.joiner.observe(source, event.timestamp_ms))
         elif record.topic == bus.REWARDS:
             reward = RewardEvent.from_bytes(record.value)
-            examples = (self.joiner.add_reward(reward, source)
-                        if reward.policy in ("", mine) else [])
+            examples = (self.joiner.add_reward(reward, source) if reward.policy in ("", mine)
+                        else self.joiner.observe(source, reward.timestamp_ms))
         else:
             activation = ActivationEvent.from_bytes(record.value)
             examples = (self.joiner.add_activation(activation)
@@ -438,7 +456,14 @@ class Learner:
         self.since_publish = state["since_publish"]
         self.latest_reward_ms = state["latest_reward_ms"]
         self.published = state["published"]
-        version = self.registry.get(self.config.policy, state["model_version"])
+        try:
+            version = self.registry.get(self.config.policy, state["model_version"])
+        except NotFound:  # retention removed it: a shard that never publishes keeps an old one
+            version = self.registry.current(self.config.policy)
+            log.warning("checkpointed %s v%d is gone from the registry; embedding with the "
+                        "current v%d (the same body)", self.config.policy,
+                        state["model_version"], version.version,
+                        extra={"policy": self.config.policy})
         self.model_bytes = version.read_model()
         self.model = load_model(version, expected=None, providers=self._providers)
         if self.q is not None:

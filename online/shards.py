@@ -8,7 +8,8 @@ shard joins its events completely on its own.
 The head's sufficient statistics are sums over examples (``online/linear.py``), so the model
 of all the data is the prior plus the sum of the shards' data terms. Every shard other than 0
 writes a snapshot of its statistics to the ``learner-stats`` topic (key
-``<policy>/<index>/<count>``, compacted on Kafka) whenever it would publish; shard 0 merges
+``<policy>/<group>/<index>/<count>``, compacted on Kafka: a new consumer group or another
+shard count starts afresh) whenever it would publish; shard 0 merges
 the latest snapshot of every other shard into its own before each publish, and publishes
 again when another shard has reported since. Snapshots are cumulative, so merging the latest
 one is idempotent and a restarted shard that writes the same snapshot again changes nothing.
@@ -59,8 +60,9 @@ class ShardStats:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez(buffer, shard_index=np.array(self.index), shard_count=np.array(self.count),
-                 shard_examples=np.array(self.examples), **self.heads.to_npz_arrays())
+        np.savez_compressed(buffer, shard_index=np.array(self.index),
+                            shard_count=np.array(self.count),
+                            shard_examples=np.array(self.examples), **self.heads.to_npz_arrays())
         return buffer.getvalue()
 
     @classmethod
@@ -74,8 +76,8 @@ class ShardStats:
             raise InvalidArgument(f"learner stats record is malformed: {exc}") from exc
 
 
-def _key(policy: str, index: int, count: int) -> bytes:
-    return f"{policy}/{index}/{count}".encode()
+def _key(policy: str, group: str, index: int, count: int) -> bytes:
+    return f"{policy}/{group}/{index}/{count}".encode()
 
 
 class StatsWriter:
@@ -84,9 +86,9 @@ class StatsWriter:
     def __init__(self, producer: bus.Producer) -> None:
         self._producer = producer
 
-    def write(self, policy: str, stats: ShardStats) -> None:
+    def write(self, policy: str, group: str, stats: ShardStats) -> None:
         self._producer.send(bus.LEARNER_STATS, stats.to_bytes(),
-                            _key(policy, stats.index, stats.count))
+                            _key(policy, group, stats.index, stats.count))
         self._producer.flush()
 
     def close(self) -> None:
@@ -100,9 +102,10 @@ class StatsReader:
     a restarted shard 0 sees every shard's latest snapshot again.
     """
 
-    def __init__(self, kind: str, policy: str, shard: bus.Shard, *, path: str | Path,
-                 bootstrap: str = "", partitions: int = 4) -> None:
+    def __init__(self, kind: str, policy: str, group: str, shard: bus.Shard, *,
+                 path: str | Path, bootstrap: str = "", partitions: int = 4) -> None:
         self._policy = policy
+        self._group = group
         self._shard = shard
         self._consumer = bus.open_consumer(kind, f"learner-stats-{uuid.uuid4().hex}",
                                            [bus.LEARNER_STATS], path=path,
@@ -127,7 +130,7 @@ class StatsReader:
 
     def _apply(self, record: bus.Record) -> None:
         index, count = self._shard
-        prefix = f"{self._policy}/"
+        prefix = f"{self._policy}/{self._group}/"
         key = (record.key or b"").decode(errors="replace")
         if not key.startswith(prefix):
             return
@@ -137,7 +140,7 @@ class StatsReader:
             log.error("learner stats: skipping record %r: %s", key, exc,
                       extra={"policy": self._policy})
             return
-        if key != _key(self._policy, stats.index, stats.count).decode():
+        if key != _key(self._policy, self._group, stats.index, stats.count).decode():
             log.error("learner stats: record %r holds shard %d/%d", key, stats.index,
                       stats.count)
             return

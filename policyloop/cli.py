@@ -177,10 +177,12 @@ def _learn(args: argparse.Namespace) -> int:
     # checkpointed below; events still waiting for their reward stay in the checkpoint.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: learner.stop())
-    learner.run(on_ready=lambda: print(f"policyloop learn: consuming policy={args.policy}",
-                                       flush=True))
-    learner.finish()
-    learner.close()
+    try:
+        learner.run(on_ready=lambda: print(f"policyloop learn: consuming policy={args.policy}",
+                                           flush=True))
+        learner.finish()
+    finally:
+        learner.close()
     print(json.dumps({"examples": learner.examples, "published": learner.published,
                       "joiner": vars(learner.joiner.stats)}))
     return 0

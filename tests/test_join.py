@@ -142,3 +142,12 @@ def test_reading_one_topic_or_partition_ahead_gives_the_same_joins() -> None:
     assert replay(decisions + rewards) == expected  # all decisions read first
     assert replay(rewards + decisions) == expected  # all rewards read first
     assert sum(v > 0 for v in expected.values()) == 99
+
+
+def test_another_policys_records_move_the_clock_without_opening_anything() -> None:
+    joiner = RewardJoiner(window_ms=100, sources=("decisions:0", "rewards:0"))
+    assert joiner.add_decision(decision("e1", 0), "decisions:0") == []
+    assert joiner.observe("decisions:0", 500) == []  # the rewards input has not moved yet
+    closed = joiner.observe("rewards:0", 500)
+    assert [e.decision.event_id for e in closed] == ["e1"] and closed[0].reward == 0.0
+    assert joiner.pending == 0 and joiner.stats.orphan_rewards == 0

@@ -41,7 +41,8 @@ def _learner(root: Path, **changes: object) -> NetworkLearner:
     config = LearnConfig(**{"registry": root / "registry", "policy": "routing",
                             "bus_path": root / "bus", "partitions": 2,
                             "checkpoint": root / "ckpt.json", "window_ms": 1000,
-                            "publish_every": 1500, "idle_exit_s": 2.0, "gate": False,
+                            "publish_every": 1500, "publish_interval_s": 1e9,
+                            "idle_exit_s": 2.0, "gate": False,
                             **changes})
     return NetworkLearner(config, root / "start.pt", epochs=2)
 

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import LocalRegistry, Registry
+from models.registry import (
+    CURRENT_FILE,
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    LocalRegistry,
+    Registry,
+)
 from models.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
 from policyloop.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
 
@@ -264,6 +270,16 @@ def test_a_registry_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -
     os.mkfifo(mv.model_path)  # opening it would block the loader
     with pytest.raises(ModelRejected, match="not a regular file"):
         mv.read_model()
+    for name in (MANIFEST_FILE, CURRENT_FILE):  # the small files too: never read unbounded
+        path = mv.path / name if name == MANIFEST_FILE else tmp_path / "recs" / name
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(ModelRejected, match="not a regular file"):
+            reg.current("recs")
+        path.unlink()
+    (mv.path / MANIFEST_FILE).write_text("{" + " " * MAX_MANIFEST_BYTES + "}")
+    with pytest.raises(ModelRejected, match="over max_model_bytes"):
+        reg.get("recs", 1)
 
 
 def test_symlink_inside_the_registry_is_allowed(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -32,12 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 3000
 
 
-def _stream(seed: int, policy: str = "routing") -> list[tuple[str, bytes, bytes]]:
+def _stream(seed: int, policy: str = "routing",
+            start_ms: int = 1_000_000) -> list[tuple[str, bytes, bytes]]:
     """EVENTS events, then 40 much later ones: the stream goes on, so every shard's reward
     windows close on all of the first EVENTS (at a stream's very end a shard would close
-    fewer windows than one learner, whose clock is the furthest of all partitions)."""
-    return (routing_events(EVENTS, seed=seed, policy=policy)
-            + routing_events(40, seed=seed + 100, policy=policy, start_ms=10**9))
+    fewer windows than one learner, whose clock is the furthest of all partitions). On the
+    shared Kafka topics, start at the wall clock: other tests' records move the join's clock
+    too."""
+    return (routing_events(EVENTS, seed=seed, policy=policy, start_ms=start_ms)
+            + routing_events(40, seed=seed + 100, policy=policy, start_ms=start_ms + 10**8))
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +146,16 @@ def test_the_stats_reader_keeps_each_shards_newest_snapshot_and_skips_bad_record
     writer = StatsWriter(log.producer())
     for shard, examples in [((1, 3), 10), ((2, 3), 5), ((1, 3), 30), ((1, 3), 20),
                             ((1, 2), 99)]:  # the last one: another sharding
-        writer.write("routing", ShardStats(*shard, examples, heads))
+        writer.write("routing", "g", ShardStats(*shard, examples, heads))
+    writer.write("routing", "another-group", ShardStats(2, 3, 500, heads))
     producer = log.producer()
-    producer.send(bus.LEARNER_STATS, b"garbage", b"routing/2/3")
+    producer.send(bus.LEARNER_STATS, b"garbage", b"routing/g/2/3")
     producer.flush()
-    writer.write("other", ShardStats(1, 3, 7, heads))
-    reader = StatsReader("local", "routing", (0, 3), path=tmp_path / "bus", partitions=1)
+    writer.write("other", "g", ShardStats(1, 3, 7, heads))
+    reader = StatsReader("local", "routing", "g", (0, 3), path=tmp_path / "bus", partitions=1)
     reader.refresh(timeout=2)
     assert {i: s.examples for i, s in reader.latest.items()} == {1: 30, 2: 5}
-    writer.write("routing", ShardStats(2, 3, 6, heads))
+    writer.write("routing", "g", ShardStats(2, 3, 6, heads))
     reader.refresh(timeout=2)
     assert reader.latest[2].examples == 6
     reader.close()
@@ -170,7 +175,7 @@ def test_two_learner_processes_on_kafka_equal_one_learner(base: Path, tmp_path: 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     policy = f"routing-{uuid.uuid4().hex[:8]}"
     producer = KafkaProducerAdapter(kafka_bootstrap)
-    write(producer, _stream(5, policy))
+    write(producer, _stream(5, policy, start_ms=int(time.time() * 1000)))
     producer.close()
 
     def prepare(name: str) -> Path:
