@@ -56,6 +56,8 @@ def test_a_bad_record_on_the_topic_is_skipped_and_later_versions_still_arrive(
     for value in (b"not json", json.dumps({"manifest": tampered, "files": {},
                                            "model": base64.b64encode(model).decode()}).encode()):
         producer.send(topic, value, b"recsys/00000002")
+    producer.send(topic, b"not a number", b"recsys/CURRENT")
+    producer.send(topic, b"1", b"\xff\xfe")  # a key that is not UTF-8
     producer.flush()
     producer.close()
     good = writer.publish("recsys", *scoring_model(seed=3))

@@ -107,6 +107,19 @@ def test_shard_0_publishes_again_when_another_shard_reports_later(base: Path,
     assert not np.allclose(_head(root / "registry"), alone)
 
 
+def test_a_shard_whose_version_left_the_registry_restarts_on_the_current_one(
+        base: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(base, tmp_path / "retention")
+    _run(root, (1, 2), max_examples=500)  # checkpoints on v1 (shards 1..N-1 never promote)
+    registry = LocalRegistry(root / "registry")  # shard 0 promotes on: retention drops v1
+    first = registry.current("routing")
+    for _ in range(11):
+        registry.publish("routing", first.read_model(), first.manifest)
+    assert 1 not in registry.versions("routing")
+    restarted = _run(root, (1, 2))
+    assert restarted.model.version == 12 and restarted.examples > 500
+
+
 def test_each_shard_reads_only_its_partitions(base: Path) -> None:
     consumer = LocalLog(base / "bus", partitions=4).consumer(
         f"g-{uuid.uuid4().hex}", [bus.DECISIONS, bus.REWARDS], shard=(1, 2))
