@@ -113,8 +113,9 @@ def test_a_shard_whose_version_left_the_registry_restarts_on_the_current_one(
     _run(root, (1, 2), max_examples=500)  # checkpoints on v1 (shards 1..N-1 never promote)
     registry = LocalRegistry(root / "registry")  # shard 0 promotes on: retention drops v1
     first = registry.current("routing")
+    model = first.read_model()
     for _ in range(11):
-        registry.publish("routing", first.read_model(), first.manifest)
+        registry.publish("routing", model, first.manifest)
     assert 1 not in registry.versions("routing")
     restarted = _run(root, (1, 2))
     assert restarted.model.version == 12 and restarted.examples > 500
