@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.registry import ModelVersion, Registry
 from models.routing_env import RoutingEnv
 from online import bus
 from online.events import DecisionEvent, RewardEvent
+
+
+def register_untrained_routing(registry: Registry, policy: str = "routing") -> ModelVersion:
+    """An untrained routing QNetwork (seeded) as the first version of ``policy``: learners
+    start from it."""
+    import torch
+
+    from models.export import export_and_register
+    from models.policies import QNetwork
+
+    torch.manual_seed(0)
+    env = RoutingEnv()
+    return export_and_register(QNetwork(len(env.feature_schema.context), 8), env, registry,
+                               policy=policy, training={})
 
 
 def routing_events(n: int, seed: int, *, reward_rate: float = 0.9,

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from models.export import export_and_register
 from models.neural_linear import read_head
-from models.policies import QNetwork
 from models.registry import LocalRegistry
 from models.routing_env import RoutingEnv
 from online.learner import LearnConfig, Learner
 from online.local_log import LocalLog
-from tests.bandit_stream import routing_events, write
+from tests.bandit_stream import register_untrained_routing, routing_events, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry with an untrained routing QNetwork and a bus with 4,000 logged events."""
     root = tmp_path_factory.mktemp("learner")
-    torch.manual_seed(0)
-    env = RoutingEnv()
-    export_and_register(QNetwork(len(env.feature_schema.context), 8), env,
-                        LocalRegistry(root / "registry"), policy="routing", training={})
+    register_untrained_routing(LocalRegistry(root / "registry"))
     producer = LocalLog(root / "bus", partitions=2).producer()
     write(producer, routing_events(4000, seed=1))
     producer.close()

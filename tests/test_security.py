@@ -110,19 +110,12 @@ scopes = ["decide"]
 def test_the_traffic_generator_sends_its_token(tmp_path: Path, tokens_file: Path) -> None:
     import asyncio
 
-    import torch
-
-    from models.export import export_and_register
-    from models.policies import QNetwork
     from models.registry import LocalRegistry
-    from models.routing_env import RoutingEnv
     from policyloop.simulate import TrafficConfig, run_traffic
     from serving.config import PolicyConfig
+    from tests.bandit_stream import register_untrained_routing
 
-    torch.manual_seed(0)
-    env = RoutingEnv()
-    export_and_register(QNetwork(len(env.feature_schema.context), 8), env,
-                        LocalRegistry(tmp_path / "registry"), policy="routing", training={})
+    register_untrained_routing(LocalRegistry(tmp_path / "registry"))
     config = serve_config(tmp_path, tokens_file=tokens_file,
                           policies={"routing": PolicyConfig(strategy="softmax:0.5")})
     with running_server(config) as server:

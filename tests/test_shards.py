@@ -14,20 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from models.export import export_and_register
 from models.neural_linear import read_head
-from models.policies import QNetwork
 from models.registry import LocalRegistry
-from models.routing_env import RoutingEnv
 from online import bus
 from online.learner import LearnConfig, Learner
 from online.linear import LinearHeads
 from online.local_log import LocalLog
 from online.shards import ShardStats, StatsReader, StatsWriter, parse_shard
 from policyloop.errors import InvalidArgument
-from tests.bandit_stream import routing_events, write
+from tests.bandit_stream import register_untrained_routing, routing_events, write
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 3000
@@ -48,10 +44,7 @@ def _stream(seed: int, policy: str = "routing",
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry with an untrained routing QNetwork; a 4-partition local bus with events."""
     root = tmp_path_factory.mktemp("shards")
-    torch.manual_seed(0)
-    env = RoutingEnv()
-    export_and_register(QNetwork(len(env.feature_schema.context), 8), env,
-                        LocalRegistry(root / "registry"), policy="routing", training={})
+    register_untrained_routing(LocalRegistry(root / "registry"))
     producer = LocalLog(root / "bus", partitions=4).producer()
     write(producer, _stream(3))
     producer.close()
