@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 
 from models.registry import ModelVersion, Registry
@@ -55,3 +58,35 @@ def write(producer: bus.Producer, records: list[tuple[str, bytes, bytes]]) -> No
     for topic, key, value in records:
         producer.send(topic, value, key)
     producer.flush()
+
+
+def kafka_start_ms(bootstrap: str, gap_ms: int = 5_000) -> int:
+    """When a test's events on the shared Kafka topics should start: at the wall clock, or
+    after the newest event already there if that is later (an earlier test's stream may run
+    ahead of the clock). Other policies' records move a learner's join clock too, so a stream
+    older than records before it on the log would close its windows at times that depend on
+    how the partitions' reads interleave."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for topic in (bus.DECISIONS, bus.REWARDS)
+                 for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        ends = consumer.end_offsets(parts)
+        wanted = {tp for tp in parts if ends[tp] > 0}
+        for tp in wanted:
+            consumer.seek(tp, ends[tp] - 1)
+        newest = 0
+        deadline = time.monotonic() + 30
+        while wanted and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                for record in records:
+                    if record.offset == ends[tp] - 1:
+                        newest = max(newest, int(json.loads(record.value)["timestamp_ms"]))
+                        wanted.discard(tp)
+        if wanted:
+            raise TimeoutError(f"could not read the last record of {sorted(map(str, wanted))}")
+    finally:
+        consumer.close()
+    return max(int(time.time() * 1000), newest + gap_ms)

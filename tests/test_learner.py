@@ -19,7 +19,7 @@ from models.registry import LocalRegistry
 from models.routing_env import RoutingEnv
 from online.learner import LearnConfig, Learner
 from online.local_log import LocalLog
-from tests.bandit_stream import register_untrained_routing, routing_events, write
+from tests.bandit_stream import kafka_start_ms, register_untrained_routing, routing_events, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,8 +173,8 @@ def test_the_learner_on_kafka_killed_five_times_ends_with_the_uninterrupted_mode
 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     policy = f"routing-{uuid.uuid4().hex[:8]}"  # other tests' events on the topics are ignored
-    # at the wall clock: other tests' records on the shared topics move the join's clock too
-    records = routing_events(3000, seed=7, policy=policy, start_ms=int(time.time() * 1000))
+    records = routing_events(3000, seed=7, policy=policy,
+                             start_ms=kafka_start_ms(kafka_bootstrap))
     producer = KafkaProducerAdapter(kafka_bootstrap)
     write(producer, records)
     producer.close()

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from online.linear import LinearHeads
 from online.local_log import LocalLog
 from online.shards import ShardStats, StatsReader, StatsWriter, parse_shard
 from policyloop.errors import InvalidArgument
-from tests.bandit_stream import register_untrained_routing, routing_events, write
+from tests.bandit_stream import kafka_start_ms, register_untrained_routing, routing_events, write
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 3000
@@ -31,13 +30,13 @@ EVENTS = 3000
 
 def _stream(seed: int, policy: str = "routing",
             start_ms: int = 1_000_000) -> list[tuple[str, bytes, bytes]]:
-    """EVENTS events, then 40 much later ones: the stream goes on, so every shard's reward
-    windows close on all of the first EVENTS (at a stream's very end a shard would close
-    fewer windows than one learner, whose clock is the furthest of all partitions). On the
-    shared Kafka topics, start at the wall clock: other tests' records move the join's clock
-    too."""
+    """EVENTS events 10 ms apart, then 40 ten seconds after the last: the stream goes on, so
+    every shard's reward windows close on all of the first EVENTS (at a stream's very end a
+    shard would close fewer windows than one learner, whose clock is the furthest of all
+    partitions)."""
+    tail = start_ms + 10 * EVENTS + 10_000
     return (routing_events(EVENTS, seed=seed, policy=policy, start_ms=start_ms)
-            + routing_events(40, seed=seed + 100, policy=policy, start_ms=start_ms + 10**8))
+            + routing_events(40, seed=seed + 100, policy=policy, start_ms=tail))
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +181,7 @@ def test_two_learner_processes_on_kafka_equal_one_learner(base: Path, tmp_path: 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     policy = f"routing-{uuid.uuid4().hex[:8]}"
     producer = KafkaProducerAdapter(kafka_bootstrap)
-    write(producer, _stream(5, policy, start_ms=int(time.time() * 1000)))
+    write(producer, _stream(5, policy, start_ms=kafka_start_ms(kafka_bootstrap)))
     producer.close()
 
     def prepare(name: str) -> Path:
