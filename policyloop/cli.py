@@ -57,6 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         "durable_ack": True if args.durable_ack else None,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
         "tokens_file": args.tokens_file,
+        "micro_batch_size": args.micro_batch, "micro_batch_wait_ms": args.micro_batch_wait_ms,
     }
     if args.policy:
         overrides["policies"] = {
@@ -283,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bus-path", type=Path, help="local event log folder (bus=local)")
     p.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (bus=kafka)")
     p.add_argument("--spool-dir", type=Path, help="where decisions wait while the bus is down")
+    p.add_argument("--micro-batch", type=int, metavar="N",
+                   help="decide up to N concurrent Decide calls together (default 1: off)")
+    p.add_argument("--micro-batch-wait-ms", type=float, metavar="MS",
+                   help="longest a Decide call waits for its micro-batch to fill (default 0: "
+                   "only calls already queued on the event loop)")
     p.add_argument("--grace", type=float, help="drain period on SIGTERM, seconds")
     p.add_argument("--watch-interval", type=float, help="registry poll interval, seconds")
     p.add_argument("--durable-ack", action="store_true",

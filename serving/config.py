@@ -53,6 +53,10 @@ class ServeConfig:
     grace_period_s: float = 10.0
     max_message_bytes: int = 4 << 20
     max_batch_rows: int = 1024
+    # Micro-batching of concurrent Decide calls (serving/batching.py): up to this many calls
+    # share one data-plane call, waiting at most micro_batch_wait_ms; 1 turns it off.
+    micro_batch_size: int = 1
+    micro_batch_wait_ms: float = 0.0
     max_concurrency: int = 1024
     max_model_bytes: int = 256 << 20  # larger registry files are refused on load
     ort_threads: int = 1
@@ -81,9 +85,12 @@ class ServeConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         for name in ("log_queue_size", "max_message_bytes", "max_batch_rows", "max_concurrency",
-                     "max_model_bytes", "ort_threads"):
+                     "max_model_bytes", "ort_threads", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.micro_batch_wait_ms <= 1000:
+            raise InvalidArgument("micro_batch_wait_ms must be in 0..1000, got "
+                                  f"{self.micro_batch_wait_ms}")
         return self
 
 

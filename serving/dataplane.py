@@ -12,12 +12,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import getrandbits
+from typing import Any
 
 import numpy as np
 
 from online import bus
 from online.events import ActivationEvent, DecisionEvent, RewardEvent
-from policyloop.errors import InvalidArgument
+from policyloop.errors import InvalidArgument, PolicyloopError
 from serving.config import ServeConfig
 from serving.decision_log import DecisionLog
 from serving.exploration import Decision, Strategy, strategy_from_spec
@@ -25,6 +26,7 @@ from serving.metrics import ServingMetrics
 from serving.model_store import LoadedModel, ModelStore
 
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_PENDING = PolicyloopError("not scored")  # placeholder while a batch is scored
 MAX_SLOTS = 100
 
 
@@ -42,7 +44,9 @@ class DecideInput:
     event_id: str = ""
     context: Features = Features()
     candidate_ids: Sequence[str] = ()
-    candidate_features: Sequence[Features] = ()
+    # per candidate, or already float32[K, n] when the transport read every row's dense values
+    # in one go (serving/grpc_decision.py)
+    candidate_features: Sequence[Features] | np.ndarray = ()
     slots: int = 0
     seed: int | None = None
     deferred: bool = False
@@ -101,7 +105,7 @@ def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
     return vec
 
 
-def _matrix(rows: Sequence[Features], names: Sequence[str],
+def _matrix(rows: Sequence[Features] | np.ndarray, names: Sequence[str],
             index: Mapping[str, int]) -> np.ndarray:
     """float32[K, len(names)] of per-candidate features.
 
@@ -109,6 +113,16 @@ def _matrix(rows: Sequence[Features], names: Sequence[str],
     request path the per-row checks of ``_vector`` cost more than the model.
     """
     width = len(names)
+    if isinstance(rows, np.ndarray):
+        if rows.shape[1] != width:
+            raise InvalidArgument(f"candidates[0].features.dense has {rows.shape[1]} values, "
+                                  f"the policy expects {width}")
+        finite = np.isfinite(rows)
+        if not finite.all():
+            k, bad = (int(i) for i in np.argwhere(~finite)[0])
+            raise InvalidArgument(f"candidates[{k}].features value {bad} ({names[bad]}) is "
+                                  f"{rows[k, bad]}: features must be finite")
+        return rows
     if all(len(f.dense) == width and not f.named for f in rows):
         matrix = np.array([f.dense for f in rows], dtype=np.float32)
         if np.isfinite(matrix).all():
@@ -136,6 +150,8 @@ class DataPlane:
         self._rng = np.random.default_rng(seed)
         self._strategies: dict[str, Strategy] = {
             name: strategy_from_spec(config.policy(name).strategy) for name in store.policies}
+        # labelled metric children, looked up once (label values are bounded)
+        self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     @property
     def store(self) -> ModelStore:
@@ -160,20 +176,50 @@ class DataPlane:
         All rows are validated before any is scored or logged, so a bad row fails the whole
         call and nothing of it is half-logged.
         """
-        prepared = [self._prepare(r) for r in requests]
-        outputs: list[DecideOutput | None] = [None] * len(prepared)
-        groups: dict[tuple[int, int], list[int]] = {}
+        return self._score([self._prepare(r) for r in requests],  # type: ignore[return-value]
+                           independent=False)
+
+    def decide_each(self, requests: Sequence[DecideInput]
+                    ) -> list[DecideOutput | PolicyloopError]:
+        """Decide independent requests together (the micro-batcher's call): rows share model
+        runs as in ``decide_many``, but each row succeeds or fails on its own."""
+        prepared: list[_Prepared | PolicyloopError] = []
+        for r in requests:
+            try:
+                prepared.append(self._prepare(r))
+            except PolicyloopError as e:
+                prepared.append(e)
+        return self._score(prepared, independent=True)
+
+    def _score(self, prepared: Sequence[_Prepared | PolicyloopError], *, independent: bool
+               ) -> list[DecideOutput | PolicyloopError]:
+        """Run each group's model once and finish its rows; with ``independent`` a row's
+        error becomes its result, otherwise it ends the call."""
+        outputs: list[DecideOutput | PolicyloopError] = [
+            p if isinstance(p, PolicyloopError) else _PENDING for p in prepared]
+        groups: dict[tuple[int, int], list[tuple[int, _Prepared]]] = {}
         for i, p in enumerate(prepared):
-            groups.setdefault((id(p.model), p.width), []).append(i)
-        for rows in groups.values():
-            first = prepared[rows[0]]
-            context = np.stack([prepared[i].context for i in rows])
-            actions = (np.stack([prepared[i].action_features for i in rows])
-                       if first.model.manifest.kind == "scoring" else None)
+            if not isinstance(p, PolicyloopError):
+                groups.setdefault((id(p.model), p.width), []).append((i, p))
+        for group in groups.values():
+            rows, ready = zip(*group, strict=True)
+            first = ready[0]
+            scoring = first.model.manifest.kind == "scoring"
+            if len(ready) == 1:
+                context = first.context[None]
+                actions = first.action_features[None] if scoring else None
+            else:
+                context = np.stack([p.context for p in ready])
+                actions = (np.stack([p.action_features for p in ready]) if scoring else None)
             scores, embedding = first.model.run(context, actions)
-            for j, i in enumerate(rows):
-                outputs[i] = self._finish(prepared[i], scores[j], embedding[j])
-        return [o for o in outputs if o is not None]
+            for j, (i, p) in enumerate(zip(rows, ready, strict=True)):
+                try:
+                    outputs[i] = self._finish(p, scores[j], embedding[j])
+                except PolicyloopError as e:
+                    if not independent:
+                        raise
+                    outputs[i] = e
+        return outputs
 
     def _prepare(self, r: DecideInput) -> _Prepared:
         model = self._store.get(r.policy)
@@ -205,7 +251,8 @@ class DataPlane:
             if unknown:
                 raise InvalidArgument(f"candidates: unknown action id {unknown[0]!r}; actions "
                                       f"are {list(manifest.actions)}")
-            if any(len(f.dense) or f.named for f in r.candidate_features):
+            if isinstance(r.candidate_features, np.ndarray) or any(
+                    len(f.dense) or f.named for f in r.candidate_features):
                 raise InvalidArgument("candidates: this policy has a fixed action set and "
                                       "takes no per-action features")
             allowed = np.fromiter((positions[a] for a in ids), dtype=np.int64, count=len(ids))
@@ -269,8 +316,13 @@ class DataPlane:
             policy_action=policy_action or None)
         self._log.submit(bus.DECISIONS, event.key, event.to_bytes())
         action = chosen[0].action_id if p.allowed is not None else "candidate"
-        self._metrics.decisions.labels(policy, strategy, action).inc()
-        self._metrics.propensity.labels(policy).observe(chosen[0].propensity)
+        children = self._decision_metrics.get((policy, strategy, action))
+        if children is None:
+            children = self._decision_metrics[(policy, strategy, action)] = (
+                self._metrics.decisions.labels(policy, strategy, action),
+                self._metrics.propensity.labels(policy))
+        children[0].inc()
+        children[1].observe(chosen[0].propensity)
 
     def reward(self, r: RewardInput) -> str:
         check_event_id(r.event_id)

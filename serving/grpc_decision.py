@@ -7,12 +7,15 @@ Nothing here decides anything; errors raised below are mapped to status codes by
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import grpc
+import numpy as np
 
 from policyloop.errors import InvalidArgument, ResourceExhausted
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
+from serving.batching import DecideBatcher
 from serving.dataplane import DataPlane, DecideInput, DecideOutput, Features, RewardInput
 from serving.decision_log import DecisionLog
 from serving.model_store import LoadedModel
@@ -22,13 +25,47 @@ def _features(message: pb.Features) -> Features:
     return Features(dense=message.dense, named=dict(message.named) if message.named else {})
 
 
+def dense_rows(rows: Sequence[pb.Features]) -> np.ndarray | None:
+    """float32[K, n] read straight from the wire bytes when every row holds exactly n dense
+    values and nothing else; None otherwise, and the general path converts row by row.
+
+    A row serialises as tag, length, then its packed little-endian floats (named values and
+    unknown fields would follow them). Rows of one length that all start with the same tag and
+    length header hold nothing but those floats. Building a matrix from protobuf's repeated
+    containers element by element costs more than the model run; this costs a copy.
+    """
+    parts = [f.SerializeToString() for f in rows]
+    if not parts:
+        return None
+    first = parts[0]
+    size = len(first)
+    if size < 3 or first[0] != 0x0A:  # field 1 (dense), length-delimited
+        return None
+    length, header = 0, 1
+    for shift in range(0, 35, 7):
+        byte = first[header]
+        header += 1
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80 or header >= size:
+            break
+    if header + length != size or length % 4 or len(set(map(len, parts))) != 1:
+        return None
+    wire = np.frombuffer(b"".join(parts), dtype=np.uint8).reshape(len(parts), size)
+    if not (wire[:, :header] == wire[0, :header]).all():
+        return None
+    return wire[:, header:].copy().view("<f4").astype(np.float32, copy=False)
+
+
 def decide_input(request: pb.DecideRequest) -> DecideInput:
+    candidates = request.candidates
+    matrix = dense_rows([c.features for c in candidates])
     return DecideInput(
         policy=request.policy,
         event_id=request.event_id,
         context=_features(request.context),
-        candidate_ids=[c.id for c in request.candidates],
-        candidate_features=[_features(c.features) for c in request.candidates],
+        candidate_ids=[c.id for c in candidates],
+        candidate_features=(matrix if matrix is not None
+                            else [_features(c.features) for c in candidates]),
         slots=request.slots,
         seed=request.seed if request.HasField("seed") else None,
         deferred=request.deferred,
@@ -60,12 +97,14 @@ def policy_info(plane: DataPlane, policy: str) -> pb.PolicyInfo:
 
 class DecisionServicer(pb_grpc.DecisionServiceServicer):
     def __init__(self, plane: DataPlane, max_batch_rows: int,
-                 log: DecisionLog | None = None) -> None:
+                 log: DecisionLog | None = None, batcher: DecideBatcher | None = None) -> None:
         """``log`` given: durable acknowledgement, each answer waits until its event has left
-        the server's memory (``DecisionLog.durable``)."""
+        the server's memory (``DecisionLog.durable``). ``batcher`` given: Decide calls are
+        micro-batched."""
         self._plane = plane
         self._max_batch_rows = max_batch_rows
         self._log = log
+        self._batcher = batcher
 
     async def _durable(self) -> None:
         if self._log is not None and (future := self._log.durable()) is not None:
@@ -73,7 +112,10 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
 
     async def Decide(self, request: pb.DecideRequest,
                      context: grpc.aio.ServicerContext) -> pb.DecideResponse:
-        response = decide_response(self._plane.decide(decide_input(request)))
+        if self._batcher is not None:
+            response = decide_response(await self._batcher.decide(decide_input(request)))
+        else:
+            response = decide_response(self._plane.decide(decide_input(request)))
         await self._durable()
         return response
 

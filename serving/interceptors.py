@@ -111,6 +111,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         metrics = self._metrics
+        # labelled children by (policy, code): a ``labels()`` lookup per call costs more than
+        # the count itself; the label values are bounded, and so is this cache
+        children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
@@ -136,9 +139,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 metrics.in_flight.dec()
                 policy = _policy_label(request, self._policies)
-                metrics.requests.labels(method, policy, code.name).inc()
-                metrics.latency.labels(method, policy, code.name).observe(
-                    time.perf_counter() - start)
+                child = children.get((policy, code))
+                if child is None:
+                    child = children[(policy, code)] = (
+                        metrics.requests.labels(method, policy, code.name),
+                        metrics.latency.labels(method, policy, code.name))
+                child[0].inc()
+                child[1].observe(time.perf_counter() - start)
             await context.abort(code, message)
 
         return call

@@ -44,6 +44,7 @@ class ServingMetrics:
     apprentice_matches: Counter
     in_flight: Gauge
     auth_failures: Counter
+    micro_batch_size: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ServingMetrics:
@@ -102,6 +103,10 @@ class ServingMetrics:
                 "auth_failures", "Calls refused by token authentication, by reason: missing "
                 "(no bearer token), invalid (unknown token), scope (token lacks the scope).",
                 ["reason"], namespace=ns, registry=registry),
+            micro_batch_size=Histogram(
+                "decide_micro_batch_size", "Decide calls decided together by the "
+                "micro-batcher (serving/batching.py; only when it is on).", namespace=ns,
+                registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
         )
 
     def declare_policies(self, policies: Iterable[str]) -> None:

@@ -23,6 +23,7 @@ from models.registry import open_registry
 from online.bus import open_producer
 from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
 from serving.auth import AuthInterceptor, load_tokens
+from serving.batching import DecideBatcher
 from serving.config import ServeConfig
 from serving.dataplane import DataPlane
 from serving.decision_log import DecisionLog
@@ -113,9 +114,12 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     interceptors.append(ServingInterceptor(metrics, policies))
     server = grpc.aio.server(interceptors=interceptors,
                              options=options, maximum_concurrent_rpcs=config.max_concurrency)
+    batcher = (DecideBatcher(plane, config.micro_batch_size, config.micro_batch_wait_ms / 1000,
+                             metrics.micro_batch_size)
+               if config.micro_batch_size > 1 else None)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
         DecisionServicer(plane, config.max_batch_rows,
-                         decision_log if config.durable_ack else None), server)
+                         decision_log if config.durable_ack else None, batcher), server)
     decision_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(plane), server)
 
     def ready() -> bool:

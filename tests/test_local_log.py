@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from online import bus
+from online import bus, local_log
 from online.bus import Record
 from online.local_log import LocalConsumer, LocalLog, partition_for
 from policyloop.errors import InvalidArgument
@@ -23,7 +23,8 @@ def _write(root: str, topic: str, prefix: str, n: int, partitions: int) -> None:
     producer = LocalLog(Path(root), partitions=partitions, fsync=False).producer()
     for i in range(n):
         producer.send(topic, f"{prefix}-{i}".encode(), key=f"{prefix}-{i % 7}".encode())
-    producer.flush()
+        if i % 25 == 24:  # many small appends, so the writers' appends interleave
+            producer.flush()
     producer.close()
 
 
@@ -147,6 +148,7 @@ def test_seek_rereads_and_refuses_unassigned_partitions(tmp_path: Path) -> None:
     producer = log.producer()
     for i in range(4):
         producer.send("t", f"v{i}".encode())
+    producer.flush()
     consumer = log.consumer("g", ["t"])
     assert len(_drain(consumer, 4)) == 4
     consumer.seek(("t", 0), 2)
@@ -166,6 +168,7 @@ def test_keys_pick_the_same_partition_number_on_every_topic(tmp_path: Path) -> N
         producer.send(bus.REWARDS, b"r", key=key)
     for _ in range(8):
         producer.send(bus.ACTIVATIONS, b"no key")
+    producer.flush()
     records = _drain(log.consumer("g", [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS]), 88)
     keyed = [r for r in records if r.key is not None]
     assert len(keyed) == 80
@@ -184,9 +187,11 @@ def test_segments_roll_and_retention_keeps_offsets_global(tmp_path: Path) -> Non
     early = log.consumer("early", ["t"])
     for i in range(10):
         producer.send("t", f"value-{i:04d}".encode())
+    producer.flush()
     assert [_index(r.value) for r in _drain(early, 10)] == list(range(10))
     for i in range(10, 300):
         producer.send("t", f"value-{i:04d}".encode())
+    producer.flush()
     folder = tmp_path / "topics" / "t" / "0"
     assert len(list(folder.glob("*.log"))) > 1
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 2048 + 600
@@ -226,3 +231,22 @@ def test_topic_names_that_are_not_plain_file_names_are_refused(tmp_path: Path,
                                                                topic: str) -> None:
     with pytest.raises(InvalidArgument, match="topic"):
         LocalLog(tmp_path).producer().send(topic, b"x")
+
+
+def test_sent_records_are_buffered_until_flush_or_a_full_buffer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = LocalLog(tmp_path, partitions=2, fsync=False)
+    producer = log.producer()
+    consumer = log.consumer("g", ["t"])
+    for i in range(5):
+        producer.send("t", f"v{i}".encode(), key=f"k{i}".encode())
+    assert consumer.poll(timeout=0.05) == []
+    producer.flush()
+    assert sorted(r.value for r in _drain(consumer, 5)) == [f"v{i}".encode() for i in range(5)]
+    monkeypatch.setattr(local_log, "_MAX_BUFFERED_BYTES", 60)
+    for i in range(5, 10):  # each frame is 24 bytes: the third send writes out three
+        producer.send("t", f"v{i}".encode(), key=f"k{i}".encode())
+    assert sorted(r.value for r in _drain(consumer, 3)) == [b"v5", b"v6", b"v7"]
+    assert consumer.poll(timeout=0.05) == []
+    producer.close()
+    assert sorted(r.value for r in _drain(consumer, 2)) == [b"v8", b"v9"]

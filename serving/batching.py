@@ -1,0 +1,73 @@
+"""Micro-batching of concurrent ``Decide`` calls: calls that arrive together share one
+data-plane call, so rows of one model share one model run.
+
+grpc.aio runs every handler on one event loop, so "concurrent" means queued on that loop: the
+first call of a batch starts a timer, and the batch is decided when ``max_size`` calls are
+waiting or ``max_wait_s`` has passed (with 0, at the loop's next turn, after the handlers that
+are already runnable have queued theirs). Each call still succeeds or fails on its own; a call
+cancelled while it waited is left out, so it is neither decided nor logged.
+
+Off by default (``micro_batch_size`` 1): the serving benchmark (bench/serving_bench.py, README)
+measures whether it pays for a given model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import Histogram
+
+from policyloop.errors import InvalidArgument
+from serving.dataplane import DataPlane, DecideInput, DecideOutput
+
+
+class DecideBatcher:
+    def __init__(self, plane: DataPlane, max_size: int, max_wait_s: float,
+                 sizes: Histogram | None = None) -> None:
+        if max_size < 2:
+            raise InvalidArgument(f"micro_batch_size must be >= 2 to batch, got {max_size}")
+        if not 0 <= max_wait_s <= 1:
+            raise InvalidArgument(f"micro_batch_wait_ms must be in 0..1000, got "
+                                  f"{max_wait_s * 1000}")
+        self._plane = plane
+        self._max_size = max_size
+        self._max_wait_s = max_wait_s
+        self._sizes = sizes
+        self._pending: list[tuple[DecideInput, asyncio.Future[DecideOutput]]] = []
+        self._timer: asyncio.Handle | None = None
+
+    async def decide(self, request: DecideInput) -> DecideOutput:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[DecideOutput] = loop.create_future()
+        self._pending.append((request, future))
+        if len(self._pending) >= self._max_size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = (loop.call_later(self._max_wait_s, self._flush) if self._max_wait_s
+                           else loop.call_soon(self._flush))
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = [(r, f) for r, f in self._pending if not f.done()]
+        self._pending = []
+        if not batch:
+            return
+        if self._sizes is not None:
+            self._sizes.observe(len(batch))
+        try:
+            outputs = self._plane.decide_each([r for r, _ in batch])
+        except Exception as e:  # not a row's error: every call of the batch gets it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), out in zip(batch, outputs, strict=True):
+            if future.done():
+                continue
+            if isinstance(out, Exception):
+                future.set_exception(out)
+            else:
+                future.set_result(out)
