@@ -8,7 +8,8 @@ none of us wrote, against servers started as separate processes on this machine:
    epsilon-greedy exploration and decision logging to the local durable log.
 
 Reported: throughput and p50/p99 latency at concurrency 1, 8 and 32 for both, ``DecideBatch``
-rows/s, and the same model scored through the v2 ``ModelInfer`` path.
+rows/s, the same model scored through the v2 ``ModelInfer`` path, and ``Decide`` again on a
+server with micro-batching on (``--micro-batch 32 --micro-batch-wait-ms 1``).
 
 Usage: python bench/serving_bench.py [--duration 8] [--out bench/results/serving.json]
 """
@@ -129,7 +130,7 @@ def main() -> None:
     build_registry(work / "registry")
     decide = decide_request(rng)
     results: dict = {"machine": {"cores": os.cpu_count()}, "floor": [], "decide": [],
-                     "decide_batch": [], "model_infer": []}
+                     "decide_batch": [], "model_infer": [], "decide_micro_batch": []}
     proto = "protos/decision.proto"
 
     floor, line = start([sys.executable, "bench/floor_server.py", "0"], "port=")
@@ -143,12 +144,16 @@ def main() -> None:
         floor.terminate()
         floor.wait()
 
-    server, line = start([sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING",
-                          "serve", "--registry", str(work / "registry"), "--port", "0",
-                          "--metrics-port", "0", "--bus", "local", "--bus-path",
-                          str(work / "bus"), "--spool-dir", str(work / "spool"),
-                          "--policy", "recsys=epsilon_greedy:0.1"], "policyloop serve:")
-    target = line.split("grpc=")[1].split()[0]
+    def serve(*extra: str) -> tuple[subprocess.Popen, str]:
+        server, line = start([sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING",
+                              "serve", "--registry", str(work / "registry"), "--port", "0",
+                              "--metrics-port", "0", "--bus", "local", "--bus-path",
+                              str(work / "bus"), "--spool-dir", str(work / "spool"),
+                              "--policy", "recsys=epsilon_greedy:0.1", *extra],
+                             "policyloop serve:")
+        return server, line.split("grpc=")[1].split()[0]
+
+    server, target = serve()
     try:
         for c in (1, 8, 32):
             results["decide"].append(ghz(target, "policyloop.v1.DecisionService.Decide", decide,
@@ -168,6 +173,16 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+
+    server, target = serve("--micro-batch", "32", "--micro-batch-wait-ms", "1")
+    try:
+        for c in (1, 8, 32):
+            results["decide_micro_batch"].append(ghz(
+                target, "policyloop.v1.DecisionService.Decide", decide, c, args.duration, proto))
+            print("decide_micro_batch", results["decide_micro_batch"][-1], flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
     shutil.rmtree(work, ignore_errors=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,10 +194,11 @@ def markdown(results: dict) -> str:
     lines = ["| path | concurrency | req/s | p50 ms | p99 ms | vs floor |",
              "| --- | --- | --- | --- | --- | --- |"]
     floor = {r["concurrency"]: r["rps"] for r in results["floor"]}
-    for name in ("floor", "decide", "model_infer"):
-        for r in results[name]:
+    for name in ("floor", "decide", "decide_micro_batch", "model_infer"):
+        for r in results.get(name, []):
             ratio = f"{r['rps'] / floor[r['concurrency']]:.0%}" if name != "floor" else "-"
-            lines.append(f"| {name} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+            label = "decide, micro-batched" if name == "decide_micro_batch" else name
+            lines.append(f"| {label} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
                          f"{r['p99_ms']:.2f} | {ratio} |")
     for r in results["decide_batch"]:
         lines.append(f"| decide_batch (64 rows) | {r['concurrency']} | {r['rps']:.0f} "
