@@ -8,8 +8,9 @@ none of us wrote, against servers started as separate processes on this machine:
    epsilon-greedy exploration and decision logging to the local durable log.
 
 Reported: throughput and p50/p99 latency at concurrency 1, 8 and 32 for both, ``DecideBatch``
-rows/s, the same model scored through the v2 ``ModelInfer`` path, and ``Decide`` again on a
-server with micro-batching on (``--micro-batch 32 --micro-batch-wait-ms 1``).
+rows/s, the same model scored through the v2 ``ModelInfer`` path, and ``Decide`` again on
+servers with micro-batching (``--micro-batch 32 --micro-batch-wait-ms 1``), with the decision
+log written by a child process (``--log-writer process``), and with both.
 
 Usage: python bench/serving_bench.py [--duration 8] [--out bench/results/serving.json]
 """
@@ -32,6 +33,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT_DIM, ITEM_DIM, CANDIDATES = 64, 64, 20
+# Decide again on servers with other settings: results key -> extra `serve` flags.
+VARIANTS = {
+    "decide_micro_batch": ["--micro-batch", "32", "--micro-batch-wait-ms", "1"],
+    "decide_log_process": ["--log-writer", "process"],
+    "decide_log_process_micro_batch": ["--log-writer", "process", "--micro-batch", "32",
+                                       "--micro-batch-wait-ms", "1"],
+}
+LABELS = {"decide_micro_batch": "decide, micro-batched",
+          "decide_log_process": "decide, log writer process",
+          "decide_log_process_micro_batch": "decide, log writer process, micro-batched"}
 
 
 def ghz_binary() -> str:
@@ -130,7 +141,7 @@ def main() -> None:
     build_registry(work / "registry")
     decide = decide_request(rng)
     results: dict = {"machine": {"cores": os.cpu_count()}, "floor": [], "decide": [],
-                     "decide_batch": [], "model_infer": [], "decide_micro_batch": []}
+                     "decide_batch": [], "model_infer": [], **{name: [] for name in VARIANTS}}
     proto = "protos/decision.proto"
 
     floor, line = start([sys.executable, "bench/floor_server.py", "0"], "port=")
@@ -174,15 +185,16 @@ def main() -> None:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
 
-    server, target = serve("--micro-batch", "32", "--micro-batch-wait-ms", "1")
-    try:
-        for c in (1, 8, 32):
-            results["decide_micro_batch"].append(ghz(
-                target, "policyloop.v1.DecisionService.Decide", decide, c, args.duration, proto))
-            print("decide_micro_batch", results["decide_micro_batch"][-1], flush=True)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+    for name, extra in VARIANTS.items():
+        server, target = serve(*extra)
+        try:
+            for c in (1, 8, 32):
+                results[name].append(ghz(target, "policyloop.v1.DecisionService.Decide",
+                                         decide, c, args.duration, proto))
+                print(name, results[name][-1], flush=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
     shutil.rmtree(work, ignore_errors=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,10 +206,10 @@ def markdown(results: dict) -> str:
     lines = ["| path | concurrency | req/s | p50 ms | p99 ms | vs floor |",
              "| --- | --- | --- | --- | --- | --- |"]
     floor = {r["concurrency"]: r["rps"] for r in results["floor"]}
-    for name in ("floor", "decide", "decide_micro_batch", "model_infer"):
+    for name in ("floor", "decide", *VARIANTS, "model_infer"):
         for r in results.get(name, []):
             ratio = f"{r['rps'] / floor[r['concurrency']]:.0%}" if name != "floor" else "-"
-            label = "decide, micro-batched" if name == "decide_micro_batch" else name
+            label = LABELS.get(name, name)
             lines.append(f"| {label} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
                          f"{r['p99_ms']:.2f} | {ratio} |")
     for r in results["decide_batch"]:

@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
         "tokens_file": args.tokens_file,
         "micro_batch_size": args.micro_batch, "micro_batch_wait_ms": args.micro_batch_wait_ms,
+        "log_writer": args.log_writer,
     }
     if args.policy:
         overrides["policies"] = {
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bus-path", type=Path, help="local event log folder (bus=local)")
     p.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (bus=kafka)")
     p.add_argument("--spool-dir", type=Path, help="where decisions wait while the bus is down")
+    p.add_argument("--log-writer", choices=["thread", "process"],
+                   help="write the decision log from a thread of the server (default) or from "
+                   "a child process, outside the server's interpreter lock")
     p.add_argument("--micro-batch", type=int, metavar="N",
                    help="decide up to N concurrent Decide calls together (default 1: off)")
     p.add_argument("--micro-batch-wait-ms", type=float, metavar="MS",

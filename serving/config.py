@@ -44,6 +44,9 @@ class ServeConfig:
     kafka_bootstrap: str = ""
     bus_partitions: int = 4
     spool_dir: Path = Path("var/spool")
+    # Who writes the decision log to the bus: "thread" (a thread of the server) or "process"
+    # (a child process, outside the server's interpreter lock: serving/log_writer.py).
+    log_writer: str = "thread"
     log_queue_size: int = 10_000
     spool_budget_bytes: int = 1 << 30
     # Answer Decide/Reward/Activate only once the event is on the bus or in the spool file, so
@@ -74,6 +77,9 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         if self.bus not in ("local", "kafka"):
             raise InvalidArgument(f"bus must be 'local' or 'kafka', got {self.bus!r}")
+        if self.log_writer not in ("thread", "process"):
+            raise InvalidArgument(f"log_writer must be 'thread' or 'process', got "
+                                  f"{self.log_writer!r}")
         if self.bus == "kafka" and not self.kafka_bootstrap:
             raise InvalidArgument("bus 'kafka' needs kafka_bootstrap (HOST:PORT)")
         for name in ("port", "metrics_port"):
@@ -102,6 +108,7 @@ _ENV = {
     "POLICYLOOP_KAFKA_BOOTSTRAP": "kafka_bootstrap",
     "POLICYLOOP_SPOOL_DIR": "spool_dir",
     "POLICYLOOP_DURABLE_ACK": "durable_ack",
+    "POLICYLOOP_LOG_WRITER": "log_writer",
     "POLICYLOOP_TLS_CERT": "tls_cert",
     "POLICYLOOP_TLS_KEY": "tls_key",
     "POLICYLOOP_TLS_CLIENT_CA": "tls_client_ca",

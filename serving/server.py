@@ -30,6 +30,7 @@ from serving.decision_log import DecisionLog
 from serving.grpc_decision import AdminServicer, DecisionServicer
 from serving.grpc_inference import InferenceServicer
 from serving.interceptors import ServingInterceptor
+from serving.log_writer import ProcessProducer
 from serving.metrics import ServingMetrics
 from serving.model_store import LoadedModel, ModelStore, choose_providers
 
@@ -91,10 +92,11 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     store = ModelStore(registry, policies, metrics, providers=providers,
                        threads=config.ort_threads, watch_interval_s=config.watch_interval_s,
                        on_change=on_change)
-    decision_log = DecisionLog(open_producer(config.bus, path=config.bus_path,
-                                             bootstrap=config.kafka_bootstrap,
-                                             partitions=config.bus_partitions,
-                                             client_id="policyloop-serve"),
+    bus_args = {"path": config.bus_path, "bootstrap": config.kafka_bootstrap,
+                "partitions": config.bus_partitions, "client_id": "policyloop-serve"}
+    producer = (await asyncio.to_thread(ProcessProducer, config.bus, **bus_args)
+                if config.log_writer == "process" else open_producer(config.bus, **bus_args))
+    decision_log = DecisionLog(producer,
                                spool_dir=config.spool_dir, max_queue=config.log_queue_size,
                                spool_budget_bytes=config.spool_budget_bytes,
                                registry=metrics_registry)

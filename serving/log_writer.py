@@ -1,0 +1,167 @@
+"""The decision log's producer in a child process (``log_writer = "process"``).
+
+The server's request path and the decision-log thread share one interpreter lock. Framing,
+writing and fsyncing records (or kafka-python's own per-record work) on that thread takes the
+lock from the event loop many times a batch. ``ProcessProducer`` keeps only a list append per
+record and one pipe write per batch in the server; a child process runs the real producer
+(``online.bus.open_producer``) and answers each batch once it is flushed, so ``flush`` keeps its
+meaning: returned means durable on the bus.
+
+Failures look like a bus failure to the caller (``BusUnavailable``): the child reports a
+producer error, or died, or did not answer within the flush timeout (then it is killed, so a
+late answer cannot be taken for the next batch's). The next flush starts a new child. A batch
+that failed may have been partly delivered; the decision log resends it (at least once).
+
+If the server is SIGKILLed, the child reads the batch it was sent to the end of the pipe,
+delivers it and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import struct
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from online.bus import BusUnavailable, check_record, open_producer
+from online.local_log import MAX_RECORD_BYTES
+from policyloop.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct(">Hii")  # topic length, key length (-1: none), value length
+_SPAWN = multiprocessing.get_context("spawn")
+
+# (topic, key, value)
+_Item = tuple[str, bytes | None, bytes]
+
+
+def pack(batch: list[_Item]) -> bytes:
+    parts = []
+    for topic, key, value in batch:
+        name = topic.encode("utf-8")
+        parts += (_HEAD.pack(len(name), -1 if key is None else len(key), len(value)), name,
+                  key or b"", value)
+    return b"".join(parts)
+
+
+def unpack(data: bytes) -> list[_Item]:
+    out, at = [], 0
+    view = memoryview(data)
+    while at < len(data):
+        topic_len, key_len, value_len = _HEAD.unpack_from(data, at)
+        at += _HEAD.size
+        topic = bytes(view[at:at + topic_len]).decode("utf-8")
+        at += topic_len
+        key = None if key_len < 0 else bytes(view[at:at + key_len])
+        at += max(key_len, 0)
+        out.append((topic, key, bytes(view[at:at + value_len])))
+        at += value_len
+    return out
+
+
+def _serve_batches(conn: Connection, kind: str, path: str, bootstrap: str, partitions: int,
+                   client_id: str, flush_timeout_s: float) -> None:
+    """The child: deliver each batch, answer b"ok" or b"E" + the error; stop at end of pipe."""
+    producer = open_producer(kind, path=path, bootstrap=bootstrap, partitions=partitions,
+                             client_id=client_id)
+    try:
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            try:
+                for topic, key, value in unpack(data):
+                    producer.send(topic, value, key)
+                producer.flush(flush_timeout_s)
+                reply = b"ok"
+            except Exception as e:  # reported to the server, which spools and retries
+                reply = b"E" + f"{type(e).__name__}: {e}".encode("utf-8", "replace")
+            try:
+                conn.send_bytes(reply)
+            except (BrokenPipeError, OSError):
+                return
+    finally:
+        producer.close()
+
+
+class ProcessProducer:
+    """A ``Producer`` whose records are delivered by a child process (module docstring)."""
+
+    def __init__(self, kind: str, *, path: str | Path, bootstrap: str = "",
+                 partitions: int = 4, client_id: str = "policyloop") -> None:
+        if kind not in ("local", "kafka"):
+            raise InvalidArgument(f"bus must be 'local' or 'kafka', got {kind!r}")
+        self._args = (kind, str(path), bootstrap, partitions, client_id)
+        self._lock = threading.Lock()
+        self._buffer: list[_Item] = []
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._closed = False
+        with self._lock:
+            self._connection(10.0)  # start the child now, not on the first batch
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        check_record(value, key)
+        if len(value) + len(key or b"") > MAX_RECORD_BYTES:
+            raise InvalidArgument(f"record for topic {topic!r} is more than {MAX_RECORD_BYTES} "
+                                  "bytes")
+        with self._lock:
+            if self._closed:
+                raise BusUnavailable("the log writer is closed")
+            self._buffer.append((topic, key, bytes(value)))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            if not batch:
+                return
+            conn = self._connection(timeout)
+            try:
+                conn.send_bytes(pack(batch))
+                if not conn.poll(timeout):
+                    self._stop_child(kill=True)
+                    raise BusUnavailable(f"the log writer process did not confirm a batch "
+                                         f"within {timeout:.1f} s")
+                reply = conn.recv_bytes()
+            except (EOFError, OSError) as e:
+                self._stop_child(kill=True)
+                raise BusUnavailable(f"the log writer process is gone: {e}") from e
+        if reply != b"ok":
+            raise BusUnavailable(f"the log writer process: {reply[1:].decode('utf-8')}")
+
+    def close(self) -> None:
+        """Deliver what is buffered, then let the child finish and exit."""
+        try:
+            self.flush()
+        except BusUnavailable as e:
+            log.warning("closing the log writer: %s", e)
+        with self._lock:
+            self._closed = True
+            self._stop_child(kill=False)
+
+    def _connection(self, timeout: float) -> Connection:
+        if self._conn is None or self._process is None or not self._process.is_alive():
+            self._stop_child(kill=True)
+            ours, theirs = _SPAWN.Pipe()
+            process = _SPAWN.Process(target=_serve_batches, name="policyloop-log-writer",
+                                     args=(theirs, *self._args, timeout), daemon=True)
+            process.start()
+            theirs.close()
+            self._process, self._conn = process, ours
+        return self._conn
+
+    def _stop_child(self, *, kill: bool) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._process is not None:
+            if kill:
+                self._process.kill()
+            self._process.join(timeout=30)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout=5)
+        self._conn, self._process = None, None
