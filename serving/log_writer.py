@@ -10,10 +10,8 @@ meaning: returned means durable on the bus.
 Failures look like a bus failure to the caller (``BusUnavailable``): the child reports a
 producer error, or died, or did not answer within the flush timeout (then it is killed, so a
 late answer cannot be taken for the next batch's). The next flush starts a new child. A batch
-that failed may have been partly delivered; the decision log resends it (at least once).
-
-If the server is SIGKILLed, the child reads the batch it was sent to the end of the pipe,
-delivers it and exits.
+that failed may have been partly delivered; the decision log resends it (at least once). The
+child exits when the server's end of the pipe closes.
 """
 
 from __future__ import annotations
