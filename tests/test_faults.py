@@ -148,10 +148,11 @@ def test_the_broker_stops_during_traffic_and_every_accepted_event_arrives(
 
 
 def _serve(registry: Path, tmp_path: Path, port: int, bootstrap: str,
-           durable: bool) -> subprocess.Popen:
+           durable: bool, log_writer: str = "thread") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING", "serve",
            "--registry", str(registry), "--port", str(port), "--metrics-port", "0",
-           "--bus", "kafka", "--kafka", bootstrap, "--spool-dir", str(tmp_path / "spool")]
+           "--bus", "kafka", "--kafka", bootstrap, "--spool-dir", str(tmp_path / "spool"),
+           "--log-writer", log_writer]
     if durable:
         cmd.append("--durable-ack")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -167,14 +168,16 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.parametrize("log_writer", ["thread", "process"])
 def test_serving_killed_and_restarted_under_load_loses_no_acknowledged_decision(
-        tmp_path: Path, kafka_bootstrap: str) -> None:
+        tmp_path: Path, kafka_bootstrap: str, log_writer: str) -> None:
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     policy = f"routing-{uuid.uuid4().hex[:8]}"
     registry = make_registry(tmp_path / "registry")
     registry.publish(policy, *qnet_model(policy=policy))
     port = free_ports(1)[0]
-    server = _serve(tmp_path / "registry", tmp_path, port, kafka_bootstrap, durable=True)
+    server = _serve(tmp_path / "registry", tmp_path, port, kafka_bootstrap, durable=True,
+                    log_writer=log_writer)
     with App(f"127.0.0.1:{port}", policy) as app:
         time.sleep(2.0)
         server.kill()  # SIGKILL: no drain, no flush
@@ -182,7 +185,8 @@ def test_serving_killed_and_restarted_under_load_loses_no_acknowledged_decision(
         killed_at = time.monotonic()
         accepted_before_kill = len(app.decisions)
         time.sleep(0.5)
-        server = _serve(tmp_path / "registry", tmp_path, port, kafka_bootstrap, durable=True)
+        server = _serve(tmp_path / "registry", tmp_path, port, kafka_bootstrap, durable=True,
+                        log_writer=log_writer)
         restarted_at = time.monotonic()
         time.sleep(2.0)
         after_restart = len(app.decisions) - accepted_before_kill
