@@ -25,7 +25,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -436,20 +436,35 @@ class LocalRegistry:
             raise
         _fsync_dir(policy_dir)
 
-    def _apply_retention(self, policy: str) -> None:
-        existing = self.versions(policy)
-        keep = set(existing[-self.keep_last:])
-        current = self._current_version(policy)
+    def retained(self, versions: Sequence[int], current: int | None) -> set[int]:
+        """The versions retention keeps: the last ``keep_last`` of ``versions``, and the
+        current one."""
+        keep = set(sorted(versions)[-self.keep_last:])
         if current is not None:
             keep.add(current)
-        policy_dir = self._policy_dir(policy)
+        return keep
+
+    def remove(self, policy: str, version: int) -> None:
+        """Delete one version (a shared registry's deletion reaching this cache); the current
+        version is refused, a missing one is a no-op."""
+        with self._locked(policy):
+            if self._current_version(policy) == version:
+                raise InvalidArgument(f"{policy} v{version} is the current version; it stays")
+            if self._version_dir(policy, version).is_dir():
+                self._delete_version(policy, version)
+
+    def _apply_retention(self, policy: str) -> None:
+        existing = self.versions(policy)
+        keep = self.retained(existing, self._current_version(policy))
         for version in existing:
-            if version in keep:
-                continue
-            # Rename first: a reader then finds the whole version or no version at all.
-            trash = policy_dir / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
-            os.rename(self._version_dir(policy, version), trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            if version not in keep:
+                self._delete_version(policy, version)
+
+    def _delete_version(self, policy: str, version: int) -> None:
+        # Rename first: a reader then finds the whole version or no version at all.
+        trash = self._policy_dir(policy) / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
+        os.rename(self._version_dir(policy, version), trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def _remove_leftovers(policy_dir: Path) -> None:

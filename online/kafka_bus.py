@@ -107,6 +107,18 @@ class KafkaProducerAdapter:
         with self._lock:
             self._pending.append(future)
 
+    def delete(self, topic: str, key: bytes) -> None:
+        """A tombstone for ``key`` (a record without a value): on a compacted topic, the key
+        and its earlier records go away at the next compaction. Delivered like ``send``."""
+        producer = self._connected()
+        try:
+            future = producer.send(topic, value=None, key=bytes(key))
+        except KafkaError as e:
+            raise BusUnavailable(f"kafka at {self.bootstrap!r}: cannot send a tombstone to "
+                                 f"{topic!r}: {e}") from e
+        with self._lock:
+            self._pending.append(future)
+
     def flush(self, timeout: float = 10.0) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
@@ -261,7 +273,7 @@ class KafkaConsumerAdapter:
                                           max_records=max_records)
         except KafkaError as e:
             raise BusUnavailable(f"kafka at {self.bootstrap!r}: poll failed: {e}") from e
-        # A tombstone (value None) is never written by our producers; it reads as b"".
+        # A tombstone (value None) reads as b"" (the registry's deletions; events never are).
         return [Record(r.topic, r.partition, r.offset, r.key,
                        b"" if r.value is None else r.value, r.timestamp)
                 for tp in sorted(batches) for r in batches[tp]]

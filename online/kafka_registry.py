@@ -2,10 +2,14 @@
 
 Every published version is one record keyed ``<policy>/<version, 8 digits>`` holding the
 manifest, the ONNX model and its extra files; the current pointer is a record keyed
-``<policy>/CURRENT``. Compaction keeps the last record per key, so the topic stays the size of
-the versions it holds. Each process (every serving replica, the learner) materialises the topic
-into its own ``LocalRegistry`` cache folder and reads from there, so serving's model store works
-on it unchanged and every replica converges to the same current version.
+``<policy>/CURRENT``. Compaction keeps the last record per key. Each publish also writes a
+tombstone for every version retention drops (all but the last ``keep_last`` and the current
+one, as ``LocalRegistry`` keeps), so compaction removes them and the topic stays the size of
+the versions kept; a replica that reads a tombstone deletes the version from its cache.
+
+Each process (every serving replica, the learner) materialises the topic into its own
+``LocalRegistry`` cache folder and reads from there, so serving's model store works on it
+unchanged and every replica converges to the same current version.
 
 Publishing allocates the next number from the versions seen so far: run one publisher per
 policy (the learner); two concurrent publishers could pick the same number.
@@ -41,8 +45,9 @@ class KafkaRegistry:
 
     def __init__(self, bootstrap: str, cache_dir: str | Path, *, topic: str = MODELS,
                  sync_timeout_s: float = 0.5,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
-        self.cache = LocalRegistry(cache_dir, max_model_bytes=max_model_bytes)
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, keep_last: int = 10) -> None:
+        self.cache = LocalRegistry(cache_dir, max_model_bytes=max_model_bytes,
+                                   keep_last=keep_last)
         self.topic = topic
         self._bootstrap = bootstrap
         self._timeout = sync_timeout_s
@@ -74,6 +79,9 @@ class KafkaRegistry:
         this replica from reading the versions after it."""
         try:
             policy, _, what = key.decode().partition("/")
+            if what != _CURRENT and not value:  # a tombstone: retention dropped the version
+                self._drop(policy, int(what))
+                return
             if what == _CURRENT:
                 version = int(value)
                 self._current[policy] = version
@@ -91,6 +99,15 @@ class KafkaRegistry:
         except (ValueError, KeyError, TypeError, AttributeError, InvalidArgument,
                 ModelRejected) as exc:
             log.error("registry topic %r: skipping record %r: %s", self.topic, key, exc)
+
+    def _drop(self, policy: str, version: int) -> None:
+        try:
+            self.cache.remove(policy, version)
+        except NotFound:
+            pass  # the policy never reached this cache
+        except InvalidArgument:
+            log.warning("registry topic %r: %s v%d was deleted but is current here; kept",
+                        self.topic, policy, version)
 
     # ---- the Registry interface
 
@@ -119,6 +136,9 @@ class KafkaRegistry:
         producer.send(self.topic, body, f"{policy}/{version:08d}".encode())
         if make_current:
             producer.send(self.topic, str(version).encode(), f"{policy}/{_CURRENT}".encode())
+        current = version if make_current else self._current.get(policy)
+        for old in set(existing) - self.cache.retained([*existing, version], current):
+            producer.delete(self.topic, f"{policy}/{old:08d}".encode())
         producer.flush()
         self.sync()
         return self.cache.get(policy, version)

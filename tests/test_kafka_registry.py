@@ -147,3 +147,42 @@ def test_the_learner_publishes_through_the_kafka_registry(kafka_bootstrap: str, 
     assert np.isfinite(current.manifest.evaluation.get("holdout_events", 0))
     reader.close()
     publisher.close()
+
+
+def test_retention_tombstones_old_versions_and_replicas_drop_them(
+        kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
+    """keep_last 3: six publishes leave tombstones for versions 1-3 on the topic (compaction
+    removes those keys); a replica that was following deletes them from its cache, and a new
+    replica ends with 4-6 only. A version made current again stays whatever its age."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    writer = KafkaRegistry(kafka_bootstrap, tmp_path / "writer", topic=topic, keep_last=3)
+    follower = KafkaRegistry(kafka_bootstrap, tmp_path / "follower", topic=topic, keep_last=3)
+    writer.publish("recsys", *scoring_model(seed=1))
+    assert follower.versions("recsys") == [1]
+    for seed in range(2, 7):
+        writer.publish("recsys", *scoring_model(seed=seed))
+    assert writer.versions("recsys") == [4, 5, 6]
+    assert follower.versions("recsys") == [4, 5, 6]
+    fresh = KafkaRegistry(kafka_bootstrap, tmp_path / "fresh", topic=topic, keep_last=3)
+    assert fresh.versions("recsys") == [4, 5, 6] and fresh.current("recsys").version == 6
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+    partition = TopicPartition(topic, 0)
+    consumer.assign([partition])
+    consumer.seek_to_beginning(partition)
+    end = consumer.end_offsets([partition])[partition]
+    records = []
+    while len(records) < end:
+        for batch in consumer.poll(timeout_ms=1000).values():
+            records.extend(batch)
+    consumer.close()
+    tombstones = sorted(r.key for r in records if r.value is None)
+    assert tombstones == [f"recsys/{v:08d}".encode() for v in (1, 2, 3)]
+
+    writer.set_current("recsys", 4)  # roll back: v4 is current now
+    writer.publish("recsys", *scoring_model(seed=7), make_current=False)
+    assert writer.versions("recsys") == [4, 5, 6, 7]  # v4 kept as the current one
+    assert fresh.versions("recsys") == [4, 5, 6, 7] and fresh.current("recsys").version == 4
+    for registry in (writer, follower, fresh):
+        registry.close()

@@ -204,6 +204,19 @@ def test_retention_keeps_the_last_n_and_never_the_current_one(tmp_path: Path) ->
     assert not [p for p in (tmp_path / "recs").iterdir() if p.name.startswith(".trash-")]
 
 
+def test_remove_deletes_one_version_but_never_the_current_one(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path)
+    for i in range(3):
+        reg.publish("recs", _model(f"v{i}"), _manifest())
+    reg.remove("recs", 1)
+    reg.remove("recs", 1)  # already gone: nothing to do
+    assert reg.versions("recs") == [2, 3]
+    with pytest.raises(InvalidArgument, match="recs v3 is the current version"):
+        reg.remove("recs", 3)
+    assert reg.versions("recs") == [2, 3]
+    assert reg.retained([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], current=1) == {1, *range(3, 13)}
+
+
 def test_crashed_publisher_leftovers_are_ignored_then_cleaned(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path)
     reg.publish("recs", _model("v1"), _manifest())
