@@ -4,13 +4,14 @@ Load comes from ``ghz`` (go install github.com/bojand/ghz/cmd/ghz@v0.121.0), a l
 none of us wrote, against servers started as separate processes on this machine:
 
 1. the floor: ``bench/floor_server.py``, a bare grpc.aio server returning a fixed response;
-2. ``policyloop serve`` with a 64-feature (context) x 64-feature (item), 20-candidate policy,
-   epsilon-greedy exploration and decision logging to the local durable log.
+2. ``policyloop serve`` (its defaults, so micro-batching on) with a 64-feature (context) x
+   64-feature (item), 20-candidate policy, epsilon-greedy exploration and decision logging to
+   the local durable log.
 
 Reported: throughput and p50/p99 latency at concurrency 1, 8 and 32 for both, ``DecideBatch``
 rows/s, the same model scored through the v2 ``ModelInfer`` path, and ``Decide`` again on
-servers with micro-batching (``--micro-batch 32 --micro-batch-wait-ms 1``), with the decision
-log written by a child process (``--log-writer process``), and with both.
+servers with micro-batching off (``--micro-batch 1``) and with the decision log written by a
+child process (``--log-writer process``).
 
 Usage: python bench/serving_bench.py [--duration 8] [--out bench/results/serving.json]
 """
@@ -35,14 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTEXT_DIM, ITEM_DIM, CANDIDATES = 64, 64, 20
 # Decide again on servers with other settings: results key -> extra `serve` flags.
 VARIANTS = {
-    "decide_micro_batch": ["--micro-batch", "32", "--micro-batch-wait-ms", "1"],
+    "decide_unbatched": ["--micro-batch", "1"],
     "decide_log_process": ["--log-writer", "process"],
-    "decide_log_process_micro_batch": ["--log-writer", "process", "--micro-batch", "32",
-                                       "--micro-batch-wait-ms", "1"],
 }
-LABELS = {"decide_micro_batch": "decide, micro-batched",
-          "decide_log_process": "decide, log writer process",
-          "decide_log_process_micro_batch": "decide, log writer process, micro-batched"}
+LABELS = {"decide_unbatched": "decide, micro-batching off",
+          "decide_log_process": "decide, log writer process"}
 
 
 def ghz_binary() -> str:

@@ -289,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the decision log from a thread of the server (default) or from "
                    "a child process, outside the server's interpreter lock")
     p.add_argument("--micro-batch", type=int, metavar="N",
-                   help="decide up to N concurrent Decide calls together (default 1: off)")
+                   help="decide up to N concurrent Decide calls together (default 32; 1 "
+                   "turns micro-batching off)")
     p.add_argument("--micro-batch-wait-ms", type=float, metavar="MS",
-                   help="longest a Decide call waits for its micro-batch to fill (default 0: "
-                   "only calls already queued on the event loop)")
+                   help="longest a Decide call waits for its micro-batch to fill (default 1); "
+                   "while waiting batches stay near one call, calls do not wait")
     p.add_argument("--grace", type=float, help="drain period on SIGTERM, seconds")
     p.add_argument("--watch-interval", type=float, help="registry poll interval, seconds")
     p.add_argument("--durable-ack", action="store_true",

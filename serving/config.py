@@ -57,9 +57,10 @@ class ServeConfig:
     max_message_bytes: int = 4 << 20
     max_batch_rows: int = 1024
     # Micro-batching of concurrent Decide calls (serving/batching.py): up to this many calls
-    # share one data-plane call, waiting at most micro_batch_wait_ms; 1 turns it off.
-    micro_batch_size: int = 1
-    micro_batch_wait_ms: float = 0.0
+    # share one data-plane call, waiting at most micro_batch_wait_ms (only while others join);
+    # 1 turns it off. On by default: the serving benchmark shows it faster at every load.
+    micro_batch_size: int = 32
+    micro_batch_wait_ms: float = 1.0
     max_concurrency: int = 1024
     max_model_bytes: int = 256 << 20  # larger registry files are refused on load
     ort_threads: int = 1
@@ -94,8 +95,8 @@ class ServeConfig:
                      "max_model_bytes", "ort_threads", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.micro_batch_wait_ms <= 1000:
-            raise InvalidArgument("micro_batch_wait_ms must be in 0..1000, got "
+        if not 0 < self.micro_batch_wait_ms <= 1000:
+            raise InvalidArgument("micro_batch_wait_ms must be in (0, 1000], got "
                                   f"{self.micro_batch_wait_ms}")
         return self
 

@@ -47,7 +47,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Ser
     """The same registry served unbatched and with micro-batches of up to 8 (20 ms wait)."""
     tmp = tmp_path_factory.mktemp("batching")
     make_registry(tmp / "registry")
-    plain = ServerThread(serve_config(tmp, bus_path=tmp / "bus-plain"))
+    plain = ServerThread(serve_config(tmp, bus_path=tmp / "bus-plain", micro_batch_size=1))
     batched = ServerThread(serve_config(tmp, bus_path=tmp / "bus-batched",
                                         spool_dir=tmp / "spool-batched", micro_batch_size=8,
                                         micro_batch_wait_ms=20.0))
@@ -94,5 +94,24 @@ def test_micro_batch_settings_are_checked(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidArgument, match="micro_batch_size must be >= 1"):
         serve_config(tmp_path, micro_batch_size=0).validate()
-    with pytest.raises(InvalidArgument, match="micro_batch_wait_ms must be in 0..1000"):
-        serve_config(tmp_path, micro_batch_wait_ms=-1.0).validate()
+    with pytest.raises(InvalidArgument, match=r"micro_batch_wait_ms must be in \(0, 1000\]"):
+        serve_config(tmp_path, micro_batch_wait_ms=0.0).validate()
+
+
+def test_a_lone_caller_does_not_wait_for_a_batch(tmp_path: Path) -> None:
+    """Calls one after another: the first waits alone, and from then on calls are decided at
+    once (with a 500 ms wait, ten sequential calls that waited would take five seconds)."""
+    import time
+
+    make_registry(tmp_path / "registry")
+    server = ServerThread(serve_config(tmp_path, micro_batch_size=8, micro_batch_wait_ms=500.0))
+    try:
+        with channel(server.target) as ch:
+            stub = pb_grpc.DecisionServiceStub(ch)
+            stub.Decide(recsys_request(k=3), timeout=5)
+            start = time.monotonic()
+            for i in range(10):
+                stub.Decide(recsys_request(k=3, seed=i + 1), timeout=5)
+            assert time.monotonic() - start < 2.5
+    finally:
+        server.stop()
