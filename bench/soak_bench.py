@@ -40,7 +40,7 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def start_server(work: Path, kafka: str) -> tuple[subprocess.Popen, str]:
+def start_server(work: Path, kafka: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     from models.registry import LocalRegistry
     from tests.onnx_models import qnet_model
 
@@ -49,7 +49,8 @@ def start_server(work: Path, kafka: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING", "serve",
          "--registry", str(work / "registry"), "--port", "0", "--metrics-port", "0",
-         "--spool-dir", str(work / "spool"), "--policy", "routing=epsilon_greedy:0.1", *bus],
+         "--spool-dir", str(work / "spool"), "--policy", "routing=epsilon_greedy:0.1", *bus,
+         *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -59,12 +60,13 @@ def start_server(work: Path, kafka: str) -> tuple[subprocess.Popen, str]:
     return proc, line.split("grpc=")[1].split()[0]
 
 
-def soak(seconds: float, rate: float, clients: int, kafka: str) -> dict:
+def soak(seconds: float, rate: float, clients: int, kafka: str,
+         serve_args: list[str] | None = None) -> dict:
     from protos import decision_pb2 as pb
     from protos import decision_pb2_grpc as pb_grpc
 
     work = Path(tempfile.mkdtemp(prefix="policyloop-soak-"))
-    server, target = start_server(work, kafka)
+    server, target = start_server(work, kafka, serve_args or [])
     latencies: list[tuple[float, float]] = []  # (time since start, seconds)
     errors: Counter[str] = Counter()
     lock = threading.Lock()
@@ -139,8 +141,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--kafka", default="", help="log decisions to this Kafka broker")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for `policyloop serve` (repeatable), e.g. "
+                        "--serve-arg=--micro-batch --serve-arg=1")
     args = parser.parse_args()
-    result = soak(args.seconds, args.rate, args.clients, args.kafka)
+    result = soak(args.seconds, args.rate, args.clients, args.kafka, args.serve_arg)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("windows", "memory")},
