@@ -30,6 +30,16 @@ class BusUnavailable(PolicyloopError):
     """The bus cannot take or confirm records now; retry later, never drop silently."""
 
 
+class RecordsRejected(InvalidArgument):
+    """``flush`` delivered every record but these, which the producer refused as malformed
+    (a producer that only checks records at flush, such as serving's log writer process).
+    ``reasons``: one message per refused record, each naming its topic."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__(f"{len(reasons)} records refused; first: {reasons[0]}")
+        self.reasons = reasons
+
+
 @dataclass(frozen=True)
 class Record:
     topic: str

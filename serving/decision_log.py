@@ -41,7 +41,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from online.bus import Producer
+from online.bus import Producer, RecordsRejected
 from policyloop.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -593,7 +593,13 @@ class DecisionLog:
                         self._drop(1, f"the producer rejected a record for {topic!r}: {e}",
                                    key)
                 settled += 1
-            self._producer.flush(self._flush_timeout_s)
+            try:
+                self._producer.flush(self._flush_timeout_s)
+            except RecordsRejected as e:  # the rest is delivered
+                dropped += len(e.reasons)
+                with self._lock:
+                    for reason in e.reasons:
+                        self._drop(1, f"the producer rejected a record: {reason}", None)
         except Exception as e:
             if not self._bus_failing:
                 log.warning("decision log: the bus failed (%s); spooling to %s and retrying",

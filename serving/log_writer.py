@@ -10,12 +10,16 @@ meaning: returned means durable on the bus.
 Failures look like a bus failure to the caller (``BusUnavailable``): the child reports a
 producer error, or died, or did not answer within the flush timeout (then it is killed, so a
 late answer cannot be taken for the next batch's). The next flush starts a new child. A batch
-that failed may have been partly delivered; the decision log resends it (at least once). The
-child exits when the server's end of the pipe closes.
+that failed may have been partly delivered; the decision log resends it (at least once). A
+record the child's producer refuses as malformed is left out and the rest delivered; ``flush``
+then raises ``RecordsRejected`` naming it, as ``send`` would have on a producer in the server,
+so the decision log drops and counts it instead of retrying it for ever. The child exits when
+the server's end of the pipe closes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import struct
@@ -23,8 +27,7 @@ import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from online.bus import BusUnavailable, check_record, open_producer
-from online.local_log import MAX_RECORD_BYTES
+from online.bus import BusUnavailable, RecordsRejected, check_record, open_producer
 from policyloop.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -71,11 +74,15 @@ def _serve_batches(conn: Connection, kind: str, path: str, bootstrap: str, parti
                 data = conn.recv_bytes()
             except (EOFError, OSError):
                 return
+            rejected = []
             try:
                 for topic, key, value in unpack(data):
-                    producer.send(topic, value, key)
+                    try:
+                        producer.send(topic, value, key)
+                    except InvalidArgument as e:
+                        rejected.append(f"topic {topic!r}: {e}")
                 producer.flush(flush_timeout_s)
-                reply = b"ok"
+                reply = b"ok" + json.dumps(rejected).encode()
             except Exception as e:  # reported to the server, which spools and retries
                 reply = b"E" + f"{type(e).__name__}: {e}".encode("utf-8", "replace")
             try:
@@ -104,9 +111,6 @@ class ProcessProducer:
 
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         check_record(value, key)
-        if len(value) + len(key or b"") > MAX_RECORD_BYTES:
-            raise InvalidArgument(f"record for topic {topic!r} is more than {MAX_RECORD_BYTES} "
-                                  "bytes")
         with self._lock:
             if self._closed:
                 raise BusUnavailable("the log writer is closed")
@@ -128,8 +132,11 @@ class ProcessProducer:
             except (EOFError, OSError) as e:
                 self._stop_child(kill=True)
                 raise BusUnavailable(f"the log writer process is gone: {e}") from e
-        if reply != b"ok":
+        if not reply.startswith(b"ok"):
             raise BusUnavailable(f"the log writer process: {reply[1:].decode('utf-8')}")
+        rejected = json.loads(reply[2:])
+        if rejected:
+            raise RecordsRejected(rejected)
 
     def close(self) -> None:
         """Deliver what is buffered, then let the child finish and exit."""

@@ -101,3 +101,36 @@ def test_a_server_with_the_process_writer_logs_its_decisions(tmp_path: Path) -> 
         assert all(any(i.encode() in v for v in values) for i in ids)
     finally:
         assert server.stop()
+
+
+def test_a_record_the_writer_refuses_is_dropped_and_counted_and_the_rest_delivered(
+        tmp_path: Path) -> None:
+    """A refused record must not fail its whole batch: the decision log would retry that
+    batch from the spool for ever, and nothing after it would reach the bus."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from serving.decision_log import DecisionLog
+
+    producer = ProcessProducer("local", path=tmp_path / "bus", partitions=2)
+    producer.send("t", b"a", b"k")
+    producer.send("not a topic!", b"b", b"k")
+    producer.send("t", b"c", b"k")
+    with pytest.raises(bus.RecordsRejected, match="'not a topic!'"):
+        producer.flush()
+    assert [v for _, v in _read(tmp_path / "bus")] == [b"a", b"c"]
+
+    registry = CollectorRegistry()
+    log = DecisionLog(producer, spool_dir=tmp_path / "spool", registry=registry)
+    log.submit("t", b"k", b"d")
+    log.submit("not a topic!", b"k", b"e")
+    log.submit("t", b"k", b"f")
+    deadline = time.monotonic() + 10
+    while len(_read(tmp_path / "bus")) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.close(5) is False  # close reports success only when nothing was dropped
+    assert [v for _, v in _read(tmp_path / "bus")] == [b"a", b"c", b"d", b"f"]
+    outcome = "policyloop_decision_log_records_total"
+    assert registry.get_sample_value(outcome, {"outcome": "dropped"}) == 1
+    assert registry.get_sample_value(outcome, {"outcome": "delivered"}) == 2
