@@ -20,7 +20,6 @@ import asyncio
 
 from prometheus_client import Histogram
 
-from policyloop.errors import InvalidArgument
 from serving.dataplane import DataPlane, DecideInput, DecideOutput
 
 _PAYS = 1.5  # calls per waited batch below which waiting is not worth it
@@ -28,13 +27,10 @@ _PROBE_INTERVAL_S = 1.0
 
 
 class DecideBatcher:
+    """``max_size`` >= 2 and 0 < ``max_wait_s`` <= 1, as ``ServeConfig.validate`` checks."""
+
     def __init__(self, plane: DataPlane, max_size: int, max_wait_s: float,
                  sizes: Histogram | None = None) -> None:
-        if max_size < 2:
-            raise InvalidArgument(f"micro_batch_size must be >= 2 to batch, got {max_size}")
-        if not 0 < max_wait_s <= 1:
-            raise InvalidArgument(f"micro_batch_wait_ms must be in (0, 1000], got "
-                                  f"{max_wait_s * 1000}")
         self._plane = plane
         self._max_size = max_size
         self._max_wait_s = max_wait_s

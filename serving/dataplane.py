@@ -26,7 +26,6 @@ from serving.metrics import ServingMetrics
 from serving.model_store import LoadedModel, ModelStore
 
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_PENDING = PolicyloopError("not scored")  # placeholder while a batch is scored
 MAX_SLOTS = 100
 
 
@@ -195,8 +194,7 @@ class DataPlane:
                ) -> list[DecideOutput | PolicyloopError]:
         """Run each group's model once and finish its rows; with ``independent`` a row's
         error becomes its result, otherwise it ends the call."""
-        outputs: list[DecideOutput | PolicyloopError] = [
-            p if isinstance(p, PolicyloopError) else _PENDING for p in prepared]
+        outputs: list = list(prepared)  # every prepared row is replaced by its output below
         groups: dict[tuple[int, int], list[tuple[int, _Prepared]]] = {}
         for i, p in enumerate(prepared):
             if not isinstance(p, PolicyloopError):

@@ -98,13 +98,23 @@ def test_micro_batch_settings_are_checked(tmp_path: Path) -> None:
         serve_config(tmp_path, micro_batch_wait_ms=0.0).validate()
 
 
-def test_a_lone_caller_does_not_wait_for_a_batch(tmp_path: Path) -> None:
+def test_a_lone_caller_does_not_wait_and_concurrent_callers_batch_again(
+        tmp_path: Path) -> None:
     """Calls one after another: the first waits alone, and from then on calls are decided at
-    once (with a 500 ms wait, ten sequential calls that waited would take five seconds)."""
+    once (with a 500 ms wait, ten sequential calls that waited would take five seconds). A
+    second later, the probe finds concurrent calls again, and they share batches."""
     import time
 
     make_registry(tmp_path / "registry")
     server = ServerThread(serve_config(tmp_path, micro_batch_size=8, micro_batch_wait_ms=500.0))
+    registry = server.running.metrics_registry
+
+    def batches() -> tuple[float, float]:
+        count = registry.get_sample_value("policyloop_decide_micro_batch_size_count")
+        total = registry.get_sample_value("policyloop_decide_micro_batch_size_sum")
+        assert count is not None and total is not None
+        return count, total
+
     try:
         with channel(server.target) as ch:
             stub = pb_grpc.DecisionServiceStub(ch)
@@ -113,5 +123,13 @@ def test_a_lone_caller_does_not_wait_for_a_batch(tmp_path: Path) -> None:
             for i in range(10):
                 stub.Decide(recsys_request(k=3, seed=i + 1), timeout=5)
             assert time.monotonic() - start < 2.5
+            assert batches() == (11, 11)  # every call alone
+            time.sleep(1.1)
+            calls = [stub.Decide.future(recsys_request(k=3, seed=i + 1), timeout=5)
+                     for i in range(16)]
+            for call in calls:
+                call.result()
+            count, total = batches()
+            assert total == 27 and count - 11 < 16  # some of the 16 shared a batch
     finally:
         server.stop()
