@@ -4,7 +4,10 @@ Load comes from ``ghz`` (go install github.com/bojand/ghz/cmd/ghz@v0.121.0), a l
 none of us wrote, against servers started as separate processes on this machine:
 
 1. the floor: ``bench/floor_server.py``, a bare grpc.aio server returning a fixed response;
-2. ``policyloop serve`` (its defaults, so micro-batching on) with a 64-feature (context) x
+2. the bare model server: ``bench/bare_model_server.py``, which only runs the policy's ONNX
+   model once per call and answers the best candidate (no server that runs the model once per
+   call can be faster), and the same server with fixed scores instead of the model run;
+3. ``policyloop serve`` (its defaults, so micro-batching on) with a 64-feature (context) x
    64-feature (item), 20-candidate policy, epsilon-greedy exploration and decision logging to
    the local durable log.
 
@@ -39,7 +42,8 @@ VARIANTS = {
     "decide_unbatched": ["--micro-batch", "1"],
     "decide_log_process": ["--log-writer", "process"],
 }
-LABELS = {"decide_unbatched": "decide, micro-batching off",
+LABELS = {"bare_no_model": "bare server, no model", "bare_model": "bare model server",
+          "decide_unbatched": "decide, micro-batching off",
           "decide_log_process": "decide, log writer process"}
 
 
@@ -138,20 +142,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="policyloop-bench-"))
     build_registry(work / "registry")
     decide = decide_request(rng)
-    results: dict = {"machine": {"cores": os.cpu_count()}, "floor": [], "decide": [],
+    results: dict = {"machine": {"cores": os.cpu_count()}, "floor": [], "bare_no_model": [],
+                     "bare_model": [], "decide": [],
                      "decide_batch": [], "model_infer": [], **{name: [] for name in VARIANTS}}
     proto = "protos/decision.proto"
 
-    floor, line = start([sys.executable, "bench/floor_server.py", "0"], "port=")
-    target = f"127.0.0.1:{line.split('=')[1]}"
-    try:
+    def sweep(name: str, target: str) -> None:
+        """Decide at concurrency 1, 8 and 32 into results[name]."""
         for c in (1, 8, 32):
-            results["floor"].append(ghz(target, "policyloop.v1.DecisionService.Decide", decide,
-                                        c, args.duration, proto))
-            print("floor", results["floor"][-1], flush=True)
-    finally:
-        floor.terminate()
-        floor.wait()
+            results[name].append(ghz(target, "policyloop.v1.DecisionService.Decide", decide,
+                                     c, args.duration, proto))
+            print(name, results[name][-1], flush=True)
+
+    references = {"floor": ["bench/floor_server.py", "0"],
+                  "bare_no_model": ["bench/bare_model_server.py", str(work / "registry"),
+                                    "recsys", "--no-model"],
+                  "bare_model": ["bench/bare_model_server.py", str(work / "registry"),
+                                 "recsys"]}
+    for name, script in references.items():
+        reference, line = start([sys.executable, *script], "port=")
+        try:
+            sweep(name, f"127.0.0.1:{line.split('=')[1]}")
+        finally:
+            reference.terminate()
+            reference.wait()
 
     def serve(*extra: str) -> tuple[subprocess.Popen, str]:
         server, line = start([sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING",
@@ -164,10 +178,7 @@ def main() -> None:
 
     server, target = serve()
     try:
-        for c in (1, 8, 32):
-            results["decide"].append(ghz(target, "policyloop.v1.DecisionService.Decide", decide,
-                                         c, args.duration, proto))
-            print("decide", results["decide"][-1], flush=True)
+        sweep("decide", target)
         batch = {"requests": [decide_request(rng) for _ in range(64)]}
         row = ghz(target, "policyloop.v1.DecisionService.DecideBatch", batch, 8,
                   args.duration, proto)
@@ -186,10 +197,7 @@ def main() -> None:
     for name, extra in VARIANTS.items():
         server, target = serve(*extra)
         try:
-            for c in (1, 8, 32):
-                results[name].append(ghz(target, "policyloop.v1.DecisionService.Decide",
-                                         decide, c, args.duration, proto))
-                print(name, results[name][-1], flush=True)
+            sweep(name, target)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
@@ -204,7 +212,7 @@ def markdown(results: dict) -> str:
     lines = ["| path | concurrency | req/s | p50 ms | p99 ms | vs floor |",
              "| --- | --- | --- | --- | --- | --- |"]
     floor = {r["concurrency"]: r["rps"] for r in results["floor"]}
-    for name in ("floor", "decide", *VARIANTS, "model_infer"):
+    for name in ("floor", "bare_no_model", "bare_model", "decide", *VARIANTS, "model_infer"):
         for r in results.get(name, []):
             ratio = f"{r['rps'] / floor[r['concurrency']]:.0%}" if name != "floor" else "-"
             label = LABELS.get(name, name)
