@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from models.registry import open_registry
+from models.registry import Registry, open_registry
 from online.bus import open_producer
 from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
 from serving.auth import AuthInterceptor, load_tokens
@@ -47,6 +47,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     metrics_port: int
+    registry: Registry
     store: ModelStore
     decision_log: DecisionLog
     health: health.aio.HealthServicer
@@ -59,6 +60,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.store.stop()
+        self.registry.close()  # a Kafka-backed one has a consumer thread to end
         delivered = await asyncio.to_thread(self.decision_log.close, grace)
         shutdown = getattr(self._http, "shutdown", None)
         if shutdown is not None:
@@ -151,8 +153,8 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     await health_servicer.set("", SERVING if ready() else NOT_SERVING)
     for policy in policies:
         await health_servicer.set(policy, SERVING if _loaded(store, policy) else NOT_SERVING)
-    return RunningServer(server, port, http.server_port, store, decision_log, health_servicer,
-                         metrics_registry, plane, http)
+    return RunningServer(server, port, http.server_port, registry, store, decision_log,
+                         health_servicer, metrics_registry, plane, http)
 
 
 def _loaded(store: ModelStore, policy: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +21,11 @@ from tests.server_harness import ServerThread, channel, serve_config
 from tests.test_server import recsys_request
 
 pytestmark = pytest.mark.kafka
+
+
+def kafka_io_threads() -> set[threading.Thread]:
+    """kafka-python's network threads alive now (one per open client)."""
+    return {t for t in threading.enumerate() if t.name.startswith("kafka-io")}
 
 
 @pytest.fixture()
@@ -94,6 +100,7 @@ def test_every_serving_replica_converges_to_the_published_version(
     publisher = KafkaRegistry(kafka_bootstrap, tmp_path / "publisher", topic=topic)
     publisher.publish("recsys", *scoring_model(seed=1))
     publisher.publish("routing", *qnet_model())
+    before = kafka_io_threads()
     replicas = [ServerThread(serve_config(tmp_path / f"r{i}", registry=tmp_path / f"cache{i}",
                                           registry_kafka=kafka_bootstrap,
                                           registry_topic=topic))
@@ -111,6 +118,11 @@ def test_every_serving_replica_converges_to_the_published_version(
         for replica in replicas:
             replica.stop()
         publisher.close()
+    # a stopped server closes its registry's Kafka clients
+    deadline = time.monotonic() + 10
+    while (left := kafka_io_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"Kafka client threads left running: {sorted(t.name for t in left)}"
 
 
 def test_the_learner_publishes_through_the_kafka_registry(kafka_bootstrap: str, topic: str,
@@ -138,15 +150,18 @@ def test_the_learner_publishes_through_the_kafka_registry(kafka_bootstrap: str, 
         registry_topic=topic, bus_path=tmp_path / "bus", partitions=2,
         checkpoint=tmp_path / "ckpt.json", window_ms=1000, publish_every=400, idle_exit_s=1.0,
         gate=False))
-    learner.run()
-    learner.publish()
     reader = KafkaRegistry(kafka_bootstrap, tmp_path / "reader", topic=topic)
-    current = reader.current("routing")
-    assert current.version == learner.published[-1]["version"] > 1
-    assert current.manifest.training["online"] is True
-    assert np.isfinite(current.manifest.evaluation.get("holdout_events", 0))
-    reader.close()
-    publisher.close()
+    try:
+        learner.run()
+        learner.publish()
+        current = reader.current("routing")
+        assert current.version == learner.published[-1]["version"] > 1
+        assert current.manifest.training["online"] is True
+        assert np.isfinite(current.manifest.evaluation.get("holdout_events", 0))
+    finally:
+        learner.close()
+        reader.close()
+        publisher.close()
 
 
 def test_retention_tombstones_old_versions_and_replicas_drop_them(
