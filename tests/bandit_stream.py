@@ -90,3 +90,31 @@ def kafka_start_ms(bootstrap: str, gap_ms: int = 5_000) -> int:
     finally:
         consumer.close()
     return max(int(time.time() * 1000), newest + gap_ms)
+
+
+def start_groups_at_end(bootstrap: str, groups: list[str]) -> None:
+    """Commit the event topics' current end offsets for consumer groups that have not run yet,
+    so learners in them read only what is written after this call. Tests that compare two
+    learners' join statistics need this: whatever earlier tests and benchmarks left on the
+    shared broker (rewards that name no policy, in particular, which every learner holds until
+    their window closes) would otherwise count, in an order that depends on how the
+    partitions' reads interleave."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    probe = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p)
+                 for topic in (bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS)
+                 for p in sorted(probe.partitions_for_topic(topic) or ())]
+        ends = probe.end_offsets(parts)
+    finally:
+        probe.close()
+    for group in groups:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                 enable_auto_commit=False)
+        try:
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1)
+                             for tp, offset in ends.items()})
+        finally:
+            consumer.close()

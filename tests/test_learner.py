@@ -19,7 +19,13 @@ from models.registry import LocalRegistry
 from models.routing_env import RoutingEnv
 from online.learner import LearnConfig, Learner
 from online.local_log import LocalLog
-from tests.bandit_stream import kafka_start_ms, register_untrained_routing, routing_events, write
+from tests.bandit_stream import (
+    kafka_start_ms,
+    register_untrained_routing,
+    routing_events,
+    start_groups_at_end,
+    write,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,6 +181,7 @@ def test_the_learner_on_kafka_killed_five_times_ends_with_the_uninterrupted_mode
     policy = f"routing-{uuid.uuid4().hex[:8]}"  # other tests' events on the topics are ignored
     records = routing_events(3000, seed=7, policy=policy,
                              start_ms=kafka_start_ms(kafka_bootstrap))
+    start_groups_at_end(kafka_bootstrap, [f"g-clean-{policy}", f"g-killed-{policy}"])
     producer = KafkaProducerAdapter(kafka_bootstrap)
     write(producer, records)
     producer.close()

@@ -22,7 +22,13 @@ from online.linear import LinearHeads
 from online.local_log import LocalLog
 from online.shards import ShardStats, StatsReader, StatsWriter, parse_shard
 from policyloop.errors import InvalidArgument
-from tests.bandit_stream import kafka_start_ms, register_untrained_routing, routing_events, write
+from tests.bandit_stream import (
+    kafka_start_ms,
+    register_untrained_routing,
+    routing_events,
+    start_groups_at_end,
+    write,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 3000
@@ -180,8 +186,10 @@ def test_two_learner_processes_on_kafka_equal_one_learner(base: Path, tmp_path: 
 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     policy = f"routing-{uuid.uuid4().hex[:8]}"
+    start_ms = kafka_start_ms(kafka_bootstrap)
+    start_groups_at_end(kafka_bootstrap, [f"one-{policy}", f"two-{policy}"])
     producer = KafkaProducerAdapter(kafka_bootstrap)
-    write(producer, _stream(5, policy, start_ms=kafka_start_ms(kafka_bootstrap)))
+    write(producer, _stream(5, policy, start_ms=start_ms))
     producer.close()
 
     def prepare(name: str) -> Path:
