@@ -139,10 +139,11 @@ class ProcessProducer:
             raise RecordsRejected(rejected)
 
     def close(self) -> None:
-        """Deliver what is buffered, then let the child finish and exit."""
+        """Deliver what is buffered, then let the child finish and exit; a failed or partly
+        refused last batch is logged, and the child stops either way."""
         try:
             self.flush()
-        except BusUnavailable as e:
+        except (BusUnavailable, RecordsRejected) as e:
             log.warning("closing the log writer: %s", e)
         with self._lock:
             self._closed = True

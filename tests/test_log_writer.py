@@ -103,6 +103,19 @@ def test_a_server_with_the_process_writer_logs_its_decisions(tmp_path: Path) -> 
         assert server.stop()
 
 
+def test_close_delivers_the_last_batch_and_stops_the_writer_even_if_a_record_is_refused(
+        tmp_path: Path) -> None:
+    producer = ProcessProducer("local", path=tmp_path, partitions=2)
+    child = producer._process
+    producer.send("t", b"last", b"k")
+    producer.send("not a topic!", b"refused", b"k")
+    producer.close()  # logs the refusal instead of raising, and still stops the child
+    assert child is not None and not child.is_alive()
+    assert [v for _, v in _read(tmp_path)] == [b"last"]
+    with pytest.raises(bus.BusUnavailable, match="closed"):
+        producer.send("t", b"after", b"k")
+
+
 def test_a_record_the_writer_refuses_is_dropped_and_counted_and_the_rest_delivered(
         tmp_path: Path) -> None:
     """A refused record must not fail its whole batch: the decision log would retry that
