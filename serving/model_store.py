@@ -199,7 +199,9 @@ class ModelStore:
         metrics.declare_policies(self._policies)
         self._pinned: set[str] = set()
         self._rejected: dict[str, int] = {}  # policy -> last rejected version, not retried
-        self._lock = threading.Lock()  # serialises loads and swaps, never taken by readers
+        # Serialises loads, swaps and pins, never taken by readers. The watcher decides and
+        # loads under it too, so a pin cannot land between its "not pinned" check and its swap.
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -223,22 +225,26 @@ class ModelStore:
     def refresh(self) -> None:
         """Load the registry's current version of every unpinned policy that changed."""
         for policy in self._policies:
-            if policy in self._pinned:
-                continue
-            try:
-                version = self._registry.current(policy)
-            except NotFound:
-                continue
-            except PolicyloopError as exc:
-                log.warning("registry read failed for %s: %s", policy, exc,
-                            extra={"policy": policy})
-                continue
-            serving = self._models.get(policy)
-            if serving is not None and serving.version == version.version:
-                continue
-            if self._rejected.get(policy) == version.version:
-                continue
-            self._load(policy, version)
+            with self._lock:
+                self._follow(policy)
+
+    def _follow(self, policy: str) -> None:
+        if policy in self._pinned:
+            return
+        try:
+            version = self._registry.current(policy)
+        except NotFound:
+            return
+        except PolicyloopError as exc:
+            log.warning("registry read failed for %s: %s", policy, exc,
+                        extra={"policy": policy})
+            return
+        serving = self._models.get(policy)
+        if serving is not None and serving.version == version.version:
+            return
+        if self._rejected.get(policy) == version.version:
+            return
+        self._load(policy, version)
 
     def _load(self, policy: str, version: ModelVersion) -> LoadedModel:
         with self._lock:
@@ -272,10 +278,11 @@ class ModelStore:
     def pin(self, policy: str, version: int) -> LoadedModel:
         """Serve exactly ``version`` and stop following the registry until unpinned."""
         self.get_known(policy)
-        model = self._models.get(policy)
-        if model is None or model.version != version:
-            model = self._load(policy, self._registry.get(policy, version))
-        self._pinned.add(policy)
+        with self._lock:
+            model = self._models.get(policy)
+            if model is None or model.version != version:
+                model = self._load(policy, self._registry.get(policy, version))
+            self._pinned.add(policy)
         return model
 
     def unpin(self, policy: str) -> None:

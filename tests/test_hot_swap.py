@@ -157,3 +157,52 @@ def test_pin_and_rollback_through_the_admin_service(served) -> None:
         with pytest.raises(grpc.RpcError) as err:
             admin.Pin(pb.PinRequest(policy="recsys", version=99), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_pin_is_not_undone_by_a_watcher_that_read_the_registry_just_before(
+        tmp_path: Path) -> None:
+    """The watcher reads the registry's current version (2) and is held there; meanwhile an
+    admin pins version 1. When the watcher goes on, version 1 must stay served and pinned (it
+    used to swap in version 2 over the pin, for good)."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import ServingMetrics
+    from serving.model_store import ModelStore
+
+    local = make_registry(tmp_path / "registry")
+    local.publish("recsys", *scoring_model(seed=1))
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldRegistry:
+        hold = False
+
+        def __getattr__(self, name: str):
+            return getattr(local, name)
+
+        def current(self, policy: str):
+            version = local.current(policy)
+            if self.hold and policy == "recsys":
+                entered.set()
+                release.wait(10)
+            return version
+
+    registry = HeldRegistry()
+    store = ModelStore(registry, ["recsys"],  # type: ignore[arg-type]
+                       ServingMetrics.create(CollectorRegistry()),
+                       providers=["CPUExecutionProvider"], watch_interval_s=0.01)
+    store.start()
+    try:
+        assert store.get("recsys").version == 2
+        registry.hold = True
+        assert entered.wait(10)  # the watcher has read version 2 and is held
+        pinning = threading.Thread(target=store.pin, args=("recsys", 1))
+        pinning.start()
+        time.sleep(0.2)
+        registry.hold = False
+        release.set()
+        pinning.join(10)
+        time.sleep(0.2)  # more watcher iterations
+        assert store.is_pinned("recsys") and store.get("recsys").version == 1
+    finally:
+        release.set()
+        store.stop()
