@@ -97,6 +97,10 @@ class Consumer(Protocol):
 
     def assignment(self) -> set[TopicPartition]: ...
 
+    def unassigned_topics(self) -> set[str]:
+        """Subscribed topics that exist but of which this consumer holds no partition (a
+        group member left out of a rebalance); such a consumer is not caught up."""
+
     def end_offsets(self, topic: str) -> dict[int, int]:
         """Per partition, the offset the next record will get (for lag and 'caught up')."""
 

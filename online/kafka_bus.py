@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # back should be in use again within about a second.
 _RECONNECT_BACKOFF_MAX_MS = 1000
 _CLOSE_TIMEOUT_S = 5.0
+# kafka-python refreshes metadata every 5 min by default; a consumer whose group was formed
+# before its topics' metadata arrived should notice them within seconds.
+_METADATA_MAX_AGE_MS = 5000
+_REJOIN_MAX_S = 300.0  # the longest wait between two rejoins of a member holding nothing
 
 
 def _check_offset(what: str, tp: TopicPartition, offset: object) -> int:
@@ -209,12 +213,23 @@ class KafkaConsumerAdapter:
     instead (no group rebalancing; offsets are still committed to ``group``). A partition
     without a committed offset starts at ``auto_offset_reset`` ("earliest" or "latest").
     Not thread-safe: use one consumer per thread.
+
+    Assignment watch: a member can come out of a rebalance holding no partition of a topic it
+    subscribes to, when the group was formed before the topic's metadata reached the client
+    (a topic created just before, or a broker restart); kafka-python then waits for a metadata
+    change that may already have happened. Metadata is refreshed every ``metadata_max_age_ms``
+    (5 s here, not 5 min), and a subscribed topic that exists but of which this member has held
+    no partition for ``rejoin_after_s`` seconds makes it log one warning and rejoin the group
+    (unsubscribe, subscribe), with the wait doubling after each rejoin up to
+    ``_REJOIN_MAX_S``, so a member that legitimately holds nothing (a group with more members
+    than partitions) only rejoins rarely. ``unassigned_topics()`` names such topics;
+    ``rejoins`` counts the rejoins.
     """
 
     def __init__(self, bootstrap: str, group: str, topics: Iterable[str], *,
                  auto_offset_reset: str = "earliest", client_id: str = "policyloop",
                  session_timeout_ms: int = 10_000, timeout: float = 10.0,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, rejoin_after_s: float = 5.0) -> None:
         if isinstance(topics, str) or not (topics := list(dict.fromkeys(topics))):
             raise InvalidArgument(f"topics must be a non-empty list of names, got {topics!r}")
         if not isinstance(group, str) or not group:
@@ -230,6 +245,12 @@ class KafkaConsumerAdapter:
         self._shard = None if shard is None else check_shard(shard)
         self._unassigned = set(topics) if shard is not None else set()
         self._assign_checked = 0.0
+        if not rejoin_after_s > 0:
+            raise InvalidArgument(f"rejoin_after_s must be > 0, got {rejoin_after_s!r}")
+        self._rejoin_wait = rejoin_after_s
+        self._starved_since: float | None = None  # since then a subscribed topic had none
+        self._starved: set[str] = set()
+        self.rejoins = 0
         try:
             self._consumer = KafkaConsumer(
                 *([] if shard is not None else topics),
@@ -237,7 +258,8 @@ class KafkaConsumerAdapter:
                 enable_auto_commit=False, auto_offset_reset=auto_offset_reset,
                 allow_auto_create_topics=False, session_timeout_ms=session_timeout_ms,
                 bootstrap_timeout_ms=self._timeout_ms,
-                reconnect_backoff_max_ms=_RECONNECT_BACKOFF_MAX_MS)
+                reconnect_backoff_max_ms=_RECONNECT_BACKOFF_MAX_MS,
+                metadata_max_age_ms=_METADATA_MAX_AGE_MS)
         except KafkaError as e:
             raise BusUnavailable(f"kafka at {bootstrap!r} is unreachable: {e}") from e
         self._assign_shard()
@@ -268,15 +290,62 @@ class KafkaConsumerAdapter:
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise InvalidArgument(f"max_records must be an int >= 1, got {max_records!r}")
         self._assign_shard()
+        started = time.monotonic()
         try:
             batches = self._consumer.poll(timeout_ms=max(int(timeout * 1000), 0),
                                           max_records=max_records)
         except KafkaError as e:
             raise BusUnavailable(f"kafka at {self.bootstrap!r}: poll failed: {e}") from e
+        if self._shard is None:
+            self._watch_assignment()
+        if not batches and not self._consumer.assignment():
+            # nothing to fetch from: wait out the timeout here rather than let a caller that
+            # polls in a loop spin (kafka-python may return at once while it has no partitions)
+            time.sleep(max(0.0, timeout - (time.monotonic() - started)))
         # A tombstone (value None) reads as b"" (the registry's deletions; events never are).
         return [Record(r.topic, r.partition, r.offset, r.key,
                        b"" if r.value is None else r.value, r.timestamp)
                 for tp in sorted(batches) for r in batches[tp]]
+
+    def unassigned_topics(self) -> set[str]:
+        """Subscribed topics that exist (their partitions are in this client's metadata) of
+        which this consumer holds no partition; with ``shard``, those whose partitions were not
+        found yet. Reads cached metadata only: no request to the broker."""
+        if self._shard is not None:
+            return set(self._unassigned)
+        cluster = self._consumer._client.cluster  # kafka-python's metadata cache
+        held = {tp.topic for tp in self._consumer.assignment()}
+        return {t for t in self.topics if t not in held and cluster.partitions_for_topic(t)}
+
+    def _watch_assignment(self) -> None:
+        """Rejoin the group when a subscribed, existing topic has had no partition here for
+        ``self._rejoin_wait`` seconds (see the class docstring)."""
+        starved = self.unassigned_topics()
+        now = time.monotonic()
+        if not starved:
+            held = {tp.topic for tp in self._consumer.assignment()}
+            if self._starved and self._starved <= held:  # not just metadata gone after a rejoin
+                log.info("kafka group %r: partitions of %s assigned", self.group,
+                         sorted(self._starved))
+                self._starved_since, self._starved = None, set()
+            return
+        if self._starved_since is None:
+            self._starved_since = now
+        self._starved = starved
+        waited = now - self._starved_since
+        if waited < self._rejoin_wait:
+            return
+        log.warning("kafka group %r: no partition of %s assigned for %.1f s although the "
+                    "topics exist; rejoining the group (rejoin %d)", self.group,
+                    sorted(starved), waited, self.rejoins + 1)
+        try:
+            self._consumer.unsubscribe()
+            self._consumer.subscribe(self.topics)
+        except KafkaError as e:
+            raise BusUnavailable(f"kafka group {self.group!r}: rejoin failed: {e}") from e
+        self.rejoins += 1
+        self._starved_since = now
+        self._rejoin_wait = min(self._rejoin_wait * 2, _REJOIN_MAX_S)
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Store, per partition, the offset of the next record to read (synchronously)."""

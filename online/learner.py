@@ -48,11 +48,21 @@ from online.join import Example, RewardJoiner
 from online.linear import LinearHeads
 from online.qlearning import QTargets
 from online.shards import ShardStats, StatsReader, StatsWriter
-from policyloop.errors import InvalidArgument, NotFound
+from policyloop.errors import InvalidArgument, NotFound, Unavailable
 from serving.model_store import LoadedModel, choose_providers, load_model
 
 log = logging.getLogger(__name__)
 
+DRAINED_CHECK_S = 0.5  # the longest the learner goes without asking the bus for end offsets
+NEVER_ASSIGNED_S = 20.0  # a replay on Kafka never given a partition stops after this long
+
+
+def _partitions_by_topic(assignment: set[bus.TopicPartition],
+                         topics: tuple[str, ...]) -> dict[str, int]:
+    counts = dict.fromkeys(topics, 0)
+    for topic, _ in assignment:
+        counts[topic] = counts.get(topic, 0) + 1
+    return counts
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,11 @@ class Learner:
         self._holdout = Holdout(limit=max(100, min(HOLDOUT_LIMIT, horizon)))
         self._last_publish = time.monotonic()
         self._stopping = False
+        self._drained_checked, self._was_drained = 0.0, False
+        self.topics = (bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS)
+        # partitions held per subscribed topic, and existing topics with none (updated by run)
+        self.assigned: dict[str, int] = dict.fromkeys(self.topics, 0)
+        self.unassigned: set[str] = set()
         if config.checkpoint.exists():
             self._restore()
 
@@ -153,23 +168,29 @@ class Learner:
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Consume until stopped; ``on_ready`` is called once the consumer listens (on Kafka,
         after the group's first rebalance), so callers can tell when to send traffic."""
-        consumer = bus.open_consumer(self.config.bus, self.config.group,
-                                     [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS],
+        consumer = bus.open_consumer(self.config.bus, self.config.group, list(self.topics),
                                      path=self.config.bus_path,
                                      bootstrap=self.config.kafka_bootstrap,
                                      partitions=self.config.partitions,
                                      from_latest=self.config.from_latest,
                                      shard=self.shard if self.shard[1] > 1 else None)
+        started, listening = time.monotonic(), False
         try:
             drained_since: float | None = None  # the bus has been drained since then
             while not self._done():
                 records = consumer.poll(max_records=500, timeout=0.2)
+                self.assigned = _partitions_by_topic(consumer.assignment(), self.topics)
+                self.unassigned = consumer.unassigned_topics()
                 # The local log assigns topics as they appear and reads them from the start, so
                 # it listens at once; a Kafka consumer once the group gave it partitions.
-                if on_ready is not None and (self.config.bus == "local"
-                                             or consumer.assignment()):
-                    on_ready()
-                    on_ready = None
+                if not listening:
+                    listening = self.config.bus == "local" or any(self.assigned.values())
+                    if listening and on_ready is not None:
+                        on_ready()
+                    if not listening:
+                        self._check_never_assigned(time.monotonic() - started)
+                if records:
+                    self._was_drained = False
                 drained = not records and self._drained(consumer)
                 if not drained:
                     drained_since = None
@@ -196,6 +217,20 @@ class Learner:
         finally:
             consumer.close()
 
+    def _check_never_assigned(self, waited_s: float) -> None:
+        """A replay (``idle_exit_s``) on Kafka whose consumer was never given a partition
+        stops with an error after ``max(idle_exit_s, NEVER_ASSIGNED_S)`` seconds instead of
+        waiting for ever: the topics are missing or the group cannot form."""
+        limit = self.config.idle_exit_s
+        if limit is None or self.config.bus == "local":
+            return
+        limit = max(limit, NEVER_ASSIGNED_S)
+        if waited_s > limit:
+            raise Unavailable(
+                f"no partition of {', '.join(self.topics)} was assigned to group "
+                f"{self.config.group!r} within {limit:.0f} s (do the topics exist? "
+                "`policyloop topics` creates them)")
+
     def close(self) -> None:
         """Release the registry's and the scale-out clients (the bus consumer closes when
         ``run`` returns)."""
@@ -212,14 +247,24 @@ class Learner:
 
     def _drained(self, consumer: bus.Consumer) -> bool:
         """True when every record on the bus has been read. An empty poll alone does not say
-        so: a Kafka consumer waiting for a rebalance also polls nothing."""
-        for topic in (bus.DECISIONS, bus.REWARDS):
-            for partition, end in consumer.end_offsets(topic).items():
-                if partition % self.shard[1] != self.shard[0]:
-                    continue
-                if self.positions.get((topic, partition), 0) < end:
-                    return False
-        return True
+        so: a Kafka consumer waiting for a rebalance also polls nothing, and neither does one
+        holding no partition of a topic that exists, nor one that was never given any (on
+        Kafka). The end offsets are asked for at most every ``DRAINED_CHECK_S`` seconds, not
+        at the poll rate; in between, the last answer stands while polls return nothing (the
+        caller asks only after an empty poll, and any record read resets it)."""
+        if self.unassigned or (self.config.bus != "local" and not any(self.assigned.values())):
+            self._was_drained = False
+            return False
+        now = time.monotonic()
+        if now - self._drained_checked < DRAINED_CHECK_S:
+            return self._was_drained
+        self._drained_checked = now
+        self._was_drained = all(
+            self.positions.get((topic, partition), 0) >= end
+            for topic in (bus.DECISIONS, bus.REWARDS)
+            for partition, end in consumer.end_offsets(topic).items()
+            if partition % self.shard[1] == self.shard[0])
+        return self._was_drained
 
     def _commit(self, consumer: bus.Consumer) -> None:
         """Commit the group's offsets; the checkpoint is the truth, so a failed commit (e.g.

@@ -668,6 +668,11 @@ class LocalConsumer:
             self._refresh()
         return set(self._positions)
 
+    def unassigned_topics(self) -> set[str]:
+        """Always empty: the one member of its group holds every partition of every subscribed
+        topic that exists."""
+        return set()
+
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()

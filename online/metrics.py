@@ -1,4 +1,5 @@
-"""Prometheus metrics of the learner, read from its state at scrape time.
+"""Prometheus metrics of the learner, read from its state at scrape time, and its HTTP
+endpoint (``/metrics``, and ``/healthz`` for readiness).
 
 The joiner and the learner already count everything (``JoinStats``, published versions, gate
 values); a collector reports those numbers instead of keeping a second set of counters that
@@ -7,10 +8,14 @@ could drift from them.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -81,3 +86,49 @@ class LearnerCollector(Collector):
                                       labels=["policy"])
         incumbent.add_metric([policy], learner.model.version)
         yield incumbent
+        assigned = GaugeMetricFamily("policyloop_learner_assigned_partitions",
+                                     "Partitions of each subscribed topic this learner holds "
+                                     "(0 for a topic that exists: it learns nothing from it).",
+                                     labels=["policy", "topic"])
+        for topic, count in sorted(learner.assigned.items()):
+            assigned.add_metric([policy, topic], count)
+        yield assigned
+
+
+def health(learner: Learner) -> tuple[bool, str]:
+    """Ready when the learner holds partitions of every subscribed topic that exists (on
+    Kafka: at least one partition at all), with the reason when not."""
+    if learner.unassigned:
+        return False, f"no partition of {', '.join(sorted(learner.unassigned))} assigned"
+    if learner.config.bus != "local" and not any(learner.assigned.values()):
+        return False, "no partition assigned yet"
+    return True, "ok"
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        pass
+
+
+def serve_metrics(learner: Learner, host: str, port: int) -> WSGIServer:
+    """Start ``/metrics`` (the learner's collector) and ``/healthz`` (200 or 503 with the
+    reason, from ``health``) on ``host:port`` in a daemon thread; port 0 picks one."""
+    registry = CollectorRegistry()
+    registry.register(LearnerCollector(learner))
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            ok, reason = health(learner)
+            start("200 OK" if ok else "503 Service Unavailable",
+                  [("Content-Type", "text/plain; charset=utf-8")])
+            return [reason.encode() + b"\n"]
+        return metrics(environ, start)
+
+    server = make_server(host, port, app, server_class=_Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="learner-metrics", daemon=True).start()
+    return server

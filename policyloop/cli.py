@@ -167,14 +167,10 @@ def _learn(args: argparse.Namespace) -> int:
         idle_exit_s=args.idle_exit)
     learner = Learner(config) if args.network is None else _network_learner(config, args)
     if args.metrics_port is not None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from online.metrics import serve_metrics
 
-        from online.metrics import LearnerCollector
-
-        registry = CollectorRegistry()
-        registry.register(LearnerCollector(learner))
-        server, _ = start_http_server(args.metrics_port, registry=registry)
-        print(f"policyloop learn: metrics=127.0.0.1:{server.server_port}", flush=True)
+        server = serve_metrics(learner, args.metrics_host, args.metrics_port)
+        print(f"policyloop learn: metrics={args.metrics_host}:{server.server_port}", flush=True)
     # SIGTERM (Kubernetes, the demo) ends the loop cleanly: what was learned is published and
     # checkpointed below; events still waiting for their reward stay in the checkpoint.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -374,10 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --network: the latest joined examples trained on")
     p.add_argument("--no-gate", action="store_true", help="promote without the OPE gate")
     p.add_argument("--gate-margin", type=float, default=0.01)
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (0 = any port)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on /metrics and readiness on /healthz "
+                   "(0 = any port)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics port binds (default: %(default)s; 0.0.0.0 in a "
+                   "pod, for the scraper)")
     p.add_argument("--max-examples", type=int, help="stop after this many examples")
     p.add_argument("--idle-exit", type=float,
-                   help="stop after the bus has been drained for this many seconds")
+                   help="stop after the bus has been drained for this many seconds; on Kafka, "
+                   "exit 2 if no partition was assigned within max(this, 20) seconds")
     p.set_defaults(func=_learn)
 
     p = sub.add_parser("evaluate", help="off-policy estimates (IPS, SNIPS, DR) on a log",
