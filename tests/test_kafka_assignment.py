@@ -1,8 +1,8 @@
 """Kafka consumers that join a group before their topics' metadata is known, or that the group
 leaves without partitions: they recover, say so, and never spin or wait for ever.
 
-Each test runs on a broker of its own (``PrivateBroker``) so that topics can be missing and
-partition counts chosen freely, without touching the session's broker.
+Each test runs on a broker of its own (the ``private_broker`` fixture: no topics), so that
+topics can be missing and partition counts chosen freely, without touching the session's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from online.metrics import serve_metrics
 from online.topics import DEFAULT_TOPICS, TopicSpec, create_topics
 from policyloop.errors import Unavailable
 from tests.bandit_stream import register_untrained_routing, routing_events, write
-from tests.conftest import PrivateBroker, free_ports
+from tests.conftest import PrivateBroker
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 400
@@ -44,17 +43,6 @@ def registry_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("assign")
     register_untrained_routing(LocalRegistry(root / "registry"))
     return root
-
-
-@pytest.fixture
-def broker() -> Iterator[PrivateBroker]:
-    """A fresh broker with no topics at all."""
-    b = PrivateBroker(*free_ports(2))
-    b.run("start")
-    try:
-        yield b
-    finally:
-        b.run("clean")
 
 
 def _learn(root: Path, bootstrap: str, group: str) -> subprocess.Popen[str]:
@@ -69,16 +57,16 @@ def _learn(root: Path, bootstrap: str, group: str) -> subprocess.Popen[str]:
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_learners_started_before_and_right_after_the_topics_exist_consume_the_stream(
-        registry_base: Path, tmp_path: Path, broker: PrivateBroker) -> None:
+        registry_base: Path, tmp_path: Path, private_broker: PrivateBroker) -> None:
     """One learner starts while the broker has no topics, another the moment they are
     created; both read the whole stream and exit 0 once it is drained."""
     before_root = shutil.copytree(registry_base, tmp_path / "before")
     after_root = shutil.copytree(registry_base, tmp_path / "after")
-    before = _learn(before_root, broker.bootstrap, "before")
+    before = _learn(before_root, private_broker.bootstrap, "before")
     time.sleep(2)  # it has subscribed to topics that do not exist
-    create_topics(broker.bootstrap, DEFAULT_TOPICS)
-    after = _learn(after_root, broker.bootstrap, "after")
-    producer = KafkaProducerAdapter(broker.bootstrap)
+    create_topics(private_broker.bootstrap, DEFAULT_TOPICS)
+    after = _learn(after_root, private_broker.bootstrap, "after")
+    producer = KafkaProducerAdapter(private_broker.bootstrap)
     start_ms = int(time.time() * 1000)
     # the stream goes on 10 s after the last event, so every window of the first EVENTS closes
     write(producer, routing_events(EVENTS, seed=1, start_ms=start_ms)
@@ -109,24 +97,25 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_a_learner_left_without_partitions_reports_it_rejoins_and_recovers(
-        registry_base: Path, tmp_path: Path, broker: PrivateBroker,
+        registry_base: Path, tmp_path: Path, private_broker: PrivateBroker,
         caplog: pytest.LogCaptureFixture) -> None:
     """Topics of one partition and a second member in the learner's group whose member id
     sorts first: the range assignor gives it every partition. The learner's metric shows 0
     partitions, /healthz answers 503, it logs one line and rejoins; once the other member
     leaves it holds the partitions and is ready again."""
-    create_topics(broker.bootstrap, [TopicSpec(t, 1, HOUR_MS)
+    create_topics(private_broker.bootstrap, [TopicSpec(t, 1, HOUR_MS)
                                      for t in (bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS)])
     root = shutil.copytree(registry_base, tmp_path / "starved")
     group = f"starved-{uuid.uuid4().hex[:6]}"
     # joins first and holds the group; "aaaa-..." sorts before the learner's "policyloop-..."
-    other = KafkaConsumerAdapter(broker.bootstrap, group,
+    other = KafkaConsumerAdapter(private_broker.bootstrap, group,
                                  [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS],
                                  client_id="aaaa", rejoin_after_s=600)
     _wait(lambda: (other.poll(timeout=0.2), len(other.assignment()) == 3)[1], 30,
           "the other member's assignment")
     learner = Learner(LearnConfig(registry=root / "registry", policy="routing", bus="kafka",
-                                  kafka_bootstrap=broker.bootstrap, partitions=1, group=group,
+                                  kafka_bootstrap=private_broker.bootstrap, partitions=1,
+                                  group=group,
                                   checkpoint=root / "ckpt.json", gate=False))
     server = serve_metrics(learner, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.server_port}"
@@ -174,14 +163,14 @@ def test_a_learner_left_without_partitions_reports_it_rejoins_and_recovers(
 
 @pytest.mark.kafka
 def test_a_replay_never_given_a_partition_stops_with_an_error(
-        registry_base: Path, tmp_path: Path, broker: PrivateBroker,
+        registry_base: Path, tmp_path: Path, private_broker: PrivateBroker,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """With --idle-exit and no topics on the broker, the learner is neither 'drained' nor
     waiting for ever: it raises Unavailable (the CLI exits 2) after the bounded wait."""
     monkeypatch.setattr(learner_module, "NEVER_ASSIGNED_S", 4.0)
     root = shutil.copytree(registry_base, tmp_path / "none")
     learner = Learner(LearnConfig(registry=root / "registry", policy="routing", bus="kafka",
-                                  kafka_bootstrap=broker.bootstrap, group="nobody",
+                                  kafka_bootstrap=private_broker.bootstrap, group="nobody",
                                   checkpoint=root / "ckpt.json", idle_exit_s=1.0))
     started = time.monotonic()
     try:
