@@ -22,11 +22,11 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from models.registry import LocalRegistry
+from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_model import session_options
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.grpc_decision import dense_rows
-from serving.model_store import session_options
 
 
 class BareModelServicer(pb_grpc.DecisionServiceServicer):

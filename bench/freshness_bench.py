@@ -52,8 +52,8 @@ def main() -> None:
     from bench.serving_bench import start
     from models.export import export_and_register
     from models.policies import QNetwork
-    from models.registry import LocalRegistry, open_registry
-    from models.routing_env import RoutingEnv
+    from policyloop.registry.local import LocalRegistry, open_registry
+    from policyloop.simulators.routing import RoutingEnv
     from protos import decision_pb2 as pb
     from protos import decision_pb2_grpc as pb_grpc
 
@@ -62,7 +62,7 @@ def main() -> None:
     env = RoutingEnv()
     policy = f"routing-{uuid.uuid4().hex[:8]}" if args.kafka else "routing"
     if args.kafka:
-        from online.topics import DEFAULT_TOPICS, create_topics
+        from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
 
         create_topics(args.kafka, DEFAULT_TOPICS)
         where = ["--bus", "kafka", "--kafka", args.kafka, "--registry-kafka", args.kafka]

@@ -46,11 +46,11 @@ def run_policyloop(stream: list, seed: int) -> dict:
     import torch
 
     from models.export import export_and_register
-    from models.neural_linear import read_head
-    from models.registry import LocalRegistry
     from models.training import TrainConfig, train_offline
     from online.linear import LinearHeads
-    from serving.model_store import choose_providers, load_model
+    from policyloop.registry.local import LocalRegistry
+    from policyloop.registry.onnx_head import read_head
+    from policyloop.registry.onnx_model import choose_providers, load_model
 
     torch.manual_seed(seed)
     result = train_offline(TrainConfig(scenario="recsys", env=ENV, seed=seed))
@@ -109,10 +109,10 @@ def run_join_and_learn(n: int, seed: int, kafka: str = "") -> dict:
 
     from models.export import export_and_register
     from models.policies import QNetwork
-    from models.registry import LocalRegistry
-    from models.routing_env import RoutingEnv
     from online.learner import LearnConfig, Learner
-    from online.local_log import LocalLog
+    from policyloop.bus.local_log import LocalLog
+    from policyloop.registry.local import LocalRegistry
+    from policyloop.simulators.routing import RoutingEnv
     from tests.bandit_stream import routing_events, write
 
     root = Path(tempfile.mkdtemp())
@@ -124,8 +124,8 @@ def run_join_and_learn(n: int, seed: int, kafka: str = "") -> dict:
     if kafka:
         import uuid
 
-        from online.kafka_bus import KafkaProducerAdapter
-        from online.topics import DEFAULT_TOPICS, create_topics
+        from policyloop.bus.kafka import KafkaProducerAdapter
+        from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
 
         create_topics(kafka, DEFAULT_TOPICS)
         policy = f"routing-{uuid.uuid4().hex[:8]}"  # keeps earlier runs' events apart
@@ -161,7 +161,7 @@ def main() -> None:
                         "(bootstrap HOST:PORT, e.g. from scripts/kafka.sh start)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning.json")
     args = parser.parse_args()
-    from models.recsys_env import RecsysEnv
+    from policyloop.simulators.recsys import RecsysEnv
 
     env = RecsysEnv(**ENV, seed=args.seed)
     rng = np.random.default_rng(args.seed + 1)

@@ -67,8 +67,8 @@ def build_registry(root: Path) -> None:
 
     from models.export import export_and_register
     from models.policies import ScoringNetwork
-    from models.recsys_env import RecsysEnv
-    from models.registry import LocalRegistry
+    from policyloop.registry.local import LocalRegistry
+    from policyloop.simulators.recsys import RecsysEnv
 
     torch.manual_seed(0)
     env = RecsysEnv(context_dim=CONTEXT_DIM, item_dim=ITEM_DIM, n_items=200)

@@ -41,7 +41,7 @@ def rss_mib(pid: int) -> float:
 
 
 def start_server(work: Path, kafka: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    from models.registry import LocalRegistry
+    from policyloop.registry.local import LocalRegistry
     from tests.onnx_models import qnet_model
 
     LocalRegistry(work / "registry").publish("routing", *qnet_model())

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The online learner, `policyloop learn` (reward join included). It needs exactly the serving
-# image's code and dependencies (online/ imports serving/'s model loader; neither imports
-# torch), so it is built on that image and changes only the health check and the command.
+# image's code and dependencies (online/ and serving/ share policyloop/'s contract, bus and
+# registry; none imports torch), so it is built on that image and changes only the health check and the command.
 # Build the serving image first, then from the repository root:
 #   docker build -f docker/learner.Dockerfile \
 #     --build-arg SERVING_IMAGE=registry.example.com/policyloop/serving:0.1.0 \

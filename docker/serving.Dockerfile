@@ -36,11 +36,8 @@ RUN groupadd --system --gid 10001 policyloop \
        --shell /usr/sbin/nologin policyloop
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
-# models/: only the torch-free modules serving and the learner import (registry, manifest,
-# neural-linear head) and the simulators `policyloop simulate` uses; training and export stay
-# in the trainer image.
-COPY models/__init__.py models/registry.py models/signature.py models/neural_linear.py \
-     models/recsys_env.py models/routing_env.py models/
+# Whole folders, all torch-free; models/ (training and export, torch) stays in the trainer
+# image. tests/test_layers.py proves none of these imports torch.
 COPY protos/ protos/
 COPY policyloop/ policyloop/
 COPY online/ online/

@@ -22,12 +22,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from models.recsys_env import RecsysEnv
-from models.registry import ModelVersion, Registry, open_registry
-from models.routing_env import RoutingEnv
-from models.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
-from policyloop.errors import ExportParityError
-from serving.posterior import LinearPosterior
+from policyloop.contract.errors import ExportParityError
+from policyloop.contract.posterior import LinearPosterior
+from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
+from policyloop.registry.local import ModelVersion, Registry, open_registry
+from policyloop.simulators.recsys import RecsysEnv
+from policyloop.simulators.routing import RoutingEnv
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def initial_posterior(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: in
     """A Gaussian posterior for the head from a Bayesian linear regression on embeddings of
     simulated contexts, centred on the trained head (so UCB/Thompson start from the offline
     policy's scores, with uncertainty that shrinks where data was seen)."""
-    from models.logged_data import collect_logs
+    from policyloop.simulators.logged import collect_logs
 
     data = collect_logs(env, n, seed=seed)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 The online learner refreshes only the last layer (and its posterior), without torch: it reads
 the embeddings the ONNX model outputs, fits a Bayesian linear regression on them, and writes the
-new weights into the ONNX file (``models/neural_linear.py``). So every network here returns
+new weights into the ONNX file (``policyloop/registry/onnx_head.py``). So every network here returns
 both ``scores`` and the ``embedding`` the head reads, and scores are predicted rewards (trained
 by regression), the same units the linear learner works in.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 
 class ScoringNetwork(nn.Module):

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from models import policies
-from models.logged_data import (
+from policyloop.contract.errors import InvalidArgument
+from policyloop.simulators.logged import (
     HEURISTIC_DESCRIPTION,
     LOGGING_POLICIES,
     LoggedBandit,
@@ -35,9 +36,8 @@ from models.logged_data import (
     logging_probabilities,
     true_policy_value,
 )
-from models.recsys_env import RecsysEnv
-from models.routing_env import RoutingEnv
-from policyloop.errors import InvalidArgument
+from policyloop.simulators.recsys import RecsysEnv
+from policyloop.simulators.routing import RoutingEnv
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TrainConfig:
     clip: float = 50.0  # importance weights are min(1 / propensity, clip)
     hidden: int = 64
     embedding_dim: int = 32  # H, the width the neural-linear head reads
-    logging_policy: str = "heuristic"  # the policy that logged the data (models.logged_data)
+    logging_policy: str = "heuristic"  # the logging policy (policyloop/simulators/logged.py)
     seed: int = 0
     env: dict[str, Any] = field(default_factory=dict)  # simulator keyword arguments
 
@@ -234,7 +234,7 @@ def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str,
     report = {k: v for k, v in result.summary.items() if k != "config"}
     if registry is not None:
         from models.export import export_and_register
-        from models.registry import open_registry
+        from policyloop.registry.local import open_registry
 
         target = open_registry(registry, kafka=registry_kafka)
         try:

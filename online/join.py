@@ -30,8 +30,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from online.events import ActivationEvent, DecisionEvent, RewardEvent
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
 
 
 @dataclass(frozen=True)

@@ -39,17 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
-from models.neural_linear import read_head, replace_head
-from models.registry import Registry, open_registry
-from online import bus
-from online.events import ActivationEvent, DecisionEvent, RewardEvent
 from online.gate import HOLDOUT_LIMIT, Holdout
 from online.join import Example, RewardJoiner
 from online.linear import LinearHeads
 from online.qlearning import QTargets
 from online.shards import ShardStats, StatsReader, StatsWriter
-from policyloop.errors import InvalidArgument, NotFound, Unavailable
-from serving.model_store import LoadedModel, choose_providers, load_model
+from policyloop.bus import interface as bus
+from policyloop.contract.errors import InvalidArgument, NotFound, Unavailable
+from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
+from policyloop.registry.local import Registry, open_registry
+from policyloop.registry.onnx_head import read_head, replace_head
+from policyloop.registry.onnx_model import LoadedModel, choose_providers, load_model
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _partitions_by_topic(assignment: set[bus.TopicPartition],
 class LearnConfig:
     registry: Path  # the registry folder, or this process's cache with registry_kafka
     policy: str
-    registry_kafka: str = ""  # bootstrap of a Kafka-backed registry (online/kafka_registry.py)
+    registry_kafka: str = ""  # bootstrap of a Kafka-backed registry (policyloop/registry/kafka.py)
     registry_topic: str = "models"
     bus: str = "local"
     bus_path: Path = Path("var/bus")

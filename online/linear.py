@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policyloop.errors import InvalidArgument
-from serving.posterior import LinearPosterior
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.posterior import LinearPosterior
 
 
 @dataclass

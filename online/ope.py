@@ -25,7 +25,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 
 def _encode(x: np.ndarray) -> str:

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from online import bus
 from online.linear import LinearHeads
-from policyloop.errors import InvalidArgument
+from policyloop.bus import interface as bus
+from policyloop.contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

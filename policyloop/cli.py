@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from policyloop.errors import PolicyloopError
+from policyloop.contract.errors import PolicyloopError
 from policyloop.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    from models.registry import LocalRegistry
+    from policyloop.registry.local import LocalRegistry
 
     registry = LocalRegistry(args.registry)
     if args.action == "list":
@@ -127,7 +127,7 @@ def _admin(args: argparse.Namespace) -> int:
 def _topics(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from online.topics import DEFAULT_TOPICS, create_topics
+    from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
 
     # The models topic keeps one partition: it is a compacted log of versions, read whole.
     specs = [spec if spec.compact else replace(spec, partitions=args.partitions)
@@ -141,7 +141,7 @@ def _topics(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from online.evaluate import evaluate_command
+    from policyloop.evaluate import evaluate_command
 
     return evaluate_command(args.log, target_column=args.target_column,
                             registry=args.registry, policy=args.policy, version=args.version,

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import LocalRegistry
-from policyloop.errors import InvalidArgument, Unavailable
+from policyloop.contract.errors import InvalidArgument, Unavailable
+from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_model import LoadedModel, load_model
 from policyloop.simulate import Traffic, TrafficConfig, make_simulator, run_traffic
-from serving.model_store import LoadedModel, load_model
 
 EVAL_ARRIVALS = 4000
 
@@ -379,7 +379,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     # run's learner to this run's decisions.
     policy = f"{config.scenario}-{uuid.uuid4().hex[:8]}" if config.kafka else config.scenario
     if config.kafka:
-        from online.topics import DEFAULT_TOPICS, create_topics
+        from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
 
         create_topics(config.kafka, DEFAULT_TOPICS)
     training = train_start_policy(config, run_dir / "registry", policy)

@@ -24,10 +24,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from models.recsys_env import RecsysEnv
-from models.routing_env import RoutingEnv
-from models.signature import Arrivals
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.signature import Arrivals
+from policyloop.simulators.recsys import RecsysEnv
+from policyloop.simulators.routing import RoutingEnv
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from online import bus
-from online.events import ActivationEvent, DecisionEvent, RewardEvent
-from policyloop.errors import InvalidArgument, PolicyloopError
+from policyloop.bus import interface as bus
+from policyloop.contract.errors import InvalidArgument, PolicyloopError
+from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
+from policyloop.registry.onnx_model import LoadedModel
 from serving.config import ServeConfig
 from serving.decision_log import DecisionLog
 from serving.exploration import Decision, Strategy, strategy_from_spec
 from serving.metrics import ServingMetrics
-from serving.model_store import LoadedModel, ModelStore
+from serving.model_store import ModelStore
 
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_SLOTS = 100

@@ -41,8 +41,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from online.bus import Producer, RecordsRejected
-from policyloop.errors import InvalidArgument, Unavailable
+from policyloop.bus.interface import Producer, RecordsRejected
+from policyloop.contract.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from typing import Protocol
 
 import numpy as np
 
-from policyloop.errors import InvalidArgument, Unavailable
-from serving.posterior import LinearPosterior
+from policyloop.contract.errors import InvalidArgument, Unavailable
+from policyloop.contract.posterior import LinearPosterior
 
 MAX_THOMPSON_SAMPLES = 16384
 

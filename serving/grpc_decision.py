@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from policyloop.errors import InvalidArgument, ResourceExhausted
+from policyloop.contract.errors import InvalidArgument, ResourceExhausted
+from policyloop.registry.onnx_model import LoadedModel
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.batching import DecideBatcher
 from serving.dataplane import DataPlane, DecideInput, DecideOutput, Features, RewardInput
 from serving.decision_log import DecisionLog
-from serving.model_store import LoadedModel
 
 
 def _features(message: pb.Features) -> Features:

@@ -13,10 +13,11 @@ import grpc
 import numpy as np
 
 import policyloop
-from policyloop.errors import InvalidArgument, NotFound
+from policyloop.contract.errors import InvalidArgument, NotFound
+from policyloop.registry.onnx_model import LoadedModel
 from protos import grpc_inference_pb2 as pb
 from protos import grpc_inference_pb2_grpc as pb_grpc
-from serving.model_store import LoadedModel, ModelStore
+from serving.model_store import ModelStore
 
 _V2_DTYPES = {"float32": "FP32"}
 _MAX_ELEMENTS = 16 << 20

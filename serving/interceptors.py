@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from policyloop.errors import (
+from policyloop.contract.errors import (
     InvalidArgument,
     ModelRejected,
     NotFound,

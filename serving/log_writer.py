@@ -4,8 +4,8 @@ The server's request path and the decision-log thread share one interpreter lock
 writing and fsyncing records (or kafka-python's own per-record work) on that thread takes the
 lock from the event loop many times a batch. ``ProcessProducer`` keeps only a list append per
 record and one pipe write per batch in the server; a child process runs the real producer
-(``online.bus.open_producer``) and answers each batch once it is flushed, so ``flush`` keeps its
-meaning: returned means durable on the bus.
+(``policyloop.bus.interface.open_producer``) and answers each batch once it is flushed, so
+``flush`` keeps its meaning: returned means durable on the bus.
 
 Failures look like a bus failure to the caller (``BusUnavailable``): the child reports a
 producer error, or died, or did not answer within the flush timeout (then it is killed, so a
@@ -27,8 +27,8 @@ import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from online.bus import BusUnavailable, RecordsRejected, check_record, open_producer
-from policyloop.errors import InvalidArgument
+from policyloop.bus.interface import BusUnavailable, RecordsRejected, check_record, open_producer
+from policyloop.contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ NAMESPACE = "policyloop"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
                    0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PROPENSITY_BUCKETS = (0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
-# Every ``ModelRejected.reason`` (policyloop/errors.py); declared up front per policy so a
+# Every ``ModelRejected.reason`` (policyloop/contract/errors.py); declared up front per policy so a
 # first rejection is an increase Prometheus can see (a series born at 1 has no increase).
 REJECT_REASONS = ("checksum", "missing", "outside", "oversized", "corrupt", "incompatible",
                   "signature", "warmup", "posterior", "other")

@@ -19,8 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from models.registry import Registry, open_registry
-from online.bus import open_producer
+from policyloop.bus.interface import open_producer
+from policyloop.registry.local import Registry, open_registry
+from policyloop.registry.onnx_model import LoadedModel, choose_providers
 from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
 from serving.auth import AuthInterceptor, load_tokens
 from serving.batching import DecideBatcher
@@ -32,7 +33,7 @@ from serving.grpc_inference import InferenceServicer
 from serving.interceptors import ServingInterceptor
 from serving.log_writer import ProcessProducer
 from serving.metrics import ServingMetrics
-from serving.model_store import LoadedModel, ModelStore, choose_providers
+from serving.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 

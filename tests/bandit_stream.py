@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 
-from models.registry import ModelVersion, Registry
-from models.routing_env import RoutingEnv
-from online import bus
-from online.events import DecisionEvent, RewardEvent
+from policyloop.bus import interface as bus
+from policyloop.contract.events import DecisionEvent, RewardEvent
+from policyloop.registry.local import ModelVersion, Registry
+from policyloop.simulators.routing import RoutingEnv
 
 
 def register_untrained_routing(registry: Registry, policy: str = "routing") -> ModelVersion:

@@ -1,7 +1,8 @@
 """Small neural-linear ONNX models built without torch, for serving tests.
 
-They follow the signature in ``models/signature.py`` exactly (names, ranks, head initializers),
-so the server cannot tell them from exported policies; building them takes milliseconds.
+They follow the signature in ``policyloop/contract/signature.py`` exactly (names, ranks, head
+initializers), so the server cannot tell them from exported policies; building them takes
+milliseconds.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
+from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
 
 OPSET = 17
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from models.registry import LocalRegistry
+from policyloop.registry.local import LocalRegistry
 from serving.config import PolicyConfig, ServeConfig
 from serving.server import RunningServer, start_server
 from tests.onnx_models import qnet_model, scoring_model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import LocalRegistry
+from policyloop.registry.local import LocalRegistry
 from tests.onnx_models import scoring_model
 from tests.server_harness import ServerThread, make_registry, serve_config
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 from serving.config import PolicyConfig, ServeConfig, load_serve_config
 
 

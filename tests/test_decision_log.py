@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from online.bus import BusUnavailable
-from online.local_log import LocalLog, LocalProducer
-from policyloop.errors import InvalidArgument, Unavailable
+from policyloop.bus.interface import BusUnavailable
+from policyloop.bus.local_log import LocalLog, LocalProducer
+from policyloop.contract.errors import InvalidArgument, Unavailable
 from serving.decision_log import DecisionLog
 
 SPAWN = multiprocessing.get_context("spawn")

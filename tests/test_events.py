@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from online.events import ActivationEvent, DecisionEvent, RewardEvent
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
 
 
 def _decision(**changes: object) -> DecisionEvent:

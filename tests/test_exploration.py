@@ -12,7 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from policyloop.errors import InvalidArgument, Unavailable
+from policyloop.contract.errors import InvalidArgument, Unavailable
+from policyloop.contract.posterior import LinearPosterior
 from serving.exploration import (
     UCB,
     Decision,
@@ -24,7 +25,6 @@ from serving.exploration import (
     Thompson,
     strategy_from_spec,
 )
-from serving.posterior import LinearPosterior
 
 SCORES = np.array([0.1, 0.5, 0.3, 0.5, -0.2])  # candidates 1 and 3 tie for the best
 SMALL = np.array([0.1, 0.5, 0.3, -0.2])  # four candidates: all 24 ordered 3-slates are seen

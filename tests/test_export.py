@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from models import export
-from models.neural_linear import read_head, replace_head
 from models.policies import QNetwork, ScoringNetwork
-from models.recsys_env import RecsysEnv
-from models.registry import LocalRegistry
-from models.routing_env import RoutingEnv
-from models.signature import TensorSpec
-from policyloop.errors import ExportParityError, InvalidArgument
-from serving.posterior import LinearPosterior
+from policyloop.contract.errors import ExportParityError, InvalidArgument
+from policyloop.contract.posterior import LinearPosterior
+from policyloop.contract.signature import TensorSpec
+from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_head import read_head, replace_head
+from policyloop.simulators.recsys import RecsysEnv
+from policyloop.simulators.routing import RoutingEnv
 
 
 def _models():

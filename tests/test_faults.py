@@ -21,10 +21,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from online import bus
-from online.events import DecisionEvent, RewardEvent
-from online.kafka_bus import KafkaConsumerAdapter
-from online.topics import DEFAULT_TOPICS, create_topics
+from policyloop.bus import interface as bus
+from policyloop.bus.kafka import KafkaConsumerAdapter
+from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
+from policyloop.contract.events import DecisionEvent, RewardEvent
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from tests.conftest import PrivateBroker, free_ports

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from models.registry import LocalRegistry
+from policyloop.registry.local import LocalRegistry
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from tests.onnx_models import qnet_model, scoring_model

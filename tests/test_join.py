@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from online.events import ActivationEvent, DecisionEvent, RewardEvent
 from online.join import RewardJoiner
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
 
 
 def decision(event_id: str, t: int, active: bool = True) -> DecisionEvent:

@@ -30,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from online.topics import DEFAULT_TOPICS
+from policyloop.bus.topics import DEFAULT_TOPICS
 from policyloop.cli import build_parser
 from serving.auth import load_tokens
 from serving.config import ServeConfig, load_serve_config
@@ -718,7 +718,8 @@ def _imports(path: Path) -> Iterator[tuple[str, str | None]]:
 def test_serving_image_copies_no_torch_module_and_every_module_it_needs() -> None:
     files = _copied(DOCKER / "serving.Dockerfile")
     copied = {_module(f) for f in files if f.suffix == ".py"}
-    assert {"serving.server", "online.learner", "policyloop.cli", "models.registry"} <= copied
+    assert {"serving.server", "online.learner", "policyloop.cli",
+            "policyloop.registry.local"} <= copied
     project = ("models", "serving", "online", "policyloop", "protos")
     for path in files:
         if path.suffix != ".py":

@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 import online.learner as learner_module
-from models.registry import LocalRegistry
-from online import bus
-from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
 from online.learner import LearnConfig, Learner
-from online.local_log import LocalLog
 from online.metrics import serve_metrics
-from online.topics import DEFAULT_TOPICS, TopicSpec, create_topics
-from policyloop.errors import Unavailable
+from policyloop.bus import interface as bus
+from policyloop.bus.kafka import KafkaConsumerAdapter, KafkaProducerAdapter
+from policyloop.bus.local_log import LocalLog
+from policyloop.bus.topics import DEFAULT_TOPICS, TopicSpec, create_topics
+from policyloop.contract.errors import Unavailable
+from policyloop.registry.local import LocalRegistry
 from tests.bandit_stream import register_untrained_routing, routing_events, write
 from tests.conftest import PrivateBroker
 
@@ -128,7 +128,7 @@ def test_a_learner_left_without_partitions_reports_it_rejoins_and_recovers(
     poller = threading.Thread(target=poll_other, daemon=True)
     poller.start()
     runner = threading.Thread(target=learner.run, daemon=True)
-    caplog.set_level(logging.WARNING, logger="online.kafka_bus")
+    caplog.set_level(logging.WARNING, logger="policyloop.bus.kafka")
     runner.start()
     try:
         _wait(lambda: learner.unassigned == {bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS}, 60,

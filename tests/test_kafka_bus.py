@@ -12,10 +12,10 @@ import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from online.bus import BusUnavailable, Record
-from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
-from online.topics import DEFAULT_TOPICS, TopicSpec, create_topics
-from policyloop.errors import InvalidArgument
+from policyloop.bus.interface import BusUnavailable, Record
+from policyloop.bus.kafka import KafkaConsumerAdapter, KafkaProducerAdapter
+from policyloop.bus.topics import DEFAULT_TOPICS, TopicSpec, create_topics
+from policyloop.contract.errors import InvalidArgument
 from tests.conftest import PrivateBroker, free_ports
 
 HOUR_MS = 3600 * 1000

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from online.kafka_bus import KafkaProducerAdapter
-from online.kafka_registry import KafkaRegistry
-from online.topics import TopicSpec, create_topics
+from policyloop.bus.kafka import KafkaProducerAdapter
+from policyloop.bus.topics import TopicSpec, create_topics
+from policyloop.registry.kafka import KafkaRegistry
 from protos import decision_pb2_grpc as pb_grpc
 from tests.onnx_models import qnet_model, scoring_model
 from tests.server_harness import ServerThread, channel, serve_config
@@ -78,7 +78,7 @@ def test_a_bad_record_on_the_topic_is_skipped_and_later_versions_still_arrive(
 
 def test_train_publishes_a_first_version_to_the_kafka_registry(kafka_bootstrap: str,
                                                                tmp_path: Path) -> None:
-    from online.topics import DEFAULT_TOPICS, create_topics
+    from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
     from policyloop.cli import main
 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)  # the default "models" topic
@@ -132,9 +132,9 @@ def test_the_learner_publishes_through_the_kafka_registry(kafka_bootstrap: str, 
 
     from models.export import export_and_register
     from models.policies import QNetwork
-    from models.routing_env import RoutingEnv
     from online.learner import LearnConfig, Learner
-    from online.local_log import LocalLog
+    from policyloop.bus.local_log import LocalLog
+    from policyloop.simulators.routing import RoutingEnv
     from tests.bandit_stream import routing_events, write
 
     torch.manual_seed(0)

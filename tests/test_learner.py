@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.neural_linear import read_head
-from models.registry import LocalRegistry
-from models.routing_env import RoutingEnv
 from online.learner import LearnConfig, Learner
-from online.local_log import LocalLog
+from policyloop.bus.local_log import LocalLog
+from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_head import read_head
+from policyloop.simulators.routing import RoutingEnv
 from tests.bandit_stream import (
     kafka_start_ms,
     register_untrained_routing,
@@ -55,7 +55,7 @@ def _config(root: Path, **changes: object) -> LearnConfig:
 
 
 def _greedy_value(registry: Path, version: int | None = None) -> float:
-    from serving.model_store import choose_providers, load_model
+    from policyloop.registry.onnx_model import choose_providers, load_model
 
     reg = LocalRegistry(registry)
     mv = reg.get("routing", version) if version else reg.current("routing")
@@ -174,8 +174,8 @@ def test_the_learner_on_kafka_killed_five_times_ends_with_the_uninterrupted_mode
     with the same head, and nothing was lost or counted twice."""
     import uuid
 
-    from online.kafka_bus import KafkaProducerAdapter
-    from online.topics import DEFAULT_TOPICS, create_topics
+    from policyloop.bus.kafka import KafkaProducerAdapter
+    from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     policy = f"routing-{uuid.uuid4().hex[:8]}"  # other tests' events on the topics are ignored

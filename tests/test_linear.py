@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from online.linear import LinearHeads
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 
 def _stream(n: int, w: np.ndarray, bias: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

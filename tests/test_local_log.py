@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from online import bus, local_log
-from online.bus import Record
-from online.local_log import LocalConsumer, LocalLog, partition_for
-from policyloop.errors import InvalidArgument
+from policyloop.bus import interface as bus
+from policyloop.bus import local_log
+from policyloop.bus.interface import Record
+from policyloop.bus.local_log import LocalConsumer, LocalLog, partition_for
+from policyloop.contract.errors import InvalidArgument
 
 SPAWN = multiprocessing.get_context("spawn")
 

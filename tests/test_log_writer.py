@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from online import bus
-from online.local_log import LocalLog
-from policyloop.errors import InvalidArgument
+from policyloop.bus import interface as bus
+from policyloop.bus.local_log import LocalLog
+from policyloop.contract.errors import InvalidArgument
 from protos import decision_pb2_grpc as pb_grpc
 from serving.log_writer import ProcessProducer, pack, unpack
 from tests.server_harness import ServerThread, channel, make_registry, serve_config

@@ -90,7 +90,7 @@ def test_batched_calls_decide_as_alone_and_fail_one_by_one(servers) -> None:
 
 
 def test_micro_batch_settings_are_checked(tmp_path: Path) -> None:
-    from policyloop.errors import InvalidArgument
+    from policyloop.contract.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="micro_batch_size must be >= 1"):
         serve_config(tmp_path, micro_batch_size=0).validate()

@@ -14,11 +14,11 @@ from onnx import numpy_helper
 
 from models.export import export_and_register
 from models.network_learner import NetworkLearner
-from models.registry import LocalRegistry
 from models.training import TrainConfig, evaluate, save_checkpoint, train_offline
 from online.learner import LearnConfig
-from online.local_log import LocalLog
-from policyloop.errors import InvalidArgument
+from policyloop.bus.local_log import LocalLog
+from policyloop.contract.errors import InvalidArgument
+from policyloop.registry.local import LocalRegistry
 from tests.bandit_stream import routing_events, write
 
 

@@ -334,7 +334,7 @@ def test_the_served_version_gauge_equals_the_version_decide_answers_with(stack: 
 
 
 def test_a_rejected_load_is_logged_with_its_version_and_raises_the_alert(stack: Stack) -> None:
-    from models.registry import LocalRegistry
+    from policyloop.registry.local import LocalRegistry
     from tests.onnx_models import scoring_model
 
     bad = LocalRegistry(stack.registry).publish("recsys", *scoring_model(seed=5),

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.logged_data import collect_logs, true_policy_value
-from models.routing_env import RoutingEnv
 from online import ope
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.simulators.logged import collect_logs, true_policy_value
+from policyloop.simulators.routing import RoutingEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 R = np.array([1.0, 0.0, 1.0, 0.5])
@@ -123,8 +123,8 @@ def test_evaluate_command_reads_a_csv_and_prints_json(tmp_path: Path) -> None:
 
 
 def test_evaluate_a_registered_model_as_the_target(tmp_path: Path) -> None:
-    from models.registry import LocalRegistry
-    from online.evaluate import read_events, target_from_model
+    from policyloop.evaluate import read_events, target_from_model
+    from policyloop.registry.local import LocalRegistry
     from tests.onnx_models import qnet_model
 
     registry = LocalRegistry(tmp_path / "registry")

@@ -7,7 +7,7 @@ import torch
 
 from models import policies
 from models.policies import QNetwork, ScoringNetwork
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 
 def test_scoring_network_takes_any_number_of_candidates() -> None:

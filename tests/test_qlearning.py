@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.neural_linear import read_head
-from models.registry import LocalRegistry
-from online import bus
-from online.events import DecisionEvent, RewardEvent
 from online.learner import LearnConfig, Learner
-from online.local_log import LocalLog
 from online.qlearning import QTargets
-from policyloop.errors import InvalidArgument
+from policyloop.bus import interface as bus
+from policyloop.bus.local_log import LocalLog
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import DecisionEvent, RewardEvent
+from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_head import read_head
 from tests.onnx_models import qnet_model, scoring_model
 
 GOOD, BAD = np.array([1.0, 0.0]), np.array([0.0, 1.0])
@@ -60,7 +60,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _greedy_in(root: Path, registry: Path, state: np.ndarray) -> int:
-    from serving.model_store import choose_providers, load_model
+    from policyloop.registry.onnx_model import choose_providers, load_model
 
     version = LocalRegistry(registry).current("mdp")
     scores, _ = load_model(version, expected=None, providers=choose_providers(False)).run(

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import (
+from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
+from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
+from policyloop.registry.local import (
     CURRENT_FILE,
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     LocalRegistry,
     Registry,
 )
-from models.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
-from policyloop.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
 
 
 def _manifest(policy: str = "recs") -> Manifest:

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policyloop.cli import main
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.auth import load_tokens, required_scope
@@ -110,7 +110,7 @@ scopes = ["decide"]
 def test_the_traffic_generator_sends_its_token(tmp_path: Path, tokens_file: Path) -> None:
     import asyncio
 
-    from models.registry import LocalRegistry
+    from policyloop.registry.local import LocalRegistry
     from policyloop.simulate import TrafficConfig, run_traffic
     from serving.config import PolicyConfig
     from tests.bandit_stream import register_untrained_routing

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 
-from online import bus
-from online.events import DecisionEvent
-from online.local_log import LocalLog
+from policyloop.bus import interface as bus
+from policyloop.bus.local_log import LocalLog
+from policyloop.contract.events import DecisionEvent
 from protos import decision_pb2_grpc as pb_grpc
 from tests.server_harness import channel, make_registry
 from tests.test_server import recsys_request

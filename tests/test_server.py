@@ -13,10 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from models.registry import LocalRegistry
-from online import bus
-from online.events import ActivationEvent, DecisionEvent, RewardEvent
-from online.local_log import LocalLog
+from policyloop.bus import interface as bus
+from policyloop.bus.local_log import LocalLog
+from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
+from policyloop.registry.local import LocalRegistry
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.config import PolicyConfig
@@ -326,8 +326,8 @@ def test_apprentice_mode_returns_the_baseline_and_counts_agreement(tmp_path: Pat
 
 @pytest.mark.kafka
 def test_decisions_and_rewards_reach_kafka(tmp_path: Path, kafka_bootstrap: str) -> None:
-    from online.kafka_bus import KafkaConsumerAdapter
-    from online.topics import DEFAULT_TOPICS, create_topics
+    from policyloop.bus.kafka import KafkaConsumerAdapter
+    from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     make_registry(tmp_path / "registry")

@@ -9,9 +9,9 @@ import torch
 
 from models.export import export_and_register
 from models.policies import QNetwork, ScoringNetwork
-from models.recsys_env import RecsysEnv
-from models.registry import LocalRegistry
-from models.routing_env import RoutingEnv
+from policyloop.registry.local import LocalRegistry
+from policyloop.simulators.recsys import RecsysEnv
+from policyloop.simulators.routing import RoutingEnv
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.config import PolicyConfig

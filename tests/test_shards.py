@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.neural_linear import read_head
-from models.registry import LocalRegistry
-from online import bus
 from online.learner import LearnConfig, Learner
 from online.linear import LinearHeads
-from online.local_log import LocalLog
 from online.shards import ShardStats, StatsReader, StatsWriter, parse_shard
-from policyloop.errors import InvalidArgument
+from policyloop.bus import interface as bus
+from policyloop.bus.local_log import LocalLog
+from policyloop.contract.errors import InvalidArgument
+from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_head import read_head
 from tests.bandit_stream import (
     kafka_start_ms,
     register_untrained_routing,
@@ -181,8 +181,8 @@ def test_two_learner_processes_on_kafka_equal_one_learner(base: Path, tmp_path: 
     """Four partitions on the real broker; one learner alone, and two shards as concurrent
     processes in one group. After shard 0 has merged shard 1's final statistics, both
     registries serve the same head."""
-    from online.kafka_bus import KafkaProducerAdapter
-    from online.topics import DEFAULT_TOPICS, create_topics
+    from policyloop.bus.kafka import KafkaProducerAdapter
+    from policyloop.bus.topics import DEFAULT_TOPICS, create_topics
 
     create_topics(kafka_bootstrap, DEFAULT_TOPICS)
     policy = f"routing-{uuid.uuid4().hex[:8]}"

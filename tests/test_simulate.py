@@ -12,15 +12,15 @@ import torch
 
 from models.export import export_and_register
 from models.policies import QNetwork
-from models.recsys_env import RecsysEnv
-from models.registry import LocalRegistry
-from models.routing_env import RoutingEnv
-from online import bus
-from online.events import RewardEvent
-from online.local_log import LocalLog
+from policyloop.bus import interface as bus
+from policyloop.bus.local_log import LocalLog
 from policyloop.cli import main
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import RewardEvent
+from policyloop.registry.local import LocalRegistry
 from policyloop.simulate import TrafficConfig, run_traffic
+from policyloop.simulators.recsys import RecsysEnv
+from policyloop.simulators.routing import RoutingEnv
 from serving.config import PolicyConfig
 from tests.server_harness import running_server, serve_config
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from models.recsys_env import RecsysEnv
-from models.routing_env import RoutingEnv
+from policyloop.simulators.recsys import RecsysEnv
+from policyloop.simulators.routing import RoutingEnv
 
 ENVS = [lambda **kw: RecsysEnv(n_items=100, **kw), lambda **kw: RoutingEnv(**kw)]
 

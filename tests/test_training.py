@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.logged_data import collect_logs, logging_probabilities, true_policy_value
-from models.routing_env import RoutingEnv
 from models.training import TrainConfig, dr_targets, load_checkpoint, save_checkpoint, train_offline
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.simulators.logged import collect_logs, logging_probabilities, true_policy_value
+from policyloop.simulators.routing import RoutingEnv
 
 
 @pytest.fixture(scope="module", params=["recsys", "routing"])

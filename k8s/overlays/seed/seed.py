@@ -7,9 +7,9 @@ working directory).
 
 import sys
 
-from models.registry import LocalRegistry
-from online.kafka_registry import KafkaRegistry
 from policyloop.cli import main
+from policyloop.registry.kafka import KafkaRegistry
+from policyloop.registry.local import LocalRegistry
 
 bootstrap, topic, policies = sys.argv[1], sys.argv[2], sys.argv[3:]
 target = KafkaRegistry(bootstrap, "models-cache", topic=topic)

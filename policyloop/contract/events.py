@@ -26,7 +26,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 
 def _is_int(v: object) -> bool:

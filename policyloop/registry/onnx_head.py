@@ -13,8 +13,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from models.signature import HeadSpec
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.signature import HeadSpec
 
 
 def _load(model_bytes: bytes) -> onnx.ModelProto:

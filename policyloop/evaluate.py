@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from online import ope
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,9 @@ def _read_rows(path: Path) -> list[dict]:
 def target_from_model(events: LoggedEvents, registry: Path, policy: str, version: int | None,
                       strategy: str) -> np.ndarray:
     """Probability the registered model, explored with ``strategy``, gives each logged action."""
-    from models.registry import LocalRegistry
+    from policyloop.registry.local import LocalRegistry
+    from policyloop.registry.onnx_model import choose_providers, load_model
     from serving.exploration import strategy_from_spec
-    from serving.model_store import choose_providers, load_model
 
     reg = LocalRegistry(registry)
     mv = reg.get(policy, version) if version else reg.current(policy)

@@ -29,11 +29,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from models.registry import DEFAULT_MAX_MODEL_BYTES, LocalRegistry, ModelVersion, check_policy_name
-from models.signature import Manifest
-from online.bus import MODELS, BusUnavailable
-from online.kafka_bus import KafkaConsumerAdapter, KafkaProducerAdapter
-from policyloop.errors import InvalidArgument, ModelRejected, NotFound
+from policyloop.bus.interface import MODELS, BusUnavailable
+from policyloop.bus.kafka import KafkaConsumerAdapter, KafkaProducerAdapter
+from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound
+from policyloop.contract.signature import Manifest
+from policyloop.registry.local import (
+    DEFAULT_MAX_MODEL_BYTES,
+    LocalRegistry,
+    ModelVersion,
+    check_policy_name,
+)
 
 log = logging.getLogger(__name__)
 

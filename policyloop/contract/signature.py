@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 PolicyKind = Literal["scoring", "qnet"]
 

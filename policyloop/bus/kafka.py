@@ -1,11 +1,12 @@
-"""The event bus on Apache Kafka: ``online.bus`` Producer and Consumer over kafka-python.
+"""The event bus on Apache Kafka: ``policyloop.bus.interface``'s Producer and Consumer over
+kafka-python.
 
-kafka-python types stay inside this module: callers get ``online.bus.Record`` and the project's
-errors. A producer connects lazily, so a process can start while the broker is down; until it
-answers, ``send`` raises ``BusUnavailable`` after at most ``max_block_ms``. Keyed records go to
+kafka-python types stay inside this module: callers get ``policyloop.bus.interface.Record`` and the
+project's errors. A producer connects lazily, so a process can start while the broker is down; until
+it answers, ``send`` raises ``BusUnavailable`` after at most ``max_block_ms``. Keyed records go to
 ``murmur2(key) % partitions`` (Kafka's default partitioner), so one key always lands on the same
-partition of a topic. Topics are never created implicitly (see ``online/topics.py``): sending
-to a missing topic raises ``BusUnavailable`` once ``max_block_ms`` has passed.
+partition of a topic. Topics are never created implicitly (see ``policyloop/bus/topics.py``):
+sending to a missing topic raises ``BusUnavailable`` once ``max_block_ms`` has passed.
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as _KafkaTP
 
-from online.bus import BusUnavailable, Record, Shard, TopicPartition, check_record, check_shard
-from policyloop.errors import InvalidArgument
+from policyloop.bus.interface import (
+    BusUnavailable,
+    Record,
+    Shard,
+    TopicPartition,
+    check_record,
+    check_shard,
+)
+from policyloop.contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

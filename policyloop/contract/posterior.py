@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 _ASYMMETRY = 1e-6  # tolerated |C - C.T| relative to max |C|
 _NEGATIVE = 1e-6  # tolerated negative eigenvalue relative to the largest one

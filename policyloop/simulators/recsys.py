@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from models.signature import Arrivals, FeatureSchema
+from policyloop.contract.signature import Arrivals, FeatureSchema
 
 SCALE = 1.6
 OFFSET = -2.6

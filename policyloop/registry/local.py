@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from models.signature import Manifest
-from policyloop.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
+from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
+from policyloop.contract.signature import Manifest
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -177,9 +177,9 @@ def open_registry(path: str | Path, *, kafka: str = "", topic: str = "models",
                   sync_timeout_s: float = 0.5) -> Registry:
     """The registry a process is configured with: the folder ``path`` (a shared volume), or,
     with ``kafka`` (bootstrap HOST:PORT), the Kafka-backed registry on ``topic`` that this
-    process caches in ``path`` (``online/kafka_registry.py``, no shared volume)."""
+    process caches in ``path`` (``policyloop/registry/kafka.py``, no shared volume)."""
     if kafka:
-        from online.kafka_registry import KafkaRegistry
+        from policyloop.registry.kafka import KafkaRegistry
 
         return KafkaRegistry(kafka, path, topic=topic, sync_timeout_s=sync_timeout_s,
                              max_model_bytes=max_model_bytes)

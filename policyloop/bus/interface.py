@@ -1,8 +1,8 @@
 """The event bus seen by serving and the learner: topics of keyed byte records.
 
 Two implementations share this contract: the embedded local durable log
-(``online/local_log.py``, the default, no broker needed) and Apache Kafka
-(``online/kafka_bus.py``). Callers never see either library's types.
+(``policyloop/bus/local_log.py``, the default, no broker needed) and Apache Kafka
+(``policyloop/bus/kafka.py``). Callers never see either library's types.
 
 Delivery contract: ``send`` either accepts the record into the producer's buffer or raises
 ``BusUnavailable``; ``flush`` returns only when every accepted record is durably stored, and
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from policyloop.errors import InvalidArgument, PolicyloopError
+from policyloop.contract.errors import InvalidArgument, PolicyloopError
 
 DECISIONS = "decisions"
 REWARDS = "rewards"
@@ -111,11 +111,11 @@ def open_producer(kind: str, *, path: str | Path, bootstrap: str = "", partition
                   client_id: str = "policyloop") -> Producer:
     """The producer for a configured bus: ``local`` (folder ``path``) or ``kafka``."""
     if kind == "local":
-        from online.local_log import LocalLog
+        from policyloop.bus.local_log import LocalLog
 
         return LocalLog(Path(path), partitions=partitions).producer()
     if kind == "kafka":
-        from online.kafka_bus import KafkaProducerAdapter
+        from policyloop.bus.kafka import KafkaProducerAdapter
 
         return KafkaProducerAdapter(bootstrap, client_id=client_id)
     raise InvalidArgument(f"bus must be 'local' or 'kafka', got {kind!r}")
@@ -129,11 +129,11 @@ def open_consumer(kind: str, group: str, topics: list[str], *, path: str | Path,
     ``shard``: read only that shard's partitions (static assignment; offsets are still
     committed to ``group``)."""
     if kind == "local":
-        from online.local_log import LocalLog
+        from policyloop.bus.local_log import LocalLog
 
         return LocalLog(Path(path), partitions=partitions).consumer(group, topics, shard=shard)
     if kind == "kafka":
-        from online.kafka_bus import KafkaConsumerAdapter
+        from policyloop.bus.kafka import KafkaConsumerAdapter
 
         return KafkaConsumerAdapter(bootstrap, group, topics,
                                     auto_offset_reset="latest" if from_latest else "earliest",

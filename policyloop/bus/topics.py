@@ -18,7 +18,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 
-from online.bus import (
+from policyloop.bus.interface import (
     ACTIVATIONS,
     DECISIONS,
     EXAMPLES,
@@ -27,7 +27,7 @@ from online.bus import (
     REWARDS,
     BusUnavailable,
 )
-from policyloop.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code

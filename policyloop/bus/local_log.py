@@ -45,8 +45,15 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from online.bus import BusUnavailable, Record, Shard, TopicPartition, check_record, check_shard
-from policyloop.errors import InvalidArgument
+from policyloop.bus.interface import (
+    BusUnavailable,
+    Record,
+    Shard,
+    TopicPartition,
+    check_record,
+    check_shard,
+)
+from policyloop.contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

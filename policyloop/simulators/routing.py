@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from models.signature import Arrivals, FeatureSchema
+from policyloop.contract.signature import Arrivals, FeatureSchema
 
 LOAD_PENALTY = 2.5
 URGENCY = 1.0
