@@ -109,7 +109,8 @@ def run_join_and_learn(n: int, seed: int, kafka: str = "") -> dict:
 
     from models.export import export_and_register
     from models.policies import QNetwork
-    from online.learner import LearnConfig, Learner
+    from online.config import LearnConfig
+    from online.learner import Learner
     from policyloop.bus.local_log import LocalLog
     from policyloop.registry.local import LocalRegistry
     from policyloop.simulators.routing import RoutingEnv

@@ -34,9 +34,10 @@ import torch
 from models import policies
 from models.export import export_onnx, initial_posterior
 from models.training import TrainConfig, _fit, dr_targets, load_checkpoint, make_env, predict
+from online.config import LearnConfig
 from online.gate import judge_targets
 from online.join import Example
-from online.learner import LearnConfig, Learner
+from online.learner import Learner
 from policyloop.contract.errors import InvalidArgument
 from policyloop.registry.onnx_model import load_model
 from policyloop.simulators.logged import LoggedBandit

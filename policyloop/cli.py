@@ -20,7 +20,8 @@ from policyloop.contract.errors import PolicyloopError
 from policyloop.logs import setup_logging
 
 if TYPE_CHECKING:
-    from online.learner import LearnConfig, Learner
+    from online.config import LearnConfig
+    from online.learner import Learner
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -150,7 +151,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _learn(args: argparse.Namespace) -> int:
-    from online.learner import LearnConfig, Learner
+    from online.config import LearnConfig
+    from online.learner import Learner
     from online.shards import parse_shard
 
     shard_index, shard_count = parse_shard(args.shard)

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 import online.learner as learner_module
-from online.learner import LearnConfig, Learner
+from online.config import LearnConfig
+from online.learner import Learner
 from online.metrics import serve_metrics
 from policyloop.bus import interface as bus
 from policyloop.bus.kafka import KafkaConsumerAdapter, KafkaProducerAdapter

@@ -132,7 +132,8 @@ def test_the_learner_publishes_through_the_kafka_registry(kafka_bootstrap: str, 
 
     from models.export import export_and_register
     from models.policies import QNetwork
-    from online.learner import LearnConfig, Learner
+    from online.config import LearnConfig
+    from online.learner import Learner
     from policyloop.bus.local_log import LocalLog
     from policyloop.simulators.routing import RoutingEnv
     from tests.bandit_stream import routing_events, write

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from online.learner import LearnConfig, Learner
+from online.config import LearnConfig
+from online.learner import Learner
 from policyloop.bus.local_log import LocalLog
 from policyloop.registry.local import LocalRegistry
 from policyloop.registry.onnx_head import read_head

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from models.export import export_and_register
 from models.network_learner import NetworkLearner
 from models.training import TrainConfig, evaluate, save_checkpoint, train_offline
-from online.learner import LearnConfig
+from online.config import LearnConfig
 from policyloop.bus.local_log import LocalLog
 from policyloop.contract.errors import InvalidArgument
 from policyloop.registry.local import LocalRegistry

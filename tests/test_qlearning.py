@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from online.learner import LearnConfig, Learner
+from online.config import LearnConfig
+from online.learner import Learner
 from online.qlearning import QTargets
 from policyloop.bus import interface as bus
 from policyloop.bus.local_log import LocalLog

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from online.learner import LearnConfig, Learner
+from online.config import LearnConfig
+from online.learner import Learner
 from online.linear import LinearHeads
 from online.shards import ShardStats, StatsReader, StatsWriter, parse_shard
 from policyloop.bus import interface as bus
