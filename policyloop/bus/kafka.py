@@ -317,11 +317,12 @@ class KafkaConsumerAdapter:
 
     def unassigned_topics(self) -> set[str]:
         """Subscribed topics that exist (their partitions are in this client's metadata) of
-        which this consumer holds no partition; with ``shard``, those whose partitions were not
-        found yet. Reads cached metadata only: no request to the broker."""
-        if self._shard is not None:
-            return set(self._unassigned)
+        which this consumer holds no partition; with ``shard``, those the next ``poll`` has yet
+        to assign itself. A topic that does not exist is not named, as on the local log. Reads
+        cached metadata only: no request to the broker."""
         cluster = self._consumer._client.cluster  # kafka-python's metadata cache
+        if self._shard is not None:
+            return {t for t in self._unassigned if cluster.partitions_for_topic(t)}
         held = {tp.topic for tp in self._consumer.assignment()}
         return {t for t in self.topics if t not in held and cluster.partitions_for_topic(t)}
 
