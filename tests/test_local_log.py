@@ -124,62 +124,23 @@ def test_torn_tail_is_skipped_and_the_next_append_repairs_it(tmp_path: Path,
     assert [r.value for r in _drain(fresh, 5)] == [b"v0", b"v1", b"v2", b"v3", b"after"]
 
 
-def test_consumer_group_resumes_from_its_committed_offset(tmp_path: Path) -> None:
-    log = LocalLog(tmp_path)
-    producer = log.producer()
-    for i in range(10):
-        producer.send("t", f"v{i}".encode())
-    producer.flush()
-    first = log.consumer("g", ["t"])
-    assert first.committed(("t", 0)) is None
-    assert [r.offset for r in first.poll(max_records=3)] == [0, 1, 2]
-    first.commit({("t", 0): 3})
-    first.close()
-
-    again = log.consumer("g", ["t"])
-    assert again.committed(("t", 0)) == 3
-    assert [r.offset for r in _drain(again, 7)] == list(range(3, 10))
-    other = log.consumer("other", ["t"])
-    assert other.committed(("t", 0)) is None
-    assert [r.offset for r in _drain(other, 10)] == list(range(10))
-
-
-def test_seek_rereads_and_refuses_unassigned_partitions(tmp_path: Path) -> None:
-    log = LocalLog(tmp_path)
-    producer = log.producer()
-    for i in range(4):
-        producer.send("t", f"v{i}".encode())
-    producer.flush()
-    consumer = log.consumer("g", ["t"])
-    assert len(_drain(consumer, 4)) == 4
-    consumer.seek(("t", 0), 2)
-    assert [r.value for r in consumer.poll(timeout=0.5)] == [b"v2", b"v3"]
-    with pytest.raises(InvalidArgument, match="not assigned"):
-        consumer.seek(("t", 1), 0)
-    with pytest.raises(InvalidArgument, match="offset"):
-        consumer.seek(("t", 0), -1)
-
-
-def test_keys_pick_the_same_partition_number_on_every_topic(tmp_path: Path) -> None:
+def test_keys_go_to_crc32_modulo_partitions_and_keyless_records_round_robin(
+        tmp_path: Path) -> None:
+    """The local log's own partitioner (test_bus_conformance.py pins what both buses share)."""
     log = LocalLog(tmp_path, partitions=4, fsync=False)
     producer = log.producer()
     for i in range(40):
-        key = f"event-{i}".encode()
-        producer.send(bus.DECISIONS, b"d", key=key)
-        producer.send(bus.REWARDS, b"r", key=key)
+        producer.send(bus.DECISIONS, b"d", key=f"event-{i}".encode())
     for _ in range(8):
         producer.send(bus.ACTIVATIONS, b"no key")
     producer.flush()
-    records = _drain(log.consumer("g", [bus.DECISIONS, bus.REWARDS, bus.ACTIVATIONS]), 88)
+    records = _drain(log.consumer("g", [bus.DECISIONS, bus.ACTIVATIONS]), 48)
     keyed = [r for r in records if r.key is not None]
-    assert len(keyed) == 80
-    assert all(r.partition == zlib.crc32(r.key) % 4 for r in keyed)
-    by_topic = {t: {r.key: r.partition for r in keyed if r.topic == t}
-                for t in (bus.DECISIONS, bus.REWARDS)}
-    assert by_topic[bus.DECISIONS] == by_topic[bus.REWARDS]
-    assert len(set(by_topic[bus.DECISIONS].values())) > 1
+    assert len(keyed) == 40
+    assert all(r.partition == zlib.crc32(r.key) % 4 == partition_for(r.key, 4) for r in keyed)
     keyless = [r.partition for r in records if r.key is None]
     assert sorted(keyless) == [0, 0, 1, 1, 2, 2, 3, 3]  # round-robin
+    assert log.topics() == [bus.ACTIVATIONS, bus.DECISIONS]
 
 
 def test_segments_roll_and_retention_keeps_offsets_global(tmp_path: Path) -> None:
@@ -208,17 +169,6 @@ def test_segments_roll_and_retention_keeps_offsets_global(tmp_path: Path) -> Non
     assert resumed[-len(late):] == [r.offset for r in late]
 
 
-def test_bus_factories_open_the_local_log(tmp_path: Path) -> None:
-    producer = bus.open_producer("local", path=tmp_path, partitions=2)
-    producer.send(bus.REWARDS, b"x", key=b"e1")
-    producer.flush()
-    consumer = bus.open_consumer("local", "g", [bus.REWARDS], path=tmp_path, partitions=2)
-    (record,) = _drain(consumer, 1)
-    assert (record.topic, record.key, record.value) == (bus.REWARDS, b"e1", b"x")
-    assert record.partition == partition_for(b"e1", 2)
-    assert LocalLog(tmp_path).topics() == [bus.REWARDS]
-
-
 @pytest.mark.parametrize("kwargs", [{"partitions": 0}, {"segment_bytes": 0},
                                     {"retention_bytes": -1}])
 def test_log_settings_are_validated(tmp_path: Path, kwargs: dict) -> None:
@@ -227,7 +177,7 @@ def test_log_settings_are_validated(tmp_path: Path, kwargs: dict) -> None:
         LocalLog(tmp_path, **kwargs)
 
 
-@pytest.mark.parametrize("topic", ["../escape", "", "a/b", ".hidden"])
+@pytest.mark.parametrize("topic", [".hidden", "t" * 201])  # both fine on Kafka
 def test_topic_names_that_are_not_plain_file_names_are_refused(tmp_path: Path,
                                                                topic: str) -> None:
     with pytest.raises(InvalidArgument, match="topic"):
