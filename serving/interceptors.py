@@ -93,9 +93,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails],
-                                     Awaitable[grpc.RpcMethodHandler]],
+                                     Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         cached = self._handlers.get(details.method)
         if cached is not None:
             return cached
