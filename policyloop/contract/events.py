@@ -165,7 +165,10 @@ class DecisionEvent:
     baseline_action: str | None
     policy_action: str | None
 
-    key = _JsonEvent.key
+    @property
+    def key(self) -> bytes:
+        """The bus key: ``event_id`` as UTF-8, as for the other events."""
+        return self.event_id.encode("utf-8")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DecisionEvent) and self.to_bytes() == other.to_bytes()
@@ -271,7 +274,7 @@ def _unb64(text: object, dtype: str, name: str, as_type: type) -> np.ndarray:
     if len(raw) % width:
         raise InvalidArgument(f"DecisionEvent: field {name!r} has {len(raw)} bytes, not a "
                               f"multiple of {width}")
-    array = np.frombuffer(raw, dtype=dtype).astype(as_type)
+    array: np.ndarray = np.frombuffer(raw, dtype=dtype).astype(as_type)
     if not np.isfinite(array).all():
         raise InvalidArgument(f"DecisionEvent: field {name!r} holds NaN or infinity")
     return array
