@@ -240,5 +240,5 @@ class RewardJoiner:
             self.stats.rewarded += 1
         else:
             self.stats.defaulted += 1
-        return [Example(slot.decision, slot.reward if rewarded else self.default_reward,
-                        rewarded, slot.reward_ms)]
+        value = self.default_reward if slot.reward is None else slot.reward
+        return [Example(slot.decision, value, rewarded, slot.reward_ms)]

@@ -27,6 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,10 +60,13 @@ class ShardStats:
     heads: LinearHeads
 
     def to_bytes(self) -> bytes:
+        # values typed Any: numpy's stub would have a ** of arrays fill its allow_pickle: bool
+        arrays: dict[str, Any] = {"shard_index": np.array(self.index),
+                                  "shard_count": np.array(self.count),
+                                  "shard_examples": np.array(self.examples),
+                                  **self.heads.to_npz_arrays()}
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, shard_index=np.array(self.index),
-                            shard_count=np.array(self.count),
-                            shard_examples=np.array(self.examples), **self.heads.to_npz_arrays())
+        np.savez_compressed(buffer, **arrays)
         return buffer.getvalue()
 
     @classmethod

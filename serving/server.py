@@ -9,6 +9,7 @@ calls finish within the grace period, the decision log is flushed, and the proce
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -95,10 +96,13 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     store = ModelStore(registry, policies, metrics, providers=providers,
                        threads=config.ort_threads, watch_interval_s=config.watch_interval_s,
                        on_change=on_change)
-    bus_args = {"path": config.bus_path, "bootstrap": config.kafka_bootstrap,
-                "partitions": config.bus_partitions, "client_id": "policyloop-serve"}
-    producer = (await asyncio.to_thread(ProcessProducer, config.bus, **bus_args)
-                if config.log_writer == "process" else open_producer(config.bus, **bus_args))
+    open_bus = functools.partial(
+        ProcessProducer if config.log_writer == "process" else open_producer, config.bus,
+        path=config.bus_path, bootstrap=config.kafka_bootstrap, partitions=config.bus_partitions,
+        client_id="policyloop-serve")
+    # the process writer starts a child and waits for it: not on the event loop
+    producer = (await asyncio.to_thread(open_bus) if config.log_writer == "process"
+                else open_bus())
     decision_log = DecisionLog(producer,
                                spool_dir=config.spool_dir, max_queue=config.log_queue_size,
                                spool_budget_bytes=config.spool_budget_bytes,

@@ -34,6 +34,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class RecsysEnv(gym.Env):
     scenario = "recsys"
     metadata: dict[str, Any] = {"render_modes": []}
+    action_space: spaces.Discrete
 
     def __init__(self, *, n_users: int = 1000, n_items: int = 500, context_dim: int = 16,
                  item_dim: int = 16, latent_dim: int = 8, n_candidates: int = 20,

@@ -37,6 +37,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class RoutingEnv(gym.Env):
     scenario = "routing"
     metadata: dict[str, Any] = {"render_modes": []}
+    action_space: spaces.Discrete
 
     def __init__(self, *, n_queues: int = 8,
                  topics: Sequence[str] = ("billing", "technical", "account", "shipping",
