@@ -39,6 +39,9 @@ class BareModelServicer(pb_grpc.DecisionServiceServicer):
                      context: grpc.aio.ServicerContext) -> pb.DecideResponse:
         ids = [c.id for c in request.candidates]
         items = dense_rows([c.features for c in request.candidates])
+        if items is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "candidates must all hold dense features of one length")
         user = np.asarray(request.context.dense, dtype=np.float32)[None]
         if self._session is None:
             scores = np.arange(len(ids), 0, -1, dtype=np.float32)[None]

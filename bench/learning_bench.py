@@ -111,6 +111,7 @@ def run_join_and_learn(n: int, seed: int, kafka: str = "") -> dict:
     from models.policies import QNetwork
     from online.config import LearnConfig
     from online.learner import Learner
+    from policyloop.bus.interface import Producer
     from policyloop.bus.local_log import LocalLog
     from policyloop.registry.local import LocalRegistry
     from policyloop.simulators.routing import RoutingEnv
@@ -133,7 +134,7 @@ def run_join_and_learn(n: int, seed: int, kafka: str = "") -> dict:
         first = LocalRegistry(root / "registry").current("routing")
         LocalRegistry(root / "registry").publish(
             policy, first.read_model(), dataclasses.replace(first.manifest, policy=policy))
-        producer = KafkaProducerAdapter(kafka)
+        producer: Producer = KafkaProducerAdapter(kafka)
     else:
         producer = LocalLog(root / "bus", partitions=4).producer()
     records = routing_events(n, seed=seed, policy=policy)
