@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +76,7 @@ class Bus:
         self.opened.append(consumer)
         return consumer
 
-    def send(self, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
+    def send(self, topic: str, items: Sequence[tuple[bytes | None, bytes]]) -> None:
         producer = self.producer()
         for key, value in items:
             producer.send(topic, value, key)
@@ -179,7 +179,7 @@ def test_empty_keys_and_values_and_bytearrays_round_trip_as_bytes(bus_backend: B
     topic = bus_backend.topic()
     producer = bus_backend.producer()
     producer.send(topic, b"", b"")
-    producer.send(topic, bytearray(b"value"), bytearray(b"key"))
+    producer.send(topic, bytearray(b"value"), bytearray(b"key"))  # type: ignore[arg-type]
     producer.send(topic, b"keyless")
     producer.flush()
     records = drain(bus_backend.consumer([topic]), 3)
