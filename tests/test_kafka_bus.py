@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient
-from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
 from policyloop.bus.interface import BusUnavailable, Record
 from policyloop.bus.kafka import KafkaConsumerAdapter, KafkaProducerAdapter
@@ -46,6 +46,35 @@ def _produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) -> No
         producer.flush(10.0)
     finally:
         producer.close()
+
+
+@pytest.mark.kafka
+def test_a_record_the_broker_refuses_fails_its_flush_and_the_producer_goes_on(
+        kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
+    """Over the topic's max.message.bytes but under the producer's max_request_size: the
+    broker refuses it at flush. kafka-python's idempotent producer then fails every later
+    record, so the adapter must start a fresh one."""
+    topic = unique_topic("small-records")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "4096"})])
+    finally:
+        admin.close()
+    producer = KafkaProducerAdapter(kafka_bootstrap, max_request_size=1 << 20)
+    try:
+        producer.send(topic, b"x" * 20_000, b"k")
+        with pytest.raises(BusUnavailable, match="1 of 1 records failed.*MessageSizeTooLarge"):
+            producer.flush(10.0)
+        for i in range(2):
+            producer.send(topic, b"small %d" % i, b"k")
+            producer.flush(10.0)
+    finally:
+        producer.close()
+    consumer = KafkaConsumerAdapter(kafka_bootstrap, "g-" + topic, [topic])
+    try:
+        assert [r.value for r in _drain(consumer, 2)] == [b"small 0", b"small 1"]
+    finally:
+        consumer.close()
 
 
 @pytest.mark.kafka

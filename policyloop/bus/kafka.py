@@ -143,12 +143,14 @@ class KafkaProducerAdapter:
             log.debug("kafka flush failed: %s", e)
         failed = [f for f in pending if f.is_done and f.failed()]
         waiting = sum(not f.is_done for f in pending)
-        if waiting:
+        if failed or waiting:
             # The caller keeps (spools) what was not acknowledged. Left alone, the client
             # would still deliver its buffered copy once the broker is back, and every record
-            # would arrive twice; so this producer is dropped with its buffer, and the next
-            # send connects afresh. (A request already at the broker may still land: Kafka's
-            # delivery stays at-least-once, which the reward join tolerates.)
+            # would arrive twice; and after a record the broker refused (one over its
+            # message.max.bytes), kafka-python's idempotent producer fails every later record
+            # too. So this producer is dropped with its buffer, and the next send connects
+            # afresh. (A request already at the broker may still land: Kafka's delivery stays
+            # at-least-once, which the reward join tolerates.)
             with self._lock:
                 if self._producer is producer:
                     self._producer = None
