@@ -1,20 +1,20 @@
 """The decision server's configuration: one typed object, built once in ``main()``.
 
 Sources, later ones winning: defaults here, a TOML file (``--config``), environment variables
-``POLICYLOOP_*`` for the settings a deployment commonly overrides, then command-line flags.
-Nothing else in ``serving/`` reads the environment.
+``POLICYLOOP_<FIELD>``, then command-line flags, as for every command
+(``policyloop/contract/settings.py``). Nothing else in ``serving/`` reads the environment.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.settings import read_file, resolve, setting
 
 
 @dataclass(frozen=True)
@@ -28,49 +28,63 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    # The registry folder; with registry_kafka set, this replica's cache of the Kafka registry.
-    registry: Path = Path("var/registry")
-    registry_kafka: str = ""  # bootstrap HOST:PORT of a Kafka-backed registry (no shared volume)
-    registry_topic: str = "models"
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9464
-    # Policies to serve; empty means every policy the registry holds at start-up.
+    registry: Path = setting(Path("var/registry"), "model registry folder (with "
+                             "--registry-kafka: this replica's cache of it)")
+    registry_kafka: str = setting("", "read models from the Kafka-backed registry at this "
+                                  "bootstrap, no shared volume; empty: the folder alone",
+                                  metavar="HOST:PORT")
+    registry_topic: str = setting("models", "the Kafka-backed registry's compacted topic")
+    host: str = setting("127.0.0.1", "address the gRPC port binds")
+    port: int = setting(50051, "gRPC port (0 = any free port)")
+    metrics_port: int = setting(9464, "Prometheus port (0 = any free port)")
+    # Policies to serve; empty means every policy the registry holds at start-up. Not a
+    # setting: [policies.NAME] tables in the file, --policy and --apprentice flags.
     policies: Mapping[str, PolicyConfig] = field(default_factory=dict)
-    default_strategy: str = "epsilon_greedy:0.1"
-    # Event bus: "local" (embedded durable log under bus_path) or "kafka" (kafka_bootstrap).
-    bus: str = "local"
-    bus_path: Path = Path("var/bus")
-    kafka_bootstrap: str = ""
-    bus_partitions: int = 4
-    spool_dir: Path = Path("var/spool")
-    # Who writes the decision log to the bus: "thread" (a thread of the server) or "process"
-    # (a child process, outside the server's interpreter lock: serving/log_writer.py).
-    log_writer: str = "thread"
-    log_queue_size: int = 10_000
-    spool_budget_bytes: int = 1 << 30
-    # Answer Decide/Reward/Activate only once the event is on the bus or in the spool file, so
-    # a killed server loses no acknowledged event (costs about the log's 5 ms linger).
-    durable_ack: bool = False
-    watch_interval_s: float = 1.0
-    grace_period_s: float = 10.0
-    max_message_bytes: int = 4 << 20
-    max_batch_rows: int = 1024
-    # Micro-batching of concurrent Decide calls (serving/batching.py): up to this many calls
-    # share one data-plane call, waiting at most micro_batch_wait_ms (only while others join);
-    # 1 turns it off. On by default: the serving benchmark shows it faster at every load.
-    micro_batch_size: int = 32
-    micro_batch_wait_ms: float = 1.0
-    max_concurrency: int = 1024
-    max_model_bytes: int = 256 << 20  # larger registry files are refused on load
-    ort_threads: int = 1
-    use_gpu: bool = True
+    default_strategy: str = setting("epsilon_greedy:0.1", "exploration strategy of a policy "
+                                    "named without one", flag="--strategy")
+    bus: str = setting("local", "event bus: the embedded durable log under --bus-path, or "
+                       "Kafka", choices=("local", "kafka"))
+    bus_path: Path = setting(Path("var/bus"), "embedded event log folder (bus local)")
+    kafka_bootstrap: str = setting("", "Kafka bootstrap (bus kafka)", flag="--kafka",
+                                   metavar="HOST:PORT")
+    bus_partitions: int = setting(4, "partitions of the embedded log's topics (bus local)")
+    spool_dir: Path = setting(Path("var/spool"), "where decisions wait while the bus is down")
+    log_writer: str = setting("thread", "who writes the decision log: a thread of the server, "
+                              "or a child process outside its interpreter lock "
+                              "(serving/log_writer.py)", choices=("thread", "process"))
+    log_queue_size: int = setting(10_000, "events held in memory for the bus; more go to the "
+                                  "spool")
+    spool_budget_bytes: int = setting(1 << 30, "largest the spool may grow, bytes (beyond: "
+                                      "events dropped, counted)")
+    durable_ack: bool = setting(False, "answer Decide/Reward/Activate only once the event is "
+                                "on the bus or in the spool file, so a killed server loses no "
+                                "acknowledged event (costs about the log's 5 ms linger)")
+    watch_interval_s: float = setting(1.0, "registry poll interval, seconds",
+                                      flag="--watch-interval")
+    grace_period_s: float = setting(10.0, "drain period on SIGTERM, seconds", flag="--grace")
+    max_message_bytes: int = setting(4 << 20, "largest gRPC message, bytes")
+    max_batch_rows: int = setting(1024, "most rows of one batch request")
+    # Micro-batching of concurrent Decide calls (serving/batching.py). On by default: the
+    # serving benchmark shows it faster at every load.
+    micro_batch_size: int = setting(32, "decide up to N concurrent Decide calls together (1 "
+                                    "turns micro-batching off)", flag="--micro-batch",
+                                    metavar="N")
+    micro_batch_wait_ms: float = setting(1.0, "longest a Decide call waits for its micro-batch "
+                                         "to fill; while waiting batches stay near one call, "
+                                         "calls do not wait", metavar="MS")
+    max_concurrency: int = setting(1024, "most RPCs handled at once")
+    max_model_bytes: int = setting(256 << 20, "larger registry files are refused on load")
+    ort_threads: int = setting(1, "onnxruntime intra-op threads")
+    use_gpu: bool = setting(True, "use onnxruntime's CUDA provider when it and a GPU are "
+                            "present")
     # Security (serving/auth.py): TLS on the gRPC port when tls_cert and tls_key are set;
     # mutual TLS when tls_client_ca is set too; token scopes when tokens_file is set.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    tokens_file: Path | None = None
+    tls_cert: Path | None = setting(None, "PEM certificate chain: serve gRPC over TLS")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, "PEM CA bundle: require client certificates "
+                                         "it signed (mutual TLS)")
+    tokens_file: Path | None = setting(None, "TOML file of bearer tokens and their scopes "
+                                       "(decide, reward, admin)")
 
     def policy(self, name: str) -> PolicyConfig:
         return self.policies.get(name) or PolicyConfig(strategy=self.default_strategy)
@@ -101,59 +115,22 @@ class ServeConfig:
         return self
 
 
-_ENV = {
-    "POLICYLOOP_REGISTRY": "registry",
-    "POLICYLOOP_REGISTRY_KAFKA": "registry_kafka",
-    "POLICYLOOP_BUS": "bus",
-    "POLICYLOOP_BUS_PATH": "bus_path",
-    "POLICYLOOP_KAFKA_BOOTSTRAP": "kafka_bootstrap",
-    "POLICYLOOP_SPOOL_DIR": "spool_dir",
-    "POLICYLOOP_DURABLE_ACK": "durable_ack",
-    "POLICYLOOP_LOG_WRITER": "log_writer",
-    "POLICYLOOP_TLS_CERT": "tls_cert",
-    "POLICYLOOP_TLS_KEY": "tls_key",
-    "POLICYLOOP_TLS_CLIENT_CA": "tls_client_ca",
-    "POLICYLOOP_TOKENS_FILE": "tokens_file",
-}
-
-
-def _coerce(name: str, value: Any) -> Any:
-    kind = {f.name: f.type for f in fields(ServeConfig)}[name]
-    try:
-        if kind == "Path":
-            return Path(value)
-        if kind == "Path | None":
-            return Path(value) if value else None
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-    except ValueError as exc:
-        raise InvalidArgument(f"config {name}: {value!r} is not a valid {kind}") from exc
-    return value
-
-
 def load_serve_config(path: Path | None, overrides: Mapping[str, Any],
                       environ: Mapping[str, str] | None = None) -> ServeConfig:
-    """Build the config from a TOML file, ``POLICYLOOP_*`` variables and flag overrides.
+    """Build the config from a TOML file, ``POLICYLOOP_<FIELD>`` variables and flag overrides
+    (``policyloop/contract/settings.py``, as every command does).
 
     The TOML file holds top-level keys named like the fields, plus ``[policies.NAME]`` tables.
-    ``overrides`` holds flag values; ``None`` means the flag was not given.
+    ``overrides`` maps field names to flag values; ``None`` means the flag was not given.
     """
-    known = {f.name for f in fields(ServeConfig)}
-    values: dict[str, Any] = {}
-    if path is not None:
-        raw = tomllib.loads(Path(path).read_text())
-        policies = raw.pop("policies", {})
-        unknown = set(raw) - known
-        if unknown:
-            raise InvalidArgument(f"config file {path}: unknown keys {sorted(unknown)}")
-        values.update(raw)
+    raw = read_file(path)
+    policies = raw.pop("policies", {})
+    values = resolve(ServeConfig, file=raw, environ=os.environ if environ is None else environ,
+                     flags=overrides, source=f"config file {path}")
+    try:
         values["policies"] = {name: PolicyConfig(**table) for name, table in policies.items()}
-    env = os.environ if environ is None else environ
-    values.update({attr: env[var] for var, attr in _ENV.items() if var in env})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    coerced = {k: (v if k == "policies" else _coerce(k, v)) for k, v in values.items()}
-    return replace(ServeConfig(), **coerced).validate()
+    except TypeError as exc:
+        raise InvalidArgument(f"config file {path}: [policies]: {exc}") from exc
+    if overrides.get("policies") is not None:
+        values["policies"] = overrides["policies"]
+    return ServeConfig(**values).validate()
