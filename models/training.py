@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from models import policies
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.settings import setting
 from policyloop.simulators.logged import (
     HEURISTIC_DESCRIPTION,
     LOGGING_POLICIES,
@@ -44,20 +45,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything one offline training run depends on; the same config gives the same model."""
+    """Everything one offline training run depends on; the same config gives the same model.
+    ``policyloop train`` builds it from these defaults, a TOML file, ``POLICYLOOP_*`` variables
+    and its flags (``policyloop/contract/settings.py``)."""
 
-    scenario: str = "recsys"  # recsys (scoring network) or routing (Q-network)
-    n_logged: int = 20_000  # logged events to learn from
-    epochs: int = 8  # passes over the logs, split between the two DR stages
-    batch_size: int = 256
-    lr: float = 3e-3  # Adam
-    objective: str = "dr"  # ips or dr (module docstring)
-    clip: float = 50.0  # importance weights are min(1 / propensity, clip)
-    hidden: int = 64
-    embedding_dim: int = 32  # H, the width the neural-linear head reads
-    logging_policy: str = "heuristic"  # the logging policy (policyloop/simulators/logged.py)
-    seed: int = 0
-    env: dict[str, Any] = field(default_factory=dict)  # simulator keyword arguments
+    scenario: str = setting("recsys", "simulator: recsys (scoring network) or routing "
+                            "(Q-network)", choices=("recsys", "routing"))
+    n_logged: int = setting(20_000, "logged events to learn from")
+    epochs: int = setting(8, "passes over the logs, split between the two DR stages")
+    batch_size: int = setting(256, "examples per gradient step")
+    lr: float = setting(3e-3, "Adam's learning rate")
+    objective: str = setting("dr", "ips, or dr: ips then doubly-robust pseudo-rewards",
+                             choices=("ips", "dr"))
+    clip: float = setting(50.0, "importance weights are min(1 / propensity, this)")
+    hidden: int = setting(64, "hidden layer width")
+    embedding_dim: int = setting(32, "H, the width the neural-linear head reads")
+    logging_policy: str = setting("heuristic", "the policy that logged the data "
+                                  "(policyloop/simulators/logged.py)", choices=LOGGING_POLICIES)
+    seed: int = setting(0, "seed of the logs, the shuffling and torch")
+    env: dict[str, Any] = setting(help="simulator keyword argument, e.g. seed=3 for another "
+                                  "world (repeatable; VALUE a TOML value; a [env] table in "
+                                  "the file)", factory=dict)
 
     def __post_init__(self) -> None:
         if self.scenario not in ("recsys", "routing"):

@@ -1,5 +1,6 @@
-"""The online learner's configuration, one typed object: ``policyloop learn``'s flags fill it
-and every part of the learner reads it."""
+"""The online learner's configuration, one typed object: ``policyloop learn`` builds it from
+these defaults, a TOML file, ``POLICYLOOP_*`` variables and its flags
+(``policyloop/contract/settings.py``), and every part of the learner reads it."""
 
 from __future__ import annotations
 
@@ -7,36 +8,75 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.settings import setting
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LearnConfig:
-    registry: Path  # the registry folder, or this process's cache with registry_kafka
-    policy: str
-    registry_kafka: str = ""  # bootstrap of a Kafka-backed registry (policyloop/registry/kafka.py)
-    registry_topic: str = "models"
-    bus: str = "local"
-    bus_path: Path = Path("var/bus")
-    kafka_bootstrap: str = ""
-    partitions: int = 4
-    group: str = "policyloop-learner"
-    from_latest: bool = False  # Kafka: a new group skips what the topics already hold
-    shard_index: int = 0  # scale-out: this learner reads partitions p % shard_count == index
-    shard_count: int = 1
-    checkpoint: Path = Path("var/learner/checkpoint.json")
-    window_ms: int = 30_000
-    default_reward: float = 0.0
-    reward_rule: str = "first"
-    publish_every: int = 500
-    publish_interval_s: float = 30.0
-    gamma: float = 1.0
-    discount: float = 0.0  # > 0: Q-learning on sequential decisions (qnet; online/qlearning.py)
-    prior: float = 1.0
-    holdout_every: int = 5
-    gate: bool = True
-    gate_margin: float = 0.01
-    max_examples: int | None = None  # stop after this many (tests, replays)
-    idle_exit_s: float | None = None  # stop after this long with the bus drained (replays)
+    registry: Path = setting(Path("var/registry"), "model registry folder (with "
+                             "--registry-kafka: this process's cache of it)")
+    policy: str = setting(help="the policy to learn and publish")
+    registry_kafka: str = setting("", "publish to the Kafka-backed registry at this bootstrap "
+                                  "(policyloop/registry/kafka.py); empty: the folder alone",
+                                  metavar="HOST:PORT")
+    registry_topic: str = setting("models", "the Kafka-backed registry's compacted topic")
+    bus: str = setting("local", "event bus: the embedded log under --bus-path, or Kafka",
+                       choices=("local", "kafka"))
+    bus_path: Path = setting(Path("var/bus"), "embedded event log folder (bus local)")
+    kafka_bootstrap: str = setting("", "Kafka bootstrap (bus kafka)", flag="--kafka",
+                                   metavar="HOST:PORT")
+    partitions: int = setting(4, "partitions of the event topics: the join waits for each of "
+                              "them, so on Kafka this must equal the topics' partition count")
+    group: str = setting("policyloop-learner", "Kafka consumer group")
+    from_latest: bool = setting(False, "Kafka: a group without committed offsets starts at the "
+                                "end of the topics (skips the history) instead of the beginning")
+    # Scale-out: both come from one flag, --shard I/N (policyloop/cli.py).
+    shard_index: int = setting(0, "this learner is shard shard_index of shard_count and reads "
+                               "partitions p with p % shard_count == shard_index")
+    shard_count: int = setting(1, "learner shards; shard 0 publishes, merging the others' "
+                               "statistics; at most the topics' partitions")
+    checkpoint: Path = setting(Path("var/learner/checkpoint.json"),
+                               "the learner's state file (each shard its own)")
+    window_ms: int = setting(30_000, "reward window, milliseconds")
+    default_reward: float = setting(0.0, "reward of a decision none arrived for in its window")
+    reward_rule: str = setting("first", "several rewards for one decision: the first wins, or "
+                               "they add up", choices=("first", "sum"))
+    publish_every: int = setting(500, "examples per version")
+    publish_interval_s: float = setting(30.0, "seconds per version", flag="--publish-interval")
+    gamma: float = setting(1.0, "forgetting factor (1 = none)")
+    discount: float = setting(0.0, "Q-learning discount in [0, 1) for sequential decisions "
+                              "with a fixed action set (routing; online/qlearning.py): targets "
+                              "r + discount * max Q of the next decision, DQN-style target head "
+                              "synced at each promotion; 0 = contextual bandit. Use with "
+                              "forgetting (--gamma < 1) so targets of older heads fade")
+    prior: float = setting(1.0, "ridge prior strength")
+    holdout_every: int = setting(5, "hold out one event in this many (by a hash of its id) "
+                                 "for the promotion gate; 0 = none")
+    gate: bool = setting(True, "promote a version only if off-policy evaluation on held-out "
+                         "events does not find it worse (--no-gate: promote every version)")
+    gate_margin: float = setting(0.01, "how much lower a candidate's estimated value may be, "
+                                 "beyond two standard errors, and still be promoted")
+    max_examples: int | None = setting(None, "stop after this many examples (tests, replays)")
+    idle_exit_s: float | None = setting(None, "stop after the bus has been drained for this "
+                                        "many seconds; on Kafka, exit 2 if no partition was "
+                                        "assigned within max(this, 20) seconds",
+                                        flag="--idle-exit", metavar="S")
+    # The network learner (models/network_learner.py, torch): its keyword options.
+    network: Path | None = setting(None, "refit the whole torch network (IPS then DR, from "
+                                   "this `train --checkpoint` of the serving version) at each "
+                                   "publish instead of the linear head; slower, needs torch",
+                                   metavar="CHECKPOINT")
+    network_epochs: int = setting(2, "with --network: passes over the replay window per "
+                                  "publish")
+    replay: int = setting(20_000, "with --network: the latest joined examples trained on")
+    network_clip: float = setting(50.0, "with --network: importance weights are "
+                                  "min(1 / propensity, this)")
+    network_lr: float = setting(1e-3, "with --network: Adam's learning rate")
+    network_seed: int = setting(0, "with --network: seed of its shuffling and torch")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics on /metrics and "
+                                       "readiness on /healthz (0 = any port)")
+    metrics_host: str = setting("127.0.0.1", "address the metrics port binds (0.0.0.0 in a "
+                                "pod, for the scraper)")
 
     def __post_init__(self) -> None:
         for name in ("partitions", "publish_every", "window_ms"):

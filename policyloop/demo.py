@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from policyloop.contract.errors import InvalidArgument, Unavailable
+from policyloop.contract.settings import setting
 from policyloop.registry.local import LocalRegistry
 from policyloop.registry.onnx_model import LoadedModel, load_model
 from policyloop.simulate import Traffic, TrafficConfig, make_simulator, run_traffic
@@ -43,20 +44,26 @@ EVAL_ARRIVALS = 4000
 
 @dataclass(frozen=True)
 class DemoConfig:
-    scenario: str = "recsys"
-    kafka: str = ""  # bootstrap HOST:PORT; empty = the embedded local event log
-    drift: bool = False  # switch the simulator's preferences halfway through the traffic
-    events: int = 0  # decisions; 0 = the scenario's default
-    workdir: Path = Path("var/demo")
-    png: Path | None = None  # default: <workdir>/<scenario>/learning_curve.png
-    seed: int = 0
-    start_logged: int = 0  # logged events the start policy is trained on; 0 = default
-    strategy: str = "epsilon_greedy:0.05"
-    concurrency: int = 8
-    rate: float = 0.0  # decisions per second; 0 = as fast as the server answers
-    window_ms: int = 1000  # reward window of the join (rewards come after ~0.2 s)
-    publish_every: int = 300
-    live: bool = True  # the rich progress display (off for tests and pipes)
+    scenario: str = setting("recsys", "simulator and policy", choices=("recsys", "routing"))
+    kafka: str = setting("", "run the loop on this Kafka broker; empty: the embedded log",
+                         metavar="HOST:PORT")
+    drift: bool = setting(False, "switch the simulator's preferences halfway; the learner "
+                          "forgets (gamma 0.999) to recover")
+    events: int = setting(0, "decisions to serve; 0: 16000 recsys, 10000 routing, half as "
+                          "many again with --drift")
+    workdir: Path = setting(Path("var/demo"), "registry, event log, logs and summary.json go "
+                            "to WORKDIR/SCENARIO")
+    png: Path | None = setting(None, "learning curve path; unset: "
+                               "WORKDIR/SCENARIO/learning_curve.png")
+    seed: int = setting(0, "seed of the start policy, the traffic and the evaluation")
+    start_logged: int = setting(0, "logged events the start policy is trained on; 0: 1000 "
+                                "recsys, 500 routing")
+    strategy: str = setting("epsilon_greedy:0.05", "exploration strategy served")
+    concurrency: int = setting(8, "requests in flight")
+    rate: float = setting(0.0, "decisions per second; 0: as fast as the server answers")
+    window_ms: int = setting(1000, "reward window of the join (rewards come after ~0.2 s)")
+    publish_every: int = setting(300, "examples per version the learner publishes")
+    live: bool = setting(True, "the rich progress display (--no-live for tests and pipes)")
 
     def __post_init__(self) -> None:
         if self.scenario not in ("recsys", "routing"):

@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.settings import setting
 from policyloop.contract.signature import Arrivals
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
@@ -36,19 +37,23 @@ _CHUNK = 1024
 
 @dataclass(frozen=True)
 class TrafficConfig:
-    target: str  # HOST:PORT of a policyloop server
-    scenario: str = "recsys"
-    policy: str = ""  # the served policy's name; default: the scenario
-    events: int = 10_000  # decisions to make
-    rate: float = 0.0  # decisions per second; 0 = as fast as the server answers
-    concurrency: int = 8  # requests in flight
-    reward_delay_ms: float = 200.0  # mean delay before an outcome is reported
-    reward_loss: float = 0.05  # fraction of outcome reports never sent
-    drift_at: int | None = None  # switch the simulator's preferences after this many decisions
-    seed: int = 0
-    world_seed: int = 0  # the simulator's world; must match the one the policy was trained on
-    timeout_s: float = 5.0
-    token: str = ""  # bearer token (scopes decide and reward) for a server with tokens on
+    target: str = setting(help="HOST:PORT of a policyloop server", metavar="HOST:PORT")
+    scenario: str = setting("recsys", "simulator", choices=("recsys", "routing"))
+    policy: str = setting("", "the served policy's name; empty: the scenario")
+    events: int = setting(10_000, "decisions to make")
+    rate: float = setting(0.0, "decisions per second; 0: as fast as the server answers")
+    concurrency: int = setting(8, "requests in flight")
+    reward_delay_ms: float = setting(200.0, "mean delay before an outcome is reported "
+                                     "(exponential)")
+    reward_loss: float = setting(0.05, "fraction of outcome reports never sent")
+    drift_at: int | None = setting(None, "switch the simulator's preferences after this many "
+                                   "decisions")
+    seed: int = setting(0, "seed of the users or tickets, delays and losses")
+    world_seed: int = setting(0, "the simulator's world; must match the one the policy was "
+                              "trained on")
+    timeout_s: float = setting(5.0, "per-call deadline, seconds", flag="--timeout")
+    token: str = setting("", "bearer token with the decide and reward scopes, for a server "
+                         "with tokens on")
 
     def __post_init__(self) -> None:
         if self.scenario not in ("recsys", "routing"):

@@ -11,6 +11,7 @@ rebuilt in a folder, imported with torch blocked and started.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import base64
 import contextlib
@@ -30,6 +31,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from policyloop import cli
 from policyloop.bus.topics import DEFAULT_TOPICS
 from policyloop.cli import build_parser
 from serving.auth import load_tokens
@@ -192,12 +194,7 @@ def serve_config(docs: list[dict[str, Any]], tmp: Path) -> tuple[ServeConfig, An
                if m["mountPath"] == str(args.config))
     path = tmp / "serve.toml"
     path.write_text(cm["data"][key])
-    overrides = {"registry": args.registry, "registry_kafka": args.registry_kafka,
-                 "host": args.host, "port": args.port, "metrics_port": args.metrics_port,
-                 "bus": args.bus, "bus_path": args.bus_path, "kafka_bootstrap": args.kafka,
-                 "spool_dir": args.spool_dir, "grace_period_s": args.grace,
-                 "tokens_file": args.tokens_file}
-    return load_serve_config(path, overrides, environ={}), args
+    return cli.serve_config(argparse.Namespace(**{**vars(args), "config": path}), {}), args
 
 
 def test_a_missing_kustomize_fails_and_names_the_bootstrap(monkeypatch: pytest.MonkeyPatch,
@@ -278,8 +275,8 @@ def test_learner_partitions_equal_the_event_topics_partitions(overlay: str) -> N
     docs = render(overlay)
     topics = {t["metadata"]["name"]: t["spec"]["partitions"] for t in render("strimzi")}
     for learner in learners(docs):
-        args = parse_cli(resolved_args(docs, learner))
-        assert args.partitions == topics["decisions"] == topics["rewards"], (
+        config = cli.learn_config(parse_cli(resolved_args(docs, learner)), {})
+        assert config.partitions == topics["decisions"] == topics["rewards"], (
             "the reward join waits for every partition: --partitions must equal the topics'")
 
 
@@ -346,7 +343,7 @@ def test_termination_period_covers_prestop_drain_and_log_flush(overlay: str, tmp
     docs = render(overlay)
     deployment = serving(docs)
     config, args = serve_config(docs, tmp_path)
-    assert args.grace is not None, "the drain grace must be an explicit --grace flag"
+    assert args.grace_period_s is not None, "the drain grace must be an explicit --grace flag"
     command = container(deployment)["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop = float(command[1])
@@ -436,19 +433,21 @@ def test_each_learner_pod_is_one_shard_with_its_checkpoint_on_a_claim(overlay: s
         assert [parse_shard(a.shard) for a in shards] == [(i, replicas) for i in
                                                           range(replicas)], (
             f"{name}: pod i must be shard i/{replicas}")
-        assert len({(a.group, a.policy, a.partitions) for a in shards}) == 1
-        args = shards[0]
-        assert 1 <= replicas <= args.partitions, f"{name}: more shards than partitions"
-        assert args.command == "learn"
-        assert name == f"policyloop-learner-{args.policy}"
-        assert args.bus == "kafka" and args.kafka and args.registry_kafka == args.kafka
-        assert "persistentVolumeClaim" in writable_volume(learner, args.checkpoint), (
-            f"{name}: --checkpoint {args.checkpoint} is not on the claim")
-        assert "emptyDir" in writable_volume(learner, args.registry)
-        assert args.metrics_port == port(container(learner), "metrics")
+        assert all(a.command == "learn" for a in shards)
+        configs = [cli.learn_config(a, {}) for a in shards]
+        assert len({(c.group, c.policy, c.partitions) for c in configs}) == 1
+        config = configs[0]
+        assert 1 <= replicas <= config.partitions, f"{name}: more shards than partitions"
+        assert name == f"policyloop-learner-{config.policy}"
+        assert config.bus == "kafka" and config.kafka_bootstrap
+        assert config.registry_kafka == config.kafka_bootstrap
+        assert "persistentVolumeClaim" in writable_volume(learner, config.checkpoint), (
+            f"{name}: --checkpoint {config.checkpoint} is not on the claim")
+        assert "emptyDir" in writable_volume(learner, config.registry)
+        assert config.metrics_port == port(container(learner), "metrics")
         assert learner["spec"]["serviceName"] in {s["metadata"]["name"]
                                                   for s in objects(docs, "Service")}
-        groups.add(args.group)
+        groups.add(config.group)
     assert len(groups) == len(learners(docs)), "learners of different policies share a group"
 
 
@@ -693,6 +692,7 @@ def _module(path: Path) -> str:
 
 # Subcommands whose code the serving and learner images leave out (the trainer image has it).
 _TRAINER_ONLY = {("policyloop/cli.py", "_train"), ("policyloop/cli.py", "_export"),
+                 ("policyloop/cli.py", "_train_flags"),
                  ("policyloop/cli.py", "_network_learner"),
                  ("policyloop/demo.py", "train_start_policy")}
 
