@@ -52,7 +52,8 @@ def main() -> None:
     from bench.serving_bench import start
     from models.export import export_and_register
     from models.policies import QNetwork
-    from policyloop.registry.local import LocalRegistry, open_registry
+    from policyloop.registry.interface import open_registry
+    from policyloop.registry.local import LocalRegistry
     from policyloop.simulators.routing import RoutingEnv
     from protos import decision_pb2 as pb
     from protos import decision_pb2_grpc as pb_grpc

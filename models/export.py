@@ -25,7 +25,7 @@ from torch import nn
 from policyloop.contract.errors import ExportParityError
 from policyloop.contract.posterior import LinearPosterior
 from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
-from policyloop.registry.local import ModelVersion, Registry, open_registry
+from policyloop.registry.interface import ModelVersion, Registry, open_registry
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
 

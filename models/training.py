@@ -242,7 +242,7 @@ def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str,
     report = {k: v for k, v in result.summary.items() if k != "config"}
     if registry is not None:
         from models.export import export_and_register
-        from policyloop.registry.local import open_registry
+        from policyloop.registry.interface import open_registry
 
         target = open_registry(registry, kafka=registry_kafka)
         try:

@@ -47,7 +47,7 @@ from online.shards import ShardStats, StatsReader, StatsWriter
 from policyloop.bus import interface as bus
 from policyloop.contract.errors import InvalidArgument, NotFound, Unavailable
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
-from policyloop.registry.local import Registry, open_registry
+from policyloop.registry.interface import Registry, open_registry
 from policyloop.registry.onnx_head import read_head, replace_head
 from policyloop.registry.onnx_model import LoadedModel, choose_providers, load_model
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from policyloop.contract.errors import ModelRejected, NotFound, PolicyloopError, Unavailable
-from policyloop.registry.local import ModelVersion, Registry
+from policyloop.registry.interface import ModelVersion, Registry
 from policyloop.registry.onnx_model import LoadedModel, load_model
 from serving.metrics import ServingMetrics
 

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from policyloop.bus.interface import open_producer
-from policyloop.registry.local import Registry, open_registry
+from policyloop.registry.interface import Registry, open_registry
 from policyloop.registry.onnx_model import LoadedModel, choose_providers
 from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
 from serving.auth import AuthInterceptor, load_tokens

@@ -9,7 +9,7 @@ import numpy as np
 
 from policyloop.bus import interface as bus
 from policyloop.contract.events import DecisionEvent, RewardEvent
-from policyloop.registry.local import ModelVersion, Registry
+from policyloop.registry.interface import ModelVersion, Registry
 from policyloop.simulators.routing import RoutingEnv
 
 

@@ -15,13 +15,8 @@ import pytest
 
 from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
 from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
-from policyloop.registry.local import (
-    CURRENT_FILE,
-    MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
-    LocalRegistry,
-    Registry,
-)
+from policyloop.registry.interface import MANIFEST_FILE, MAX_MANIFEST_BYTES, Registry
+from policyloop.registry.local import CURRENT_FILE, LocalRegistry
 
 
 def _manifest(policy: str = "recs") -> Manifest:

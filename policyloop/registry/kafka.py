@@ -18,27 +18,24 @@ policy (the learner); two concurrent publishers could pick the same number.
 from __future__ import annotations
 
 import base64
-import dataclasses
-import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 
 from policyloop.bus.interface import MODELS, BusUnavailable
 from policyloop.bus.kafka import KafkaConsumerAdapter, KafkaProducerAdapter
 from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound
 from policyloop.contract.signature import Manifest
-from policyloop.registry.local import (
+from policyloop.registry.interface import (
     DEFAULT_MAX_MODEL_BYTES,
-    LocalRegistry,
     ModelVersion,
-    check_policy_name,
+    check_publication,
 )
+from policyloop.registry.local import LocalRegistry
 
 log = logging.getLogger(__name__)
 
@@ -119,23 +116,18 @@ class KafkaRegistry:
     def publish(self, policy: str, model: bytes, manifest: Manifest,
                 files: Mapping[str, bytes] | None = None, *,
                 make_current: bool = True) -> ModelVersion:
-        check_policy_name(policy)
-        if manifest.policy != policy:
-            raise InvalidArgument(
-                f"manifest.policy {manifest.policy!r} differs from policy {policy!r}")
+        """As ``LocalRegistry.publish``, through the same checks
+        (``policyloop/registry/interface.py``): nothing reaches the topic that a replica's
+        cache would refuse to install."""
+        publication = check_publication(policy, model, manifest, files,
+                                        max_model_bytes=self.cache.max_model_bytes)
         self.sync()
         existing = self._versions_or_empty(policy)
         version = existing[-1] + 1 if existing else 1
-        stored = dataclasses.replace(
-            manifest, version=version,
-            parent_version=(manifest.parent_version if manifest.parent_version is not None
-                            else self._current.get(policy)),
-            created_at=manifest.created_at or datetime.now(UTC).isoformat(
-                timespec="milliseconds"),
-            sha256=hashlib.sha256(model).hexdigest())
+        stored = publication.stamped(version, self._current.get(policy))
         body = json.dumps({
-            "manifest": stored.to_json(), "model": base64.b64encode(model).decode(),
-            "files": {n: base64.b64encode(d).decode() for n, d in (files or {}).items()},
+            "manifest": stored.to_json(), "model": base64.b64encode(publication.model).decode(),
+            "files": {n: base64.b64encode(d).decode() for n, d in publication.files.items()},
         }).encode()
         producer = self._producer_once()
         producer.send(self.topic, body, f"{policy}/{version:08d}".encode())

@@ -1,10 +1,6 @@
-"""The model registry: numbered, immutable versions of each policy's ONNX model.
+"""The model registry in a folder (``policyloop/registry/interface.py`` is the contract).
 
-Trainers and the online learner publish; servers poll ``current()`` and load what it names.
-A rollback only moves the ``CURRENT`` pointer, so it is instant and needs no artefact.
-Torch-free: serving reads the registry without torch installed.
-
-On disk (``LocalRegistry``), for a shared volume::
+On disk, for a shared volume::
 
     ROOT/<policy>/versions/00000007/{model.onnx, manifest.json, <extra files>}
     ROOT/<policy>/CURRENT        text: the current version number
@@ -17,173 +13,35 @@ are renamed out of ``versions/`` before they are deleted, for the same reason.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import os
-import re
 import shutil
-import stat
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
 from policyloop.contract.signature import Manifest
+from policyloop.registry.interface import (
+    DEFAULT_MAX_MODEL_BYTES,
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    MODEL_FILE,
+    POLICY_NAME,
+    ModelVersion,
+    check_contents,
+    check_policy_name,
+    check_publication,
+    check_version,
+    read_bounded,
+)
 
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 _LOCK_FILE = ".lock"
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-
-_POLICY_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-# Extra files: a plain name, no separators, never starting with a dot (so never "." or "..").
-_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_RESERVED_FILES = frozenset({MODEL_FILE, MANIFEST_FILE})
-# Larger files are refused on publish and on load: a registry file is read whole into memory.
-DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
-MAX_MANIFEST_BYTES = 2**20  # a manifest is a small JSON document
-
-
-def check_policy_name(policy: str) -> str:
-    """Return ``policy`` when it is a valid policy name; it becomes a folder name."""
-    if not isinstance(policy, str) or not _POLICY_RE.fullmatch(policy):
-        raise InvalidArgument(
-            f"policy name {policy!r} is invalid: expected [a-z0-9][a-z0-9_-]{{0,63}}")
-    return policy
-
-
-def _check_file_name(name: str) -> str:
-    if not isinstance(name, str) or not _FILE_RE.fullmatch(name) or ".." in name:
-        raise InvalidArgument(
-            f"file name {name!r} is invalid: expected a plain name without path separators, "
-            "'..' or a leading dot")
-    return name
-
-
-def _check_version(version: int) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InvalidArgument(f"version {version!r} is invalid: expected an integer >= 1")
-    return version
-
-
-def _read_inside(path: Path, root: Path, what: str, max_bytes: int) -> bytes:
-    """Read ``path`` after checking that it resolves inside ``root`` (no symlink escapes) and
-    is a regular file of at most ``max_bytes`` (checked before reading, so a huge file placed
-    by hand never reaches memory)."""
-    try:
-        resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError) as exc:
-        raise ModelRejected(f"{what} {path} is missing", "missing") from exc
-    if not resolved.is_relative_to(root.resolve()):
-        raise ModelRejected(f"{what} {path} resolves to {resolved}, outside the registry {root}",
-                            "outside")
-    try:
-        # no following a link swapped in since resolve(); non-blocking, so a FIFO cannot hang
-        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError as exc:
-        raise ModelRejected(f"{what} {path} is missing", "missing") from exc
-    except OSError as exc:
-        raise ModelRejected(f"{what} {path} cannot be opened safely: {exc}", "outside") from exc
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ModelRejected(f"{what} {path} is not a regular file", "outside")
-        if info.st_size > max_bytes:
-            raise ModelRejected(f"{what} {path} is {info.st_size} bytes, over "
-                                f"max_model_bytes {max_bytes}", "oversized")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # grew after the check
-        raise ModelRejected(f"{what} {path} is over max_model_bytes {max_bytes}", "oversized")
-    return data
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    """One published version of a policy's model, as stored in the registry.
-
-    ``path`` is the version's folder, ``ROOT/<policy>/versions/<version>``; the registry root is
-    therefore ``path.parents[2]``, which bounds where its files may resolve to.
-    """
-
-    policy: str
-    version: int
-    manifest: Manifest
-    path: Path
-    max_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest file it will read
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / MODEL_FILE
-
-    @property
-    def _root(self) -> Path:
-        return self.path.parents[2]
-
-    def read_model(self) -> bytes:
-        """The ONNX bytes, checked against ``manifest.sha256``; ModelRejected when the file is
-        missing, altered, or a link out of the registry."""
-        data = _read_inside(self.model_path, self._root,
-                            f"model of policy {self.policy!r} version {self.version}",
-                            self.max_bytes)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != self.manifest.sha256:
-            raise ModelRejected(
-                f"model of policy {self.policy!r} version {self.version} has sha256 {digest}, "
-                f"manifest says {self.manifest.sha256}", "checksum")
-        return data
-
-    def read_file(self, name: str) -> bytes:
-        """An extra file published with this version, e.g. ``head.npz``."""
-        _check_file_name(name)
-        path = self.path / name
-        if not path.exists():
-            raise NotFound(
-                f"policy {self.policy!r} version {self.version} has no file {name!r}")
-        return _read_inside(path, self._root,
-                            f"file {name!r} of policy {self.policy!r} version {self.version}",
-                            self.max_bytes)
-
-
-class Registry(Protocol):
-    """What serving and the learners need from a registry, whatever stores it."""
-
-    def publish(self, policy: str, model: bytes, manifest: Manifest,
-                files: Mapping[str, bytes] | None = None, *,
-                make_current: bool = True) -> ModelVersion: ...
-
-    def versions(self, policy: str) -> list[int]: ...
-
-    def get(self, policy: str, version: int) -> ModelVersion: ...
-
-    def current(self, policy: str) -> ModelVersion: ...
-
-    def set_current(self, policy: str, version: int) -> ModelVersion: ...
-
-    def policies(self) -> list[str]: ...
-
-    def close(self) -> None:
-        """Release connections (a Kafka-backed registry's clients; nothing for a folder)."""
-
-
-def open_registry(path: str | Path, *, kafka: str = "", topic: str = "models",
-                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
-                  sync_timeout_s: float = 0.5) -> Registry:
-    """The registry a process is configured with: the folder ``path`` (a shared volume), or,
-    with ``kafka`` (bootstrap HOST:PORT), the Kafka-backed registry on ``topic`` that this
-    process caches in ``path`` (``policyloop/registry/kafka.py``, no shared volume)."""
-    if kafka:
-        from policyloop.registry.kafka import KafkaRegistry
-
-        return KafkaRegistry(kafka, path, topic=topic, sync_timeout_s=sync_timeout_s,
-                             max_model_bytes=max_model_bytes)
-    return LocalRegistry(path, max_model_bytes=max_model_bytes)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -234,7 +92,7 @@ class LocalRegistry:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if _POLICY_RE.fullmatch(p.name) and (p / "versions").is_dir())
+                      if POLICY_NAME.fullmatch(p.name) and (p / "versions").is_dir())
 
     def versions(self, policy: str) -> list[int]:
         """Published versions of ``policy`` still on disk, ascending."""
@@ -245,12 +103,12 @@ class LocalRegistry:
                       and p.is_dir())
 
     def get(self, policy: str, version: int) -> ModelVersion:
-        _check_version(version)
+        check_version(version)
         path = self._version_dir(policy, version)
         try:
             if not (path / MANIFEST_FILE).exists():
                 raise ModelRejected("no manifest", "missing")
-            text = _read_inside(path / MANIFEST_FILE, self.root,
+            text = read_bounded(path / MANIFEST_FILE, self.root,
                                 f"manifest of policy {policy!r} version {version}",
                                 MAX_MANIFEST_BYTES).decode(errors="replace")
         except ModelRejected as exc:
@@ -290,66 +148,39 @@ class LocalRegistry:
     def publish(self, policy: str, model: bytes, manifest: Manifest,
                 files: Mapping[str, bytes] | None = None, *,
                 make_current: bool = True) -> ModelVersion:
-        """Store ``model`` as the next version of ``policy`` and, by default, make it current.
-
-        The registry fills in the manifest's ``version``, ``sha256``, ``created_at`` (when
-        empty) and ``parent_version`` (when None: the version current at publish time).
+        """Store ``model`` as the next version of ``policy`` and, by default, make it current
+        (the checks and the manifest fields it fills in: ``policyloop/registry/interface.py``).
         """
-        check_policy_name(policy)
-        if manifest.policy != policy:
-            raise InvalidArgument(
-                f"manifest.policy {manifest.policy!r} differs from policy {policy!r}")
-        model = bytes(model)
-        if not model:
-            raise InvalidArgument(f"model of policy {policy!r} is empty")
-        extras = {_check_file_name(name): bytes(data) for name, data in (files or {}).items()}
-        self._check_sizes(policy, model, extras)
-        clash = _RESERVED_FILES.intersection(extras)
-        if clash:
-            raise InvalidArgument(f"file name {sorted(clash)[0]!r} is reserved by the registry")
-
+        publication = check_publication(policy, model, manifest, files,
+                                        max_model_bytes=self.max_model_bytes)
         policy_dir = self._policy_dir(policy)
         (policy_dir / "versions").mkdir(parents=True, exist_ok=True)
         with self._locked(policy):
             self._remove_leftovers(policy_dir)
             existing = self.versions(policy)
             version = existing[-1] + 1 if existing else 1
-            parent = manifest.parent_version
-            if parent is None:
-                parent = self._current_version(policy)
-            stored = dataclasses.replace(
-                manifest, version=version, parent_version=parent,
-                created_at=manifest.created_at or datetime.now(UTC).isoformat(
-                    timespec="milliseconds"),
-                sha256=hashlib.sha256(model).hexdigest())
-            self._store(policy, stored, model, extras, make_current)
+            stored = publication.stamped(version, self._current_version(policy))
+            self._store(policy, stored, publication.model, publication.files, make_current)
             return self.get(policy, version)
 
     def install(self, model: bytes, manifest: Manifest,
                 files: Mapping[str, bytes] | None = None) -> ModelVersion:
         """Store a version published elsewhere under its own number (a replica's cache of a
-        shared registry); a version already here is left as it is."""
+        shared registry); a version already here is left as it is. It must pass the checks of
+        a publish, and the model must match the manifest's sha256 (else ModelRejected)."""
         policy = check_policy_name(manifest.policy)
         if manifest.version < 1 or hashlib.sha256(model).hexdigest() != manifest.sha256:
             raise ModelRejected(f"cannot install {policy} v{manifest.version}: no version "
                                 "number or the model does not match its sha256")
-        extras = {_check_file_name(name): bytes(data) for name, data in (files or {}).items()}
         try:
-            self._check_sizes(policy, model, extras)
+            model, extras = check_contents(policy, model, files, self.max_model_bytes)
         except ResourceExhausted as exc:
             raise ModelRejected(f"cannot install {policy} v{manifest.version}: {exc}") from exc
         (self._policy_dir(policy) / "versions").mkdir(parents=True, exist_ok=True)
         with self._locked(policy):
             if not self._version_dir(policy, manifest.version).exists():
-                self._store(policy, manifest, bytes(model), extras, make_current=False)
+                self._store(policy, manifest, model, extras, make_current=False)
         return self.get(policy, manifest.version)
-
-    def _check_sizes(self, policy: str, model: bytes, extras: Mapping[str, bytes]) -> None:
-        for name, data in {MODEL_FILE: model, **extras}.items():
-            if len(data) > self.max_model_bytes:
-                raise ResourceExhausted(
-                    f"{name} of policy {policy!r} is {len(data)} bytes, over max_model_bytes "
-                    f"{self.max_model_bytes}")
 
     def _store(self, policy: str, stored: Manifest, model: bytes, extras: Mapping[str, bytes],
                make_current: bool) -> None:
@@ -413,14 +244,14 @@ class LocalRegistry:
         if not (policy_dir / CURRENT_FILE).exists():
             return None
         try:
-            text = _read_inside(policy_dir / CURRENT_FILE, self.root, f"CURRENT of {policy!r}",
+            text = read_bounded(policy_dir / CURRENT_FILE, self.root, f"CURRENT of {policy!r}",
                                 64).decode(errors="replace")
         except ModelRejected as exc:
             if exc.reason == "missing":
                 return None
             raise
         try:
-            return _check_version(int(text.strip()))
+            return check_version(int(text.strip()))
         except (ValueError, InvalidArgument) as exc:
             raise ModelRejected(
                 f"CURRENT of policy {policy!r} holds {text!r}, not a version number") from exc

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from policyloop.contract.errors import ModelRejected, NotFound, PolicyloopError
 from policyloop.contract.posterior import LinearPosterior
 from policyloop.contract.signature import Manifest
-from policyloop.registry.local import ModelVersion
+from policyloop.registry.interface import ModelVersion
 
 _ORT_DTYPES = {"tensor(float)": "float32"}
 
