@@ -1,5 +1,6 @@
-"""The local model registry: numbering, atomic publishes under concurrency, rollback,
-retention, and refusal of corrupt or escaping files."""
+"""The local model registry: its layout on disk, atomic publishes under concurrency,
+rollback, removal, installs, and refusal of files changed on disk (corrupt, oversized,
+escaping). What it shares with the Kafka-backed registry is in test_registry_conformance.py."""
 
 from __future__ import annotations
 
@@ -8,87 +9,33 @@ import hashlib
 import multiprocessing
 import os
 import threading
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
-from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
-from policyloop.registry.interface import MANIFEST_FILE, MAX_MANIFEST_BYTES, Registry
+from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound
+from policyloop.contract.signature import Manifest
+from policyloop.registry.interface import MANIFEST_FILE, MAX_MANIFEST_BYTES
 from policyloop.registry.local import CURRENT_FILE, LocalRegistry
+from tests.test_registry_conformance import manifest_for as _manifest
+from tests.test_registry_conformance import model_bytes as _model
 
 
-def _manifest(policy: str = "recs") -> Manifest:
-    return Manifest(
-        policy=policy, kind="qnet",
-        features=FeatureSchema(context=("age", "hour")),
-        inputs=(TensorSpec("context", "float32", (-1, 2)),),
-        outputs=(TensorSpec("scores", "float32", (-1, 3)),
-                 TensorSpec("embedding", "float32", (-1, 4))),
-        head=HeadSpec(weight="head.weight", bias="head.bias", dim=4),
-        opset=17, actions=("a", "b", "c"))
-
-
-def _model(tag: str, size: int = 4096) -> bytes:
-    """Distinct bytes per tag, long enough that a torn write would be visible."""
-    seed = hashlib.sha256(tag.encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
-
-
-def test_publish_get_current_round_trip(tmp_path: Path) -> None:
+def test_versions_are_laid_out_on_disk_as_documented(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path / "reg")
     first = reg.publish("recs", _model("v1"), _manifest(), {"head.npz": b"head-1"})
-    second = reg.publish("recs", _model("v2"), _manifest())
-
-    assert (first.version, second.version) == (1, 2)
-    assert reg.versions("recs") == [1, 2]
-    assert reg.policies() == ["recs"]
-    assert reg.current("recs") == second
-    assert reg.get("recs", 1) == first
-    assert first.manifest.parent_version is None
-    assert second.manifest.parent_version == 1
-    assert first.manifest.sha256 == hashlib.sha256(_model("v1")).hexdigest()
-    assert first.manifest.version == 1
-    assert datetime.fromisoformat(first.manifest.created_at).utcoffset().total_seconds() == 0
-    assert first.read_model() == _model("v1")
-    assert first.read_file("head.npz") == b"head-1"
+    reg.publish("recs", _model("v2"), _manifest())
     assert first.path == tmp_path / "reg" / "recs" / "versions" / "00000001"
-    assert first.model_path == first.path / "model.onnx"
+    assert (first.path / "head.npz").read_bytes() == b"head-1"
     assert (tmp_path / "reg" / "recs" / "CURRENT").read_text().strip() == "2"
     on_disk = Manifest.from_json((first.path / "manifest.json").read_text())
     assert on_disk == first.manifest
 
 
-def test_publish_keeps_given_parent_and_created_at(tmp_path: Path) -> None:
-    reg = LocalRegistry(tmp_path)
-    reg.publish("recs", _model("v1"), _manifest())
-    given = dataclasses.replace(_manifest(), parent_version=7, created_at="2020-01-01T00:00Z",
-                                version=99, sha256="stale")
-    v = reg.publish("recs", _model("v2"), given)
-    assert v.manifest.parent_version == 7
-    assert v.manifest.created_at == "2020-01-01T00:00Z"
-    assert v.manifest.version == 2
-    assert v.manifest.sha256 == hashlib.sha256(_model("v2")).hexdigest()
-
-
-def test_publish_without_make_current_leaves_current_alone(tmp_path: Path) -> None:
-    reg = LocalRegistry(tmp_path)
-    reg.publish("recs", _model("v1"), _manifest())
-    candidate = reg.publish("recs", _model("v2"), _manifest(), make_current=False)
-    assert candidate.version == 2 and candidate.manifest.parent_version == 1
-    assert reg.current("recs").version == 1
-    assert reg.set_current("recs", 2).version == 2
-    assert reg.current("recs").version == 2
-
-
-def test_missing_policy_or_version_is_not_found_naming_policy_and_root(tmp_path: Path) -> None:
+def test_not_found_names_the_registry_folder(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path / "nowhere")
-    assert reg.policies() == []
     with pytest.raises(NotFound, match=r"'ghost'.*nowhere"):
         reg.current("ghost")
-    with pytest.raises(NotFound, match="ghost"):
-        reg.versions("ghost")
     reg.publish("recs", _model("v1"), _manifest(), make_current=False)
     with pytest.raises(NotFound, match=r"'recs'.*nowhere"):
         reg.current("recs")
@@ -185,20 +132,6 @@ def test_rollback_to_a_named_version_and_to_the_previous_one(tmp_path: Path) -> 
     assert reg.publish("recs", _model("v4"), _manifest()).manifest.parent_version == 1
 
 
-def test_retention_keeps_the_last_n_and_never_the_current_one(tmp_path: Path) -> None:
-    reg = LocalRegistry(tmp_path, keep_last=3)
-    for i in range(5):
-        reg.publish("recs", _model(f"v{i}"), _manifest())
-    assert reg.versions("recs") == [3, 4, 5]
-
-    reg.rollback("recs", 3)
-    for i in range(5, 9):
-        reg.publish("recs", _model(f"v{i}"), _manifest(), make_current=False)
-    assert reg.versions("recs") == [3, 7, 8, 9]
-    assert reg.current("recs").read_model() == _model("v2")
-    assert not [p for p in (tmp_path / "recs").iterdir() if p.name.startswith(".trash-")]
-
-
 def test_remove_deletes_one_version_but_never_the_current_one(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path)
     for i in range(3):
@@ -209,6 +142,7 @@ def test_remove_deletes_one_version_but_never_the_current_one(tmp_path: Path) ->
     with pytest.raises(InvalidArgument, match="recs v3 is the current version"):
         reg.remove("recs", 3)
     assert reg.versions("recs") == [2, 3]
+    assert not [p for p in (tmp_path / "recs").iterdir() if p.name.startswith(".trash-")]
     assert reg.retained([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], current=1) == {1, *range(3, 13)}
 
 
@@ -222,19 +156,6 @@ def test_crashed_publisher_leftovers_are_ignored_then_cleaned(tmp_path: Path) ->
     assert reg.current("recs").version == 1
     reg.publish("recs", _model("v2"), _manifest())
     assert not leftover.exists()
-
-
-def test_corrupt_or_missing_model_file_is_rejected(tmp_path: Path) -> None:
-    reg = LocalRegistry(tmp_path)
-    mv = reg.publish("recs", _model("v1"), _manifest())
-    data = bytearray(mv.model_path.read_bytes())
-    data[100] ^= 0xFF
-    mv.model_path.write_bytes(bytes(data))
-    with pytest.raises(ModelRejected, match="sha256"):
-        mv.read_model()
-    mv.model_path.unlink()
-    with pytest.raises(ModelRejected, match="missing"):
-        mv.read_model()
 
 
 def test_symlinks_out_of_the_registry_are_rejected(tmp_path: Path) -> None:
@@ -263,8 +184,6 @@ def test_files_over_the_size_limit_are_refused_on_load_and_install(tmp_path: Pat
     (mv.path / "head.npz").write_bytes(b"h" * 101)
     with pytest.raises(ModelRejected, match="head.npz.*101 bytes"):
         mv.read_file("head.npz")
-    with pytest.raises(ResourceExhausted, match="head.npz of policy 'recs' is 101 bytes"):
-        reg.publish("recs", b"m", _manifest(), {"head.npz": b"h" * 101})
     other = LocalRegistry(tmp_path / "other", max_model_bytes=100)
     stored = dataclasses.replace(mv.manifest, sha256=hashlib.sha256(b"m" * 101).hexdigest())
     with pytest.raises(ModelRejected, match="cannot install recs v1"):
@@ -300,65 +219,25 @@ def test_symlink_inside_the_registry_is_allowed(tmp_path: Path) -> None:
     assert mv.read_model() == _model("v1")
 
 
-@pytest.mark.parametrize("policy", ["", "Recs", "-recs", "_recs", "a/b", "..", "a b",
-                                    "r" * 65, "recs\n"])
-def test_bad_policy_names_are_invalid(tmp_path: Path, policy: str) -> None:
-    reg = LocalRegistry(tmp_path)
-    with pytest.raises(InvalidArgument, match="policy name"):
-        reg.publish(policy, b"m", _manifest(policy))
-    with pytest.raises(InvalidArgument, match="policy name"):
-        reg.current(policy)
-
-
-def test_longest_valid_policy_name_is_accepted(tmp_path: Path) -> None:
-    name = "r" * 64
-    assert LocalRegistry(tmp_path).publish(name, b"m", _manifest(name)).version == 1
-
-
-@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "", ".hidden", "a\\b", "a..b",
-                                  "model.onnx", "manifest.json"])
-def test_bad_extra_file_names_are_invalid(tmp_path: Path, name: str) -> None:
-    reg = LocalRegistry(tmp_path)
-    with pytest.raises(InvalidArgument, match="file name"):
-        reg.publish("recs", b"m", _manifest(), {name: b"x"})
-    assert not (tmp_path / "recs").exists() or reg.versions("recs") == []
-
-
-@pytest.mark.parametrize("name", ["../manifest.json", "..", "a/b", ""])
-def test_read_file_refuses_paths(tmp_path: Path, name: str) -> None:
-    mv = LocalRegistry(tmp_path).publish("recs", b"m", _manifest())
-    with pytest.raises(InvalidArgument, match="file name"):
-        mv.read_file(name)
-
-
-def test_read_file_of_an_absent_file_is_not_found(tmp_path: Path) -> None:
-    mv = LocalRegistry(tmp_path).publish("recs", b"m", _manifest())
-    with pytest.raises(NotFound, match="head.npz"):
-        mv.read_file("head.npz")
-
-
-def test_oversized_model_is_resource_exhausted(tmp_path: Path) -> None:
-    reg = LocalRegistry(tmp_path, max_model_bytes=10)
-    assert reg.publish("recs", b"x" * 10, _manifest()).version == 1
-    with pytest.raises(ResourceExhausted, match="11 bytes"):
-        reg.publish("recs", b"x" * 11, _manifest())
-    assert reg.versions("recs") == [1]
-
-
-def test_manifest_for_another_policy_is_invalid(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="manifest.policy 'other'"):
-        LocalRegistry(tmp_path).publish("recs", b"m", _manifest("other"))
-
-
 @pytest.mark.parametrize("kwargs", [{"keep_last": 0}, {"max_model_bytes": 0}])
 def test_bad_registry_limits_are_invalid(tmp_path: Path, kwargs: dict[str, int]) -> None:
     with pytest.raises(InvalidArgument, match=next(iter(kwargs))):
         LocalRegistry(tmp_path, **kwargs)
 
 
-def test_another_registry_on_the_same_root_reads_equal_versions(tmp_path: Path) -> None:
-    publisher: Registry = LocalRegistry(tmp_path)
-    reader: Registry = LocalRegistry(tmp_path)
-    published = publisher.publish("recs", b"m", _manifest(), {"head.npz": b"h"})
-    assert reader.current("recs") == published
-    assert reader.get("recs", 1).read_file("head.npz") == b"h"
+@pytest.mark.parametrize(("model", "files", "match"), [
+    (b"", {}, "is empty"),
+    (b"m", {"model.onnx": b"x"}, "reserved"),
+    (b"m", {"manifest.json": b"{}"}, "reserved"),
+    (b"m", {"../x": b"x"}, "file name"),
+])
+def test_install_refuses_what_a_publish_would(tmp_path: Path, model: bytes,
+                                              files: dict[str, bytes], match: str) -> None:
+    """A Kafka replica installs what it reads from the topic: a record no publish could have
+    written is refused with InvalidArgument (which the replica logs and skips)."""
+    stored = dataclasses.replace(_manifest(), version=1,
+                                 sha256=hashlib.sha256(model).hexdigest())
+    reg = LocalRegistry(tmp_path)
+    with pytest.raises(InvalidArgument, match=match):
+        reg.install(model, stored, files)
+    assert reg.policies() == [] or reg.versions("recs") == []
