@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policyloop.registry.local import LocalRegistry
 from serving.config import PolicyConfig, ServeConfig
 from serving.server import RunningServer, start_server
 from tests.onnx_models import qnet_model, scoring_model
+
+T = TypeVar("T")
 
 
 def make_registry(root: Path) -> LocalRegistry:
@@ -50,7 +54,7 @@ class ServerThread:
         self.target = f"127.0.0.1:{self.running.port}"
         self.bus_path = config.bus_path
 
-    def call(self, coro):  # type: ignore[no-untyped-def]
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
     def stop(self, grace: float = 2.0) -> bool:
@@ -74,3 +78,12 @@ def channel(target: str) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(target) as ch:
         grpc.channel_ready_future(ch).result(timeout=10)
         yield ch
+
+
+def health_status(ch: grpc.Channel, service: str = "") -> int:
+    """The standard health service's answer for ``service``: a HealthCheckResponse status
+    (SERVING, NOT_SERVING); grpc.RpcError NOT_FOUND for a service the server does not know."""
+    stub = health_pb2_grpc.HealthStub(ch)
+    # typeshed's HealthStub declares no Check (types-grpcio-health-checking 1.0.0.20261021)
+    check = stub.Check  # type: ignore[attr-defined]
+    return int(check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)

@@ -86,7 +86,7 @@ def _gauge(registry: CollectorRegistry, name: str) -> float:
 
 def _values(log: LocalLog, topic: str = TOPIC) -> list[bytes]:
     consumer = log.consumer("check", [topic])
-    values = []
+    values: list[bytes] = []
     while batch := consumer.poll(1000, timeout=0.05):
         values.extend(r.value for r in batch)
     return values
@@ -191,7 +191,7 @@ def test_a_new_decision_log_delivers_the_spool_left_by_a_closed_one_first(
 def _crash_while_spooling(spool: str, n: int) -> None:
     """Runs in a child process: spool n records, then die without closing."""
     registry = CollectorRegistry()
-    log = DecisionLog(DownProducer(), spool_dir=Path(spool), registry=registry,  # type: ignore[arg-type]
+    log = DecisionLog(DownProducer(), spool_dir=Path(spool), registry=registry,
                       max_backoff_s=0.05)
     for key, value in _records(0, n):
         log.submit(TOPIC, key, value)

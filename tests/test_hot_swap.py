@@ -187,7 +187,7 @@ def test_a_pin_is_not_undone_by_a_watcher_that_read_the_registry_just_before(
             return version
 
     registry = HeldRegistry()
-    store = ModelStore(registry, ["recsys"],  # type: ignore[arg-type]
+    store = ModelStore(registry, ["recsys"],
                        ServingMetrics.create(CollectorRegistry()),
                        providers=["CPUExecutionProvider"], watch_interval_s=0.01)
     store.start()

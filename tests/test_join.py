@@ -99,7 +99,7 @@ def test_memory_is_bounded() -> None:
 
 def test_a_shuffled_stream_gives_the_same_joins_as_an_ordered_one() -> None:
     rng = np.random.default_rng(0)
-    records = []
+    records: list[DecisionEvent | RewardEvent] = []
     for i in range(300):
         records.append(decision(f"e{i}", i * 10))
         if i % 3:
@@ -122,13 +122,14 @@ def test_bad_settings_are_refused(kwargs) -> None:
 
 
 def test_reading_one_topic_or_partition_ahead_gives_the_same_joins() -> None:
-    decisions = [decision(f"e{i}", i * 10) for i in range(200)]
-    rewards = [reward(f"e{i}", i * 10 + 5, float(i)) for i in range(0, 200, 2)]
+    decisions: list[DecisionEvent | RewardEvent] = [decision(f"e{i}", i * 10) for i in range(200)]
+    rewards: list[DecisionEvent | RewardEvent] = [
+        reward(f"e{i}", i * 10 + 5, float(i)) for i in range(0, 200, 2)]
     sources = ("decisions:0", "rewards:0")
 
-    def replay(records: list) -> dict[str, float]:
+    def replay(records: list[DecisionEvent | RewardEvent]) -> dict[str, float]:
         j = RewardJoiner(window_ms=50, sources=sources)
-        out = {}
+        out: dict[str, float] = {}
         for r in records:
             got = (j.add_decision(r, "decisions:0") if isinstance(r, DecisionEvent)
                    else j.add_reward(r, "rewards:0"))

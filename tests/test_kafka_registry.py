@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,7 +175,7 @@ def test_retention_tombstones_old_versions_and_replicas_drop_them(
     consumer.assign([partition])
     consumer.seek_to_beginning(partition)
     end = consumer.end_offsets([partition])[partition]
-    records = []
+    records: list[Any] = []  # kafka-python's ConsumerRecord, untyped
     while len(records) < end:
         for batch in consumer.poll(timeout_ms=1000).values():
             records.extend(batch)

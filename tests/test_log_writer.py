@@ -21,7 +21,7 @@ from tests.test_server import read_topic, recsys_request
 
 def _read(root: Path, topic: str = "t") -> list[tuple[bytes | None, bytes]]:
     consumer = LocalLog(root, partitions=2).consumer(f"r-{uuid.uuid4()}", [topic])
-    out = []
+    out: list[tuple[bytes | None, bytes]] = []
     while batch := consumer.poll(max_records=10_000, timeout=0.1):
         out.extend((r.key, r.value) for r in batch)
     consumer.close()
@@ -66,7 +66,7 @@ def test_a_dead_or_stuck_writer_is_replaced(tmp_path: Path) -> None:
         producer.flush()
         second = producer._process
         assert second is not None and second.pid not in (None, first.pid)
-        os.kill(second.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+        os.kill(second.pid, signal.SIGSTOP)
         producer.send("t", b"stuck", b"k")
         with pytest.raises(bus.BusUnavailable, match="did not confirm a batch within 0.5 s"):
             producer.flush(timeout=0.5)

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -242,7 +243,7 @@ def _families(address: str) -> dict[str, str]:
 
 
 def _exported_names(stack: Stack) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for address in (stack.serve_metrics, stack.learn_metrics):
         for family, kind in _families(address).items():
             names.update(family + suffix for suffix in _SUFFIXES[kind])
@@ -323,7 +324,7 @@ def test_the_served_version_gauge_equals_the_version_decide_answers_with(stack: 
         def agree() -> tuple[float, int] | None:
             served = stub.Decide(routing_request(rng), timeout=5).model_version
             gauge = _value(stack, 'policyloop_model_version{policy="routing"}')
-            return (gauge, served) if gauge == served and served > 1 else None
+            return (gauge, served) if gauge is not None and gauge == served > 1 else None
 
         # The learner publishes every 40 examples and the server swaps them in: a version
         # beyond the first shows the whole loop, and the gauge must follow it.
@@ -375,7 +376,8 @@ def _json_lines(path: Path) -> list[dict]:
     return entries
 
 
-def _wait_for_log(path: Path, match, timeout: float = 15.0) -> dict:  # type: ignore[no-untyped-def]
+def _wait_for_log(path: Path, match: Callable[[dict[str, Any]], bool],
+                  timeout: float = 15.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [e for e in _json_lines(path) if match(e)]
@@ -427,7 +429,7 @@ def test_spool_and_drop_log_lines_name_an_event_they_concern(
     from tests.test_decision_log import DownProducer
 
     ids = {f"event-{i}" for i in range(100)}
-    log = DecisionLog(DownProducer(), spool_dir=tmp_path / "spool",  # type: ignore[arg-type]
+    log = DecisionLog(DownProducer(), spool_dir=tmp_path / "spool",
                       spool_budget_bytes=1000, max_backoff_s=0.05)
     try:
         with caplog.at_level(logging.WARNING, logger="serving.decision_log"):

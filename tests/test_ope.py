@@ -71,7 +71,7 @@ def _target(expected: np.ndarray) -> np.ndarray:
 
 def test_estimators_are_unbiased_for_the_simulators_true_value() -> None:
     env = RoutingEnv()
-    estimates = {"ips": [], "snips": [], "dr": []}
+    estimates: dict[str, list[ope.Estimate]] = {"ips": [], "snips": [], "dr": []}
     truths = []
     for seed in range(20):
         data = collect_logs(env, 3000, seed=seed)

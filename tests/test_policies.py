@@ -34,7 +34,7 @@ def test_qnetwork_scores_every_fixed_action() -> None:
     assert scores.shape == (3, 6) and emb.shape == (3, 5)
 
 
-def _apply_head(net: torch.nn.Module, embedding: torch.Tensor) -> torch.Tensor:
+def _apply_head(net: ScoringNetwork | QNetwork, embedding: torch.Tensor) -> torch.Tensor:
     scores = embedding @ net.head.weight.T + net.head.bias
     return scores.squeeze(-1) if net.config["kind"] == "scoring" else scores
 

@@ -98,8 +98,10 @@ def test_targets_add_the_discounted_best_next_value_of_the_target_network() -> N
                  bias=np.array([0.0, 0.5, 0.0]))
     assert q.step(np.array([1.0, 1.0]), head=2, reward=1.0, allowed=np.array([0, 1]),
                   train=True) is None  # waits for its successor
-    x, head, target = q.step(np.array([0.2, 0.4]), head=0, reward=0.0,
-                             allowed=np.array([0, 1]), train=False)
+    previous = q.step(np.array([0.2, 0.4]), head=0, reward=0.0, allowed=np.array([0, 1]),
+                      train=False)
+    assert previous is not None
+    x, head, target = previous
     # max over the allowed actions 0 and 1 only: 0.2 vs 0.8 + 0.5 (action 2 would be 1.8)
     assert head == 2 and np.allclose(x, [1.0, 1.0]) and target == pytest.approx(1.0 + 0.5 * 1.3)
     assert q.pending is None  # a held-out example is a next state, never trained on

@@ -9,6 +9,7 @@ import hashlib
 import multiprocessing
 import os
 import threading
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,8 @@ def test_not_found_names_the_registry_folder(tmp_path: Path) -> None:
         reg.get("recs", 5)
 
 
-def _publish_from_process(root: str, count: int, ready: multiprocessing.Event,
-                          go: multiprocessing.Event, out: multiprocessing.Queue) -> None:
+def _publish_from_process(root: str, count: int, ready: Event, go: Event,
+                          out: multiprocessing.Queue) -> None:
     reg = LocalRegistry(root, keep_last=1000)
     ready.set()
     go.wait(10)

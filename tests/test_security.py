@@ -8,17 +8,18 @@ import logging
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from policyloop.cli import main
 from policyloop.contract.errors import InvalidArgument
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.auth import load_tokens, required_scope
-from tests.server_harness import make_registry, running_server, serve_config
+from tests.server_harness import health_status, make_registry, running_server, serve_config
 
 APP_TOKEN = "app-token-0123456789abcdef"
 OPS_TOKEN = "ops-token-0123456789abcdef"
@@ -136,8 +137,9 @@ def test_tokens_and_scopes(tmp_path: Path, tokens_file: Path,
         stub = pb_grpc.DecisionServiceStub(channel)
         admin = pb_grpc.AdminServiceStub(channel)
 
-        def code(call, request, token: str | None) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
-            metadata = [("authorization", f"Bearer {token}")] if token else None
+        def code(call: grpc.UnaryUnaryMultiCallable[Any, Any], request: Any,
+                 token: str | None) -> grpc.StatusCode:
+            metadata = (("authorization", f"Bearer {token}"),) if token else None
             try:
                 call(request, timeout=5, metadata=metadata)
                 return grpc.StatusCode.OK
@@ -156,9 +158,7 @@ def test_tokens_and_scopes(tmp_path: Path, tokens_file: Path,
         assert code(admin.Unpin, unpin, OPS_TOKEN) == grpc.StatusCode.OK
         assert code(stub.Decide, decide, OPS_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
         # probes need no token
-        health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=5)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
         try:
             stub.Decide(decide, timeout=5, metadata=[("authorization", "Bearer wrong")])
         except grpc.RpcError as exc:

@@ -28,7 +28,7 @@ def start_serve(tmp: Path) -> tuple[subprocess.Popen, str, str]:
          "--port", "0", "--metrics-port", "0", "--bus", "local", "--bus-path", str(tmp / "bus"),
          "--spool-dir", str(tmp / "spool"), "--grace", "5"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()
     assert line.startswith("policyloop serve: grpc="), line + proc.stderr.read()
     fields = dict(part.split("=", 1) for part in line.split()[2:])

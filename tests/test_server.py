@@ -6,11 +6,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from policyloop.bus import interface as bus
@@ -21,12 +22,12 @@ from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.config import PolicyConfig
 from tests.onnx_models import qnet_model, scoring_model
-from tests.server_harness import ServerThread, channel, make_registry, serve_config
+from tests.server_harness import ServerThread, channel, health_status, make_registry, serve_config
 
 CONTEXT_DIM, ACTION_DIM = 8, 6
 
 
-def recsys_request(k: int = 5, seed: int | None = 1, **fields: object) -> pb.DecideRequest:
+def recsys_request(k: int = 5, seed: int | None = 1, **fields: Any) -> pb.DecideRequest:
     rng = np.random.default_rng(seed or 0)
     request = pb.DecideRequest(
         policy="recsys", context=pb.Features(dense=rng.standard_normal(CONTEXT_DIM)),
@@ -103,7 +104,7 @@ def test_every_decision_is_logged_with_all_candidate_probabilities(server, stub)
     np.testing.assert_allclose(event.probabilities.sum(axis=1), 1.0)
     for slot, index in enumerate(event.chosen):
         assert event.probabilities[slot, index] == event.propensities[slot]
-    assert event.action_features.shape == (4, ACTION_DIM)
+    assert event.action_features is not None and event.action_features.shape == (4, ACTION_DIM)
 
 
 def test_reward_and_activation_reach_the_bus(server, stub) -> None:
@@ -209,7 +210,7 @@ def test_bad_input_gets_a_clear_status(stub, request_, code, message) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.Decide(request_, timeout=5)
     assert info.value.code() == code
-    assert message in info.value.details()
+    assert message in (info.value.details() or "")
 
 
 def test_oversized_message_is_refused_with_resource_exhausted(stub) -> None:
@@ -246,11 +247,9 @@ def test_health_turns_serving_when_the_models_arrive_after_start_up(tmp_path: Pa
     running = ServerThread(serve_config(tmp_path))  # the registry is still empty
     try:
         with channel(running.target) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
 
             def status(service: str) -> int:
-                return health.Check(health_pb2.HealthCheckRequest(service=service),
-                                    timeout=5).status
+                return health_status(ch, service)
 
             assert status("") == status("recsys") == health_pb2.HealthCheckResponse.NOT_SERVING
             registry = LocalRegistry(tmp_path / "registry")
@@ -270,12 +269,10 @@ def test_health_turns_serving_when_the_models_arrive_after_start_up(tmp_path: Pa
 
 def test_health_is_serving_overall_and_per_policy(server) -> None:
     with channel(server.target) as ch:
-        health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "recsys", "routing"):
-            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            assert health_status(ch, service) == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as info:
-            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+            health_status(ch, "nope")
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -283,7 +280,9 @@ def test_reflection_lists_the_services(server) -> None:
     with channel(server.target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
-        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        # typeshed's stub types ServerReflectionInfo as binascii.Incomplete, an exception class
+        answers = stub.ServerReflectionInfo(iter([request]), timeout=5)  # type: ignore[operator]
+        (response,) = list(answers)
         names = {s.name for s in response.list_services_response.service}
     assert {"policyloop.v1.DecisionService", "policyloop.v1.AdminService",
             "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
@@ -312,7 +311,7 @@ def test_apprentice_mode_returns_the_baseline_and_counts_agreement(tmp_path: Pat
             stub = pb_grpc.DecisionServiceStub(ch)
             with pytest.raises(grpc.RpcError) as info:
                 stub.Decide(recsys_request(), timeout=5)
-            assert "baseline_action is required" in info.value.details()
+            assert "baseline_action is required" in (info.value.details() or "")
             response = stub.Decide(recsys_request(baseline_action="item-3"), timeout=5)
         assert response.chosen[0].action_id == "item-3"
         assert response.chosen[0].propensity == 1.0

@@ -21,7 +21,7 @@ from policyloop.registry.local import LocalRegistry
 from policyloop.simulate import TrafficConfig, run_traffic
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
-from serving.config import PolicyConfig
+from serving.config import PolicyConfig, ServeConfig
 from tests.server_harness import running_server, serve_config
 
 
@@ -35,7 +35,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(tmp_path: Path, registry: Path):  # type: ignore[no-untyped-def]
+def _config(tmp_path: Path, registry: Path) -> ServeConfig:
     return serve_config(tmp_path, registry=registry,
                         policies={"routing": PolicyConfig(strategy="epsilon_greedy:0.2")})
 

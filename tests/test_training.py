@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def test_training_is_deterministic_given_the_seed() -> None:
     ("lr", 0.0, "lr must be > 0, got 0.0"),
     ("clip", 0.5, "clip must be >= 1, got 0.5"),
 ])
-def test_bad_training_configs_are_refused(field: str, value: object, message: str) -> None:
+def test_bad_training_configs_are_refused(field: str, value: Any, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         TrainConfig(**{field: value})
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 
-def error_of(call) -> str:  # type: ignore[no-untyped-def]
+def error_of(call: Callable[[], object]) -> str:
     try:
         call()
     except InferenceServerException as exc:
