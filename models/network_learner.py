@@ -1,14 +1,16 @@
 """``policyloop learn --network CHECKPOINT``: the slower learner that refits the whole torch
 network online, not only its last layer.
 
-It reads and joins the bus like the head learner (``online/learner.py``: same consumer,
-reward join, checkpoints, gate and publishing), but instead of updating linear statistics it
-keeps a replay window of the latest joined examples. At every publish it continues training
+It is an online learner like the head learner (``online/learners.py``: the same loop,
+consumer, reward join, checkpoints, gate and publishing), but instead of updating linear
+statistics it keeps a replay window of the latest joined examples. At every publish it
+continues training
 the network on that window with the offline objective (``models/training.py``: IPS-weighted
 regression on the logged action, then regression on doubly-robust pseudo-rewards, weights
-clipped), exports it with the parity check, and gates it against the serving version on the
-held-out events: both act greedily, each valued by SNIPS. Exploration stays the server's
-(epsilon-greedy or any strategy), so the updates are epsilon-greedy with IPS/DR corrections.
+clipped) and exports it with the parity check; the loop's gate judges the exported model
+against the serving version on the held-out events, as for every learner. Exploration stays
+the server's (epsilon-greedy or any strategy), so the updates are epsilon-greedy with IPS/DR
+corrections.
 
 Torch lives here, in ``models/``: the learner image stays torch-free; this one runs in the
 trainer image. It needs the torch checkpoint of the serving version's network (``policyloop
@@ -22,24 +24,21 @@ from __future__ import annotations
 import base64
 import copy
 import io
-import time
-import zlib
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from models import policies
 from models.export import export_onnx, initial_posterior
 from models.training import TrainConfig, _fit, dr_targets, load_checkpoint, make_env, predict
 from online.config import LearnConfig
-from online.gate import judge_targets
 from online.join import Example
-from online.learner import Learner
+from online.learner import LearnerFactory
+from online.learners import Candidate, Serving
 from policyloop.contract.errors import InvalidArgument
-from policyloop.registry.onnx_model import load_model
 from policyloop.simulators.logged import LoggedBandit
 
 
@@ -53,10 +52,12 @@ class _Row:
     allowed: np.ndarray | None = None  # fixed action set: the positions the request allowed
 
 
-class NetworkLearner(Learner):
-    def __init__(self, config: LearnConfig, network: Path, *, epochs: int = 2,
-                 replay: int = 20_000, holdout: int = 1000, clip: float = 50.0,
-                 lr: float = 1e-3, seed: int = 0) -> None:
+class NetworkLearner:
+    """Refits the serving version's torch network on a replay window at every candidate."""
+
+    def __init__(self, serving: Serving, config: LearnConfig, network: Path, *,
+                 epochs: int = 2, replay: int = 20_000, clip: float = 50.0, lr: float = 1e-3,
+                 seed: int = 0) -> None:
         if config.shard_count > 1 or config.discount:
             raise InvalidArgument("the network learner runs alone (no --shard) and learns a "
                                   "bandit (no --discount)")
@@ -65,45 +66,39 @@ class NetworkLearner(Learner):
                                   f"{epochs} and {replay}")
         self.network, scenario, env_kwargs, _ = load_checkpoint(network)
         self.env = make_env(scenario, **env_kwargs)
+        if serving.model.manifest.features.hash != self.env.feature_schema.hash:
+            raise InvalidArgument(f"network {network} was trained on another feature schema "
+                                  f"than {config.policy} v{serving.model.version} serves")
+        self.serving = serving
+        self.policy = config.policy
         self.train_config = TrainConfig(scenario=scenario, lr=lr, clip=clip, seed=seed,
                                         env=env_kwargs)
         self.epochs = epochs
         self.replay: deque[_Row] = deque(maxlen=replay)
-        self.raw_holdout: deque[_Row] = deque(maxlen=holdout)
         self._rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        super().__init__(config)
-        if self.model.manifest.features.hash != self.env.feature_schema.hash:
-            raise InvalidArgument(f"network {network} was trained on another feature schema "
-                                  f"than {config.policy} v{self.model.version} serves")
+        self.learned = 0
+
+    def __repr__(self) -> str:
+        return (f"NetworkLearner(epochs={self.epochs}, replay={self.replay.maxlen}, "
+                f"lr={self.train_config.lr}, clip={self.train_config.clip})")
 
     # -- learning: keep the example ------------------------------------------------------
 
-    def learn(self, example: Example) -> None:
-        d = example.decision
-        if d.baseline_action is not None:
-            return  # apprentice mode: the app chose, its propensity is unknown
-        chosen, allowed = d.chosen[0], None
-        if self.model.manifest.kind == "qnet":  # the network scores the fixed action set
-            allowed = np.array([self.model.action_positions[a] for a in d.action_ids])
-            chosen = int(allowed[chosen])
-        row = _Row(np.asarray(d.context, np.float32),
-                   None if d.action_features is None else np.asarray(d.action_features,
-                                                                     np.float32),
-                   int(chosen), float(d.propensities[0]), float(example.reward), allowed)
-        self.examples += 1
-        if (self.config.holdout_every
-                and zlib.crc32(d.event_id.encode()) % self.config.holdout_every == 0):
-            self.raw_holdout.append(row)
+    def learn_one(self, example: Example, *, train: bool = True) -> None:
+        if not train:
             return
-        self.replay.append(row)
-        self.since_publish += 1
-        if example.reward_ms is not None:
-            self.latest_reward_ms = max(self.latest_reward_ms, example.reward_ms)
+        d, model = example.decision, self.serving.model
+        logged = model.manifest.policy_kind.logged(d, model.action_positions)
+        self.replay.append(_Row(
+            logged.context[0],
+            None if logged.action_features is None else logged.action_features[0],
+            logged.column, float(d.propensities[0]), float(example.reward), logged.allowed))
+        self.learned += 1
 
-    # -- publishing: train, export, gate -------------------------------------------------
+    # -- the candidate: train, export ----------------------------------------------------
 
-    def publish(self) -> dict:
+    def candidate(self) -> Candidate:
         candidate = copy.deepcopy(self.network)
         data = _batch(list(self.replay))
         candidate.train()
@@ -114,73 +109,44 @@ class NetworkLearner(Learner):
             _fit(candidate, data, self.train_config, self.epochs - ips_epochs,
                  dr_targets(q, data, self.train_config.clip), self._rng)
         candidate.eval()
-        evaluation = self._judge(candidate)
-        promote = evaluation["promoted"]
-        manifest = self.model.manifest
-        model_bytes, exported = export_onnx(candidate, self.env, policy=self.config.policy,
+        model_bytes, exported = export_onnx(candidate, self.env, policy=self.policy,
                                             training={})
-        new_manifest = replace(exported, parent_version=manifest.version, evaluation=evaluation,
-                               training={"online": True, "learner": "network",
-                                         "examples": self.examples, "replay": len(data),
-                                         "latest_reward_ms": self.latest_reward_ms,
-                                         "parity_max_abs_diff":
-                                             exported.training["parity_max_abs_diff"],
-                                         "joiner": vars(self.joiner.stats)})
         posterior = initial_posterior(candidate, self.env, seed=int(self._rng.integers(1 << 30)))
-        version = self.registry.publish(self.config.policy, model_bytes, new_manifest,
-                                        {"head.npz": posterior.to_npz_bytes()},
-                                        make_current=promote)
-        record = {"version": version.version, "examples": self.examples,
-                  "latest_reward_ms": self.latest_reward_ms, **evaluation}
-        self.published.append(record)
-        if promote:
-            self.network = candidate
-            self.model = load_model(version, expected=manifest, providers=self._providers)
-            self.model_bytes = model_bytes
-        self.since_publish = 0
-        self._last_publish = time.monotonic()
-        self.checkpoint()
-        return record
+        return Candidate(model_bytes, {"head.npz": posterior.to_npz_bytes()}, exported,
+                         {"learner": "network", "replay": len(data),
+                          "parity_max_abs_diff": exported.training["parity_max_abs_diff"]},
+                         candidate)
 
-    def _judge(self, candidate: torch.nn.Module) -> dict:
-        """Greedy candidate network vs the serving model on the held-out rows."""
-        rows = list(self.raw_holdout)
-        cand, inc = np.zeros(len(rows)), np.zeros(len(rows))
-        for i, row in enumerate(rows):
-            ctx = row.context[None]
-            act = None if row.action_features is None else row.action_features[None]
-            with torch.no_grad():
-                scores, _ = policies.score(candidate, torch.from_numpy(ctx),
-                                           None if act is None else torch.from_numpy(act))
-            served, _ = self.model.run(ctx, act)
-            cand[i] = float(_greedy(scores[0].numpy(), row.allowed) == row.action)
-            inc[i] = float(_greedy(served[0], row.allowed) == row.action)
-        return judge_targets(cand, inc, np.array([r.reward for r in rows]),
-                             np.array([r.propensity for r in rows]),
-                             enabled=self.config.gate, margin=self.config.gate_margin)
+    def adopt(self, candidate: Candidate, serving: Serving) -> None:
+        assert isinstance(candidate.handle, torch.nn.Module)
+        self.network = candidate.handle
+        self.serving = serving
 
-    # -- checkpoint: the network and both windows, in the learner's one file --------------
+    # -- state: the network, the window and the generator --------------------------------
 
-    def _extra_state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         buffer = io.BytesIO()
-        torch.save({"state_dict": self.network.state_dict(),
-                    "replay": list(self.replay), "holdout": list(self.raw_holdout),
+        torch.save({"state_dict": self.network.state_dict(), "replay": list(self.replay),
                     "rng": self._rng.bit_generator.state}, buffer)
-        return {"network": base64.b64encode(buffer.getvalue()).decode()}
+        return {"network": base64.b64encode(buffer.getvalue()).decode(),
+                "learned": self.learned}
 
-    def _restore_extra(self, state: dict) -> None:
+    def load_state(self, state: dict[str, Any], serving: Serving) -> None:
+        self.serving = serving
         saved = torch.load(io.BytesIO(base64.b64decode(state["network"])), weights_only=False)
         self.network.load_state_dict(saved["state_dict"])
+        self.replay.clear()
         self.replay.extend(saved["replay"])
-        self.raw_holdout.extend(saved["holdout"])
         self._rng.bit_generator.state = saved["rng"]
+        self.learned = int(state.get("learned", 0))
 
 
-def _greedy(scores: np.ndarray, allowed: np.ndarray | None) -> int:
-    """The best-scored action, among the allowed ones when the request restricted them."""
-    if allowed is None:
-        return int(np.argmax(scores))
-    return int(allowed[int(np.argmax(scores[allowed]))])
+def network_learner(network: Path, **options: Any) -> LearnerFactory:
+    """The loop's factory for ``policyloop learn --network CHECKPOINT``; ``options`` are
+    NetworkLearner's (epochs, replay, clip, lr, seed)."""
+    def build(serving: Serving, config: LearnConfig) -> NetworkLearner:
+        return NetworkLearner(serving, config, network, **options)
+    return build
 
 
 def _batch(rows: list[_Row]) -> LoggedBandit:

@@ -1,83 +1,99 @@
-"""The promotion gate: a candidate head is judged against the serving one by off-policy
+"""The promotion gate: a candidate model is judged against the serving one by off-policy
 evaluation on held-out logged events, before it may become current.
 
 The learner holds out one event in ``holdout_every`` (by a hash of its id) and keeps the most
-recent ``limit`` of them here. Both heads act greedily on their own scores (the way a reward
-model is judged); each is valued by SNIPS on the logged rewards and propensities. The
-candidate is promoted unless it is worse than the incumbent by more than the margin plus
-``GATE_Z`` standard errors of the paired per-event difference, so a noisy window alone does
-not block a refresh while a clearly worse head is refused.
+recent ``limit`` of them here, as the model inputs they were decided on. Both models are run
+on them (any learner's candidate is an ONNX file, so the gate judges every learner the same
+way) and act greedily on their own scores (the way a reward model is judged); each is valued
+by SNIPS on the logged rewards and propensities. The candidate is promoted unless it is worse
+than the incumbent by more than the margin plus ``GATE_Z`` standard errors of the paired
+per-event difference, so a noisy window alone does not block a refresh while a clearly worse
+model is refused.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from online import ope
+from policyloop.contract.kinds import Logged, Run
 
 GATE_Z = 2.0  # standard errors of the difference the gate allows beyond its margin
 HOLDOUT_LIMIT = 1000  # held-out events the gate evaluates on (fewer with forgetting)
 
-Head = tuple[np.ndarray, np.ndarray]  # weight [A, H], bias [A] (A = 1: a shared head)
-
 
 @dataclass
 class Holdout:
-    """The gate's evaluation window: the most recent held-out examples."""
+    """The gate's evaluation window: the most recent held-out decisions and their outcomes."""
 
-    limit: int = 1000
-    embeddings: list[np.ndarray] = field(default_factory=list)  # [K, H] or [H] each
-    heads: list[np.ndarray | None] = field(default_factory=list)  # allowed actions (qnet)
-    action: list[int] = field(default_factory=list)
+    limit: int = HOLDOUT_LIMIT
+    logged: list[Logged] = field(default_factory=list)
     propensity: list[float] = field(default_factory=list)
     reward: list[float] = field(default_factory=list)
 
-    def add(self, embeddings: np.ndarray, allowed: np.ndarray | None, action: int,
-            propensity: float, reward: float) -> None:
-        self.embeddings.append(embeddings)
-        self.heads.append(allowed)
-        self.action.append(action)
+    def add(self, logged: Logged, propensity: float, reward: float) -> None:
+        self.logged.append(logged)
         self.propensity.append(propensity)
         self.reward.append(reward)
-        if len(self.action) > self.limit:
-            for items in (self.embeddings, self.heads, self.action, self.propensity,
-                          self.reward):
+        if len(self.logged) > self.limit:
+            for items in (self.logged, self.propensity, self.reward):
                 del items[0]
 
-    def greedy_targets(self, head: Head) -> np.ndarray:
-        """Per held-out event: 1 if the head's greedy action is the logged one, else 0."""
-        weight, bias = head
-        target = np.empty(len(self.action))
-        for i, (emb, allowed) in enumerate(zip(self.embeddings, self.heads, strict=True)):
-            if allowed is None:
-                scores = emb @ weight[0] + bias[0]
-            else:
-                scores = weight[allowed] @ emb + bias[allowed]
-            target[i] = float(int(np.argmax(scores)) == self.action[i])
+    def __len__(self) -> int:
+        return len(self.logged)
+
+    def greedy_targets(self, run: Run) -> np.ndarray:
+        """Per held-out event: 1 if the model's greedy action is the logged one, else 0.
+        Decisions with the same input shapes are scored in one batch."""
+        target = np.empty(len(self.logged))
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(self.logged):
+            shape = None if row.action_features is None else row.action_features.shape
+            groups.setdefault((row.context.shape, shape), []).append(i)
+        for rows in groups.values():
+            context = np.concatenate([self.logged[i].context for i in rows])
+            features = (None if self.logged[rows[0]].action_features is None else
+                        np.concatenate([self.logged[i].action_features  # type: ignore[misc]
+                                        for i in rows]))
+            scores, _ = run(context, features)
+            for j, i in enumerate(rows):
+                row = self.logged[i]
+                target[i] = float(row.greedy(scores[j]) == row.column)
         return target
 
-    def judge(self, candidate_head: Head, incumbent_head: Head, *, enabled: bool,
-              margin: float) -> dict:
+    def judge(self, candidate: Run, incumbent: Run, *, enabled: bool, margin: float) -> dict:
         """The evaluation stored with a version's manifest; ``promoted`` is the verdict
         (always True when the gate is off or the window is too small to judge)."""
-        return judge_targets(self.greedy_targets(candidate_head),
-                             self.greedy_targets(incumbent_head), np.array(self.reward),
-                             np.array(self.propensity), enabled=enabled, margin=margin)
+        return judge_targets(self.greedy_targets(candidate), self.greedy_targets(incumbent),
+                             np.array(self.reward), np.array(self.propensity),
+                             enabled=enabled, margin=margin)
 
     def state(self) -> dict:
-        return {"limit": self.limit,
-                "embeddings": [_b64(e) for e in self.embeddings],
-                "heads": [None if a is None else a.tolist() for a in self.heads],
-                "action": self.action, "propensity": self.propensity, "reward": self.reward}
+        return {"limit": self.limit, "format": 2,
+                "rows": [[_b64(r.context), None if r.action_features is None
+                          else _b64(r.action_features),
+                          None if r.allowed is None else r.allowed.tolist(), r.column]
+                         for r in self.logged],
+                "propensity": self.propensity, "reward": self.reward}
 
     @classmethod
-    def from_state(cls, state: dict) -> Holdout:
-        return cls(state["limit"], [_unb64(e) for e in state["embeddings"]],
-                   [None if a is None else np.array(a) for a in state["heads"]],
-                   state["action"], state["propensity"], state["reward"])
+    def from_state(cls, state: dict, *, warn: Callable[[str], None] | None = None) -> Holdout:
+        """The window a checkpoint holds. A checkpoint of an older learner kept embeddings
+        instead of inputs; its window is dropped (``warn`` is told) and refills as events
+        arrive."""
+        if state.get("format") != 2:
+            if warn is not None and state.get("action"):
+                warn(f"dropping the {len(state['action'])} held-out events of an older "
+                     "checkpoint format; the gate's window refills from new events")
+            return cls(int(state.get("limit", HOLDOUT_LIMIT)))
+        rows = [Logged(_unb64(c, np.float32), None if a is None else _unb64(a, np.float32),
+                       None if allowed is None else np.array(allowed, np.int64), int(column))
+                for c, a, allowed, column in state["rows"]]
+        return cls(int(state["limit"]), rows, list(state["propensity"]), list(state["reward"]))
 
 
 def judge_targets(candidate: np.ndarray, incumbent: np.ndarray, reward: np.ndarray,
@@ -111,9 +127,9 @@ def _snips(target: np.ndarray, reward: np.ndarray, propensity: np.ndarray
 
 
 def _b64(array: np.ndarray) -> list:
-    return [list(array.shape), base64.b64encode(array.astype("<f8").tobytes()).decode()]
+    return [list(array.shape), base64.b64encode(array.astype("<f4").tobytes()).decode()]
 
 
-def _unb64(item: list) -> np.ndarray:
+def _unb64(item: list, dtype: type) -> np.ndarray:
     shape, data = item
-    return np.frombuffer(base64.b64decode(data), "<f8").reshape(shape).copy()
+    return np.frombuffer(base64.b64decode(data), "<f4").reshape(shape).astype(dtype)

@@ -1,17 +1,19 @@
-"""``policyloop learn``: join decisions with rewards from the bus, refresh the neural-linear
-head, gate each candidate with off-policy evaluation, publish versions to the registry.
+"""``policyloop learn``: join decisions with rewards from the bus, feed the joined examples to an
+online learner, gate each of its candidates with off-policy evaluation, publish versions to the
+registry.
 
-The body of the network is fixed (trained offline); online learning refreshes the last linear
-layer and its posterior (LinUCB / linear Thompson sampling state, ``online/linear.py``). The
-embedding of an example is recomputed with the serving model from the logged context and
-candidate features, so the learner needs no torch.
+The loop here is the same for every learner (``online/learners.py``: the protocol, and the
+default that refreshes the neural-linear head and its posterior on the fixed body;
+``online/qlearning.py``; ``models/network_learner.py``). The head learners recompute an
+example's embedding with the serving model from the logged context and candidate features, so
+they need no torch.
 
 One example in ``holdout_every`` (chosen by a hash of its event id, so the choice does not
 depend on arrival order) is held out from training for the promotion gate (``online/gate.py``);
 a candidate the gate rejects is still published (not current) with its evaluation, for the
 audit trail.
 
-State (consumer positions, joiner, head statistics, held-out window, counters) is checkpointed
+State (consumer positions, joiner, the learner's state, held-out window, counters) is checkpointed
 atomically in one file after every publish, then the consumer group's offsets are committed; a
 restarted learner skips what the checkpoint already covers and resumes. Joins do not depend on
 the interleaving of partitions (see ``online/join.py``) and, without forgetting (gamma = 1),
@@ -26,8 +28,6 @@ merged with the other shards' latest snapshots, and gates on its own held-out ev
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import os
@@ -36,20 +36,32 @@ import zlib
 from collections.abc import Callable
 from dataclasses import replace
 
-import numpy as np
-
 from online.config import LearnConfig
 from online.gate import HOLDOUT_LIMIT, Holdout
 from online.join import Example, RewardJoiner
+from online.learners import Candidate, LinearHeadLearner, OnlineLearner, Serving
 from online.linear import LinearHeads
-from online.qlearning import QTargets
+from online.qlearning import QLearner
 from online.shards import ShardStats, StatsReader, StatsWriter
 from policyloop.bus import interface as bus
-from policyloop.contract.errors import InvalidArgument, NotFound, Unavailable
+from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, Unavailable
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
-from policyloop.registry.interface import Registry, open_registry
-from policyloop.registry.onnx_head import read_head, replace_head
-from policyloop.registry.onnx_model import LoadedModel, choose_providers, load_model
+from policyloop.registry.interface import ModelVersion, Registry, open_registry
+from policyloop.registry.onnx_model import LoadedModel, choose_providers, load_model, open_model
+
+# Builds the learner for a loop, from the version serving at start and the loop's config.
+LearnerFactory = Callable[[Serving, LearnConfig], OnlineLearner]
+
+
+def default_learner(serving: Serving, config: LearnConfig) -> OnlineLearner:
+    """The head learner, or Q-learning when the config has a discount."""
+    if config.discount:
+        if config.shard_count > 1:
+            raise InvalidArgument("discount (Q-learning) runs unsharded: its transitions "
+                                  "follow the decisions of all partitions in time order")
+        return QLearner(serving, discount=config.discount, prior=config.prior,
+                        gamma=config.gamma)
+    return LinearHeadLearner(serving, prior=config.prior, gamma=config.gamma)
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +78,20 @@ def _partitions_by_topic(assignment: set[bus.TopicPartition],
 
 
 class Learner:
-    def __init__(self, config: LearnConfig) -> None:
+    """The ``policyloop learn`` process: consume, join, learn, gate, publish, checkpoint.
+
+    ``learner`` builds the online learner it feeds (default: ``default_learner``)."""
+
+    def __init__(self, config: LearnConfig, learner: LearnerFactory | None = None) -> None:
         self.config = config
         self.registry: Registry = open_registry(config.registry, kafka=config.registry_kafka,
                                                 topic=config.registry_topic)
         self._providers = choose_providers(False)
-        self.model = self._load_current()
-        weight, bias = read_head(self.model_bytes, self.model.manifest.head)
-        self.heads = LinearHeads.from_head(weight, bias, prior=config.prior, gamma=config.gamma)
+        self.serving = self._open(self.registry.current(config.policy))
+        self.algorithm: OnlineLearner = (learner or default_learner)(self.serving, config)
+        if config.shard_count > 1 and not isinstance(self.algorithm, LinearHeadLearner):
+            raise InvalidArgument(f"{type(self.algorithm).__name__} cannot be sharded: only the "
+                                  "head learner's statistics merge across shards")
         self.shard = bus.check_shard((config.shard_index, config.shard_count))
         self.partitions = [p for p in range(config.partitions)
                            if p % config.shard_count == config.shard_index]
@@ -90,21 +108,12 @@ class Learner:
         self._stats_writer: StatsWriter | None = None
         self._stats_reader: StatsReader | None = None
         self.merged: dict[int, int] = {}  # shard 0: examples of each shard's merged snapshot
-        self.q: QTargets | None = None
-        if config.discount:
-            if config.shard_count > 1:
-                raise InvalidArgument("discount (Q-learning) runs unsharded: its transitions "
-                                      "follow the decisions of all partitions in time order")
-            if self.model.manifest.kind != "qnet":
-                raise InvalidArgument(f"discount {config.discount} (Q-learning) needs a fixed "
-                                      f"action set (kind qnet); {config.policy} is "
-                                      f"{self.model.manifest.kind}")
-            self.q = QTargets(config.discount, weight, bias)
         self.positions: dict[tuple[str, int], int] = {}
         self.examples = 0
         self.since_publish = 0
         self.latest_reward_ms = 0  # event time of the newest reward learned from
         self.published: list[dict] = []
+        self.refused = 0  # candidates that failed serving's checks, not published
         # With forgetting the gate judges on about as much recent data as the head remembers,
         # so after a drift it compares on the new world, not on the old one.
         horizon = (HOLDOUT_LIMIT if config.gamma >= 1 or not config.holdout_every
@@ -120,10 +129,19 @@ class Learner:
         if config.checkpoint.exists():
             self._restore()
 
-    def _load_current(self) -> LoadedModel:
-        version = self.registry.current(self.config.policy)
-        self.model_bytes = version.read_model()
-        return load_model(version, expected=None, providers=self._providers)
+    def _open(self, version: ModelVersion, expected: LoadedModel | None = None) -> Serving:
+        return Serving(load_model(version, providers=self._providers,
+                                  expected=None if expected is None else expected.manifest),
+                       version.read_model())
+
+    @property
+    def model(self) -> LoadedModel:
+        """The version serving now (the gate's incumbent)."""
+        return self.serving.model
+
+    @property
+    def model_bytes(self) -> bytes:
+        return self.serving.model_bytes
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -282,7 +300,7 @@ class Learner:
                 bootstrap=self.config.kafka_bootstrap, partitions=self.config.partitions,
                 client_id=f"policyloop-learner-{self.shard[0]}"))
         self._stats_writer.write(self.config.policy, self.config.group, ShardStats(
-            self.shard[0], self.shard[1], self.examples, self.heads))
+            self.shard[0], self.shard[1], self.examples, self._heads()))
         log.info("learner shard %d/%d: wrote statistics of %d examples", *self.shard,
                  self.examples, extra={"policy": self.config.policy})
         record = {"shard": self.shard[0], "examples": self.examples}
@@ -291,10 +309,14 @@ class Learner:
         self.checkpoint()
         return record
 
+    def _heads(self) -> LinearHeads:
+        assert isinstance(self.algorithm, LinearHeadLearner)  # checked when sharded
+        return self.algorithm.heads
+
     def _all_heads(self) -> tuple[LinearHeads, int]:
         """This shard's statistics merged with every other shard's latest snapshot, and the
         examples they cover."""
-        heads, examples = self.heads, self.examples
+        heads, examples = self._heads(), self.examples
         reader = self._reader()
         if reader is not None:
             reader.refresh()
@@ -348,64 +370,52 @@ class Learner:
         d = example.decision
         if d.baseline_action is not None:
             return  # apprentice mode: the app chose, its propensity is unknown
-        embeddings, head, allowed = self._embed(d)
         self.examples += 1
         held_out = bool(self.config.holdout_every and zlib.crc32(d.event_id.encode())
                         % self.config.holdout_every == 0)
         if held_out:
-            self._holdout.add(embeddings, allowed, d.chosen[0], d.propensities[0],
-                              example.reward)
-        if self.q is not None:
-            assert allowed is not None
-            done = self.q.step(embeddings, head, example.reward, allowed, train=not held_out)
-            if done is None:
-                return
-            self.heads.update(done[0], done[2], head=done[1])
-        elif held_out:
+            model = self.model
+            self._holdout.add(model.manifest.policy_kind.logged(d, model.action_positions),
+                              d.propensities[0], example.reward)
+        before = self.algorithm.learned
+        self.algorithm.learn_one(example, train=not held_out)
+        if self.algorithm.learned == before:
             return
-        else:
-            x = embeddings[d.chosen[0]] if allowed is None else embeddings
-            self.heads.update(x, example.reward, head=head)
-        self.since_publish += 1
+        self.since_publish += self.algorithm.learned - before
         if example.reward_ms is not None:
             self.latest_reward_ms = max(self.latest_reward_ms, example.reward_ms)
-
-    def _embed(self, d: DecisionEvent) -> tuple[np.ndarray, int, np.ndarray | None]:
-        """Embeddings of the decision's candidates [K, H] (scoring) or of its context [H]
-        (qnet); the head that scored the chosen action; the allowed action indices (qnet)."""
-        manifest = self.model.manifest
-        context = np.asarray(d.context, np.float32)[None]
-        if manifest.kind == "scoring":
-            _, emb = self.model.run(context, np.asarray(d.action_features, np.float32)[None])
-            return emb[0].astype(np.float64), 0, None
-        _, emb = self.model.run(context)
-        allowed = np.array([self.model.action_positions[a] for a in d.action_ids])
-        return emb[0].astype(np.float64), int(allowed[d.chosen[0]]), allowed
 
     # -- publishing and the gate ----------------------------------------------------------
 
     def publish(self) -> dict:
-        """Build the candidate head, gate it against the serving one, publish it (shards
-        other than 0: write this shard's statistics instead)."""
+        """Build the learner's candidate, gate it against the serving version, publish it
+        (shards other than 0: write this shard's statistics instead)."""
         if self.shard[0] != 0:
             return self._write_stats()
         manifest = self.model.manifest
-        heads, examples = self._all_heads()
-        weight, bias = heads.head()
-        evaluation = self._holdout.judge((weight, bias), read_head(self.model_bytes, manifest.head),
-                                         enabled=self.config.gate,
+        examples = self.examples
+        if self.shard[1] > 1:
+            heads, examples = self._all_heads()
+            assert isinstance(self.algorithm, LinearHeadLearner)
+            candidate = self.algorithm.candidate(heads)
+        else:
+            candidate = self.algorithm.candidate()
+        new_manifest = replace(candidate.manifest or manifest, policy=manifest.policy,
+                               parent_version=manifest.version, version=0, created_at="",
+                               sha256="")
+        try:
+            opened = open_model(candidate.model, new_manifest, providers=self._providers)
+        except ModelRejected as exc:  # never publish what serving could not load
+            return self._refused(candidate, exc)
+        evaluation = self._holdout.judge(opened.run, self.model.run, enabled=self.config.gate,
                                          margin=self.config.gate_margin)
         promote = evaluation["promoted"]
-        new_bytes = replace_head(self.model_bytes, manifest.head, weight, bias)
-        new_manifest = replace(manifest, parent_version=manifest.version, version=0,
-                               created_at="", sha256="", evaluation=evaluation,
-                               training={"online": True, "examples": examples,
-                                         "shards": self.shard[1],
-                                         "latest_reward_ms": self.latest_reward_ms,
-                                         "joiner": vars(self.joiner.stats)})
-        version = self.registry.publish(
-            self.config.policy, new_bytes, new_manifest,
-            {"head.npz": heads.posterior().to_npz_bytes()}, make_current=promote)
+        new_manifest = replace(new_manifest, evaluation=evaluation, training={
+            "online": True, **candidate.training, "examples": examples,
+            "shards": self.shard[1], "latest_reward_ms": self.latest_reward_ms,
+            "joiner": vars(self.joiner.stats)})
+        version = self.registry.publish(self.config.policy, candidate.model, new_manifest,
+                                        candidate.extras, make_current=promote)
         record = {"version": version.version, "examples": examples,
                   "latest_reward_ms": self.latest_reward_ms, **evaluation}
         self.published.append(record)
@@ -413,10 +423,21 @@ class Learner:
                  "promoted" if promote else "rejected by the gate",
                  extra={"policy": self.config.policy, "model_version": version.version})
         if promote:
-            self.model = load_model(version, expected=manifest, providers=self._providers)
-            self.model_bytes = new_bytes
-            if self.q is not None:
-                self.q.sync(weight, bias)
+            self.serving = self._open(version, expected=self.model)
+            self.algorithm.adopt(candidate, self.serving)
+        self.since_publish = 0
+        self._last_publish = time.monotonic()
+        self.checkpoint()
+        return record
+
+    def _refused(self, candidate: Candidate, exc: ModelRejected) -> dict:
+        """A candidate that does not load or scores non-finite values is not published; the
+        learner keeps learning and tries again at the next publish."""
+        log.error("not publishing %s: the candidate fails serving's checks: %s",
+                  self.config.policy, exc, extra={"policy": self.config.policy})
+        record = {"version": None, "examples": self.examples, "promoted": False,
+                  "refused": str(exc)}
+        self.refused += 1
         self.since_publish = 0
         self._last_publish = time.monotonic()
         self.checkpoint()
@@ -425,19 +446,17 @@ class Learner:
     # -- checkpoint -----------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Positions, joiner, statistics and counters in one atomically replaced file."""
-        buffer = io.BytesIO()
-        np.savez(buffer, **self.heads.to_npz_arrays())
+        """Positions, joiner, the learner's state and counters in one atomically replaced
+        file."""
         state = {
+            "format": 2,
             "positions": [[t, p, o] for (t, p), o in self.positions.items()],
-            "heads": base64.b64encode(buffer.getvalue()).decode(),
+            "learner": {"type": type(self.algorithm).__name__, **self.algorithm.state()},
             "examples": self.examples, "since_publish": self.since_publish,
-            "latest_reward_ms": self.latest_reward_ms,
+            "latest_reward_ms": self.latest_reward_ms, "refused": self.refused,
             "published": self.published, "model_version": self.model.version,
             "joiner": self.joiner.state(), "holdout": self._holdout.state(),
             "shard": list(self.shard), "merged": {str(i): n for i, n in self.merged.items()},
-            "q": None if self.q is None else self.q.state(),
-            **self._extra_state(),
         }
         path = self.config.checkpoint
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -455,13 +474,18 @@ class Learner:
                 f"checkpoint {self.config.checkpoint} belongs to shard "
                 f"{state['shard'][0]}/{state['shard'][1]}, not {self.shard[0]}/{self.shard[1]}:"
                 " resharding needs fresh checkpoints and a new consumer group")
+        learner_state = _learner_state(state)
+        kind = type(self.algorithm).__name__
+        if learner_state.get("type", kind) != kind:
+            raise InvalidArgument(
+                f"checkpoint {self.config.checkpoint} holds the state of "
+                f"{learner_state['type']}, not {kind}: give this learner its own checkpoint")
         self.merged = {int(i): n for i, n in state.get("merged", {}).items()}
         self.positions = {(t, p): o for t, p, o in state["positions"]}
-        with np.load(io.BytesIO(base64.b64decode(state["heads"]))) as arrays:
-            self.heads = LinearHeads.from_npz_arrays({k: arrays[k] for k in arrays.files})
         self.examples = state["examples"]
         self.since_publish = state["since_publish"]
         self.latest_reward_ms = state["latest_reward_ms"]
+        self.refused = int(state.get("refused", 0))
         self.published = state["published"]
         try:
             version = self.registry.get(self.config.policy, state["model_version"])
@@ -471,19 +495,21 @@ class Learner:
                         "current v%d (the same body)", self.config.policy,
                         state["model_version"], version.version,
                         extra={"policy": self.config.policy})
-        self.model_bytes = version.read_model()
-        self.model = load_model(version, expected=None, providers=self._providers)
-        if self.q is not None:
-            self.q.sync(*read_head(self.model_bytes, self.model.manifest.head))
-            self.q.load_state(state.get("q") or {})
+        self.serving = self._open(version)
+        self.algorithm.load_state(learner_state, self.serving)
         self.joiner.load_state(state["joiner"])
-        self._holdout = Holdout.from_state(state["holdout"])
-        self._restore_extra(state)
+        self._holdout = Holdout.from_state(state["holdout"], warn=lambda message: log.warning(
+            message, extra={"policy": self.config.policy}))
 
-    def _extra_state(self) -> dict:
-        """More checkpoint entries, for a learner that keeps more state (the torch network
-        learner, ``models/network_learner.py``); written in the same atomic file."""
-        return {}
 
-    def _restore_extra(self, state: dict) -> None:
-        """Read back what ``_extra_state`` wrote."""
+def _learner_state(state: dict) -> dict:
+    """The learner's part of a checkpoint; a checkpoint written before learners had a state
+    of their own kept the head statistics (and Q-learning's pending step, and the network
+    learner's "network") at the top level."""
+    if "learner" in state:
+        return state["learner"]
+    legacy = {"heads": state["heads"], "learned": state.get("examples", 0),
+              "q": state.get("q")}
+    if "network" in state:
+        legacy["network"] = state["network"]
+    return legacy

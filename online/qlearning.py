@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from online.join import Example
+from online.learners import Candidate, LinearHeadLearner, Serving
 from policyloop.contract.errors import InvalidArgument
 
 
@@ -74,3 +77,42 @@ class QTargets:
         pending = state.get("pending")
         self.pending = None if pending is None else (_decode(pending[0]), int(pending[1]),
                                                      float(pending[2]))
+
+
+class QLearner(LinearHeadLearner):
+    """Q-learning on the neural-linear head of a fixed action set: the head learner's
+    regression, on the targets ``QTargets`` makes one step late; the serving head is the target
+    network, synced at every promotion."""
+
+    def __init__(self, serving: Serving, *, discount: float, prior: float = 1.0,
+                 gamma: float = 1.0) -> None:
+        if serving.model.manifest.policy_kind.per_action_features:
+            raise InvalidArgument(f"discount {discount} (Q-learning) needs a fixed action set; "
+                                  f"{serving.model.manifest.policy} ranks the candidates it is "
+                                  "sent")
+        super().__init__(serving, prior=prior, gamma=gamma)
+        self.discount = discount
+        self.q = QTargets(discount, *serving.head)
+
+    def __repr__(self) -> str:
+        return f"QLearner(discount={self.discount}, prior={self.prior}, gamma={self.gamma})"
+
+    def learn_one(self, example: Example, *, train: bool = True) -> None:
+        embedding, logged = self.serving.example(example)
+        assert logged.allowed is not None
+        done = self.q.step(embedding, logged.head, example.reward, logged.allowed, train=train)
+        if done is not None:
+            self.heads.update(done[0], done[2], head=done[1])
+            self.learned += 1
+
+    def adopt(self, candidate: Candidate, serving: Serving) -> None:
+        super().adopt(candidate, serving)
+        self.q.sync(*serving.head)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "q": self.q.state()}
+
+    def load_state(self, state: dict[str, Any], serving: Serving) -> None:
+        super().load_state(state, serving)
+        self.q.sync(*serving.head)
+        self.q.load_state(state.get("q") or {})

@@ -190,12 +190,13 @@ def _learn(args: argparse.Namespace) -> int:
 
 def _network_learner(config: LearnConfig) -> Learner:
     """``learn --network``: needs torch, so only the trainer image runs it."""
-    from models.network_learner import NetworkLearner
+    from models.network_learner import network_learner
+    from online.learner import Learner
 
     assert config.network is not None
-    return NetworkLearner(config, config.network, epochs=config.network_epochs,
-                          replay=config.replay, clip=config.network_clip, lr=config.network_lr,
-                          seed=config.network_seed)
+    return Learner(config, network_learner(
+        config.network, epochs=config.network_epochs, replay=config.replay,
+        clip=config.network_clip, lr=config.network_lr, seed=config.network_seed))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def target_from_model(events: LoggedEvents, registry: Path, policy: str, version
     out = np.empty(len(events.action))
     for i, action in enumerate(events.action):
         ctx = events.context[i:i + 1]
-        if model.manifest.kind == "qnet":
+        if not model.manifest.policy_kind.per_action_features:  # a fixed action set
             ids = list(model.manifest.actions)
             scores, emb = model.run(ctx)
             embedding = np.broadcast_to(emb[0], (len(ids), emb.shape[-1]))

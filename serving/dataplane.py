@@ -203,7 +203,7 @@ class DataPlane:
         for group in groups.values():
             rows, ready = zip(*group, strict=True)
             first = ready[0]
-            scoring = first.model.manifest.kind == "scoring"
+            scoring = first.model.manifest.policy_kind.per_action_features
             if len(ready) == 1:
                 context = first.context[None]
                 actions = first.action_features[None] if scoring else None
@@ -232,29 +232,18 @@ class DataPlane:
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise InvalidArgument(f"candidates: duplicate action id {dup!r}")
-        action_features = None
-        if manifest.kind == "scoring":
-            if not ids:
-                raise InvalidArgument("candidates is empty: this policy ranks the candidates "
-                                      "you send")
-            if len(r.candidate_features) != len(ids):
-                raise InvalidArgument("candidates: every candidate needs features")
-            action_features = _matrix(r.candidate_features, manifest.features.action,
-                                      model.action_index)
-            allowed = None
+        kind = manifest.policy_kind
+        features = r.candidate_features
+        if kind.per_action_features:
+            with_features = len(features)  # an empty feature row is refused by _matrix
+        elif isinstance(features, np.ndarray):
+            with_features = max(len(features), 1)  # a dense matrix is per-action features
         else:
-            positions = model.action_positions
-            if not ids:
-                ids = list(manifest.actions)
-            unknown = [a for a in ids if a not in positions]
-            if unknown:
-                raise InvalidArgument(f"candidates: unknown action id {unknown[0]!r}; actions "
-                                      f"are {list(manifest.actions)}")
-            if isinstance(r.candidate_features, np.ndarray) or any(
-                    len(f.dense) or f.named for f in r.candidate_features):
-                raise InvalidArgument("candidates: this policy has a fixed action set and "
-                                      "takes no per-action features")
-            allowed = np.fromiter((positions[a] for a in ids), dtype=np.int64, count=len(ids))
+            with_features = sum(1 for f in features if len(f.dense) or f.named)
+        ids, allowed = kind.candidates(ids, with_features, manifest.actions,
+                                       model.action_positions)
+        action_features = (_matrix(features, manifest.features.action, model.action_index)
+                           if kind.per_action_features else None)
         slots = r.slots or 1
         if slots > len(ids) or slots > MAX_SLOTS:
             raise InvalidArgument(f"slots {slots} exceeds the {len(ids)} candidates "

@@ -92,7 +92,7 @@ def test_another_policys_events_on_the_shared_topics_are_ignored(base: Path,
     shared.run()
     assert vars(shared.joiner.stats) == vars(alone.joiner.stats)  # no orphans, no evictions
     assert shared.examples == alone.examples
-    np.testing.assert_array_equal(shared.heads.data_b, alone.heads.data_b)
+    np.testing.assert_array_equal(shared.algorithm.heads.data_b, alone.algorithm.heads.data_b)
 
 
 def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) -> None:
@@ -102,9 +102,10 @@ def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) ->
     learner.publish()  # a good candidate: promoted
     current = LocalRegistry(root / "registry").current("routing").version
     good_w, good_b = read_head(learner.model_bytes, learner.model.manifest.head)
-    learner.heads.prior_mean[:] = -np.hstack([good_w, good_b[:, None]])  # a sabotaged head
-    learner.heads.data_a[:] = 0
-    learner.heads.data_b[:] = 0
+    heads = learner.algorithm.heads
+    heads.prior_mean[:] = -np.hstack([good_w, good_b[:, None]])  # a sabotaged head
+    heads.data_a[:] = 0
+    heads.data_b[:] = 0
     learner.since_publish = 1
     record = learner.publish()
     assert record["promoted"] is False

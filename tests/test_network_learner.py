@@ -13,9 +13,10 @@ import pytest
 from onnx import numpy_helper
 
 from models.export import export_and_register
-from models.network_learner import NetworkLearner
+from models.network_learner import NetworkLearner, network_learner
 from models.training import TrainConfig, evaluate, save_checkpoint, train_offline
 from online.config import LearnConfig
+from online.learner import Learner
 from policyloop.bus.local_log import LocalLog
 from policyloop.contract.errors import InvalidArgument
 from policyloop.registry.local import LocalRegistry
@@ -37,14 +38,19 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _learner(root: Path, **changes: object) -> NetworkLearner:
+def _learner(root: Path, **changes: object) -> Learner:
     config = LearnConfig(**{"registry": root / "registry", "policy": "routing",
                             "bus_path": root / "bus", "partitions": 2,
                             "checkpoint": root / "ckpt.json", "window_ms": 1000,
                             "publish_every": 1500, "publish_interval_s": 1e9,
                             "idle_exit_s": 2.0, "gate": False,
                             **changes})
-    return NetworkLearner(config, root / "start.pt", epochs=2)
+    return Learner(config, network_learner(root / "start.pt", epochs=2))
+
+
+def _network(learner: Learner) -> NetworkLearner:
+    assert isinstance(learner.algorithm, NetworkLearner)
+    return learner.algorithm
 
 
 def _body(root: Path) -> dict[str, np.ndarray]:
@@ -56,11 +62,11 @@ def _body(root: Path) -> dict[str, np.ndarray]:
 def test_the_network_learner_improves_the_whole_network(base: Path, tmp_path: Path) -> None:
     root = shutil.copytree(base, tmp_path / "run")
     learner = _learner(root)
-    start = evaluate(learner.network, learner.env, seed=99)["value_trained"]
+    start = evaluate(_network(learner).network, _network(learner).env, seed=99)["value_trained"]
     learner.run()
     learner.finish()
     assert [p["version"] for p in learner.published] == [2, 3, 4]
-    final = evaluate(learner.network, learner.env, seed=99)["value_trained"]
+    final = evaluate(_network(learner).network, _network(learner).env, seed=99)["value_trained"]
     assert final > start + 0.05, (start, final)
     first, last = _body(base), _body(root)
     changed = [name for name in first if not np.allclose(first[name], last[name])]
@@ -83,7 +89,7 @@ def test_a_restarted_network_learner_ends_with_the_uninterrupted_network(
     checkpointed = json.loads((root / "ckpt.json").read_text())["examples"]
     resumed = _learner(root)
     assert resumed.examples == checkpointed < cut.examples  # the rest is read again
-    assert 0 < len(resumed.replay) < len(cut.replay)
+    assert 0 < len(_network(resumed).replay) < len(_network(cut).replay)
     resumed.run()
     resumed.finish()
     assert resumed.examples == clean.examples

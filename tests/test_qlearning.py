@@ -120,6 +120,6 @@ def test_a_discount_outside_0_1_is_refused(discount: float) -> None:
 
 def test_q_learning_needs_a_fixed_action_set(tmp_path: Path) -> None:
     LocalRegistry(tmp_path / "registry").publish("recsys", *scoring_model())
-    with pytest.raises(InvalidArgument, match="kind qnet"):
+    with pytest.raises(InvalidArgument, match="needs a fixed action set"):
         Learner(LearnConfig(registry=tmp_path / "registry", policy="recsys",
                             bus_path=tmp_path / "bus", discount=0.5))

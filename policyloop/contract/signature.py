@@ -4,16 +4,10 @@ Serving checks a new version's signature against the policy's feature schema bef
 the version in, and callers learn from it how to build a request. Torch-free on purpose: the
 server and the learner read manifests without torch installed.
 
-Two policy kinds exist:
-
-- ``scoring``: variable candidate sets. Inputs ``context`` float32[B, Dc] and
-  ``action_features`` float32[B, K, Da]; outputs ``scores`` float32[B, K] and
-  ``embedding`` float32[B, K, H] (the neural-linear features of each candidate).
-- ``qnet``: a fixed action set of A actions. Input ``context`` float32[B, Dc]; outputs
-  ``scores`` float32[B, A] and ``embedding`` float32[B, H].
-
-In both, ``scores = embedding @ head.weight.T + head.bias``; ``head`` names the ONNX
-initializers holding that last linear layer so the online learner can replace it without torch.
+The manifest's ``kind`` names a policy kind (``policyloop/contract/kinds.py``: a ranking policy
+over the candidates a request sends, or a fixed action set), which fixes the tensor names and
+shapes; ``head`` names the ONNX initializers holding the last linear layer so the online learner
+can replace it without torch.
 """
 
 from __future__ import annotations
@@ -21,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from policyloop.contract.errors import InvalidArgument
-
-PolicyKind = Literal["scoring", "qnet"]
+from policyloop.contract.kinds import PolicyKind, kind_of
 
 
 class Arrivals(NamedTuple):
@@ -85,7 +78,7 @@ class Manifest:
     """Everything about one model version except the weights."""
 
     policy: str
-    kind: PolicyKind
+    kind: str  # a name in policyloop.contract.kinds.KINDS
     features: FeatureSchema
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -99,6 +92,14 @@ class Manifest:
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
+
+    def __post_init__(self) -> None:
+        kind_of(self.kind)  # an unknown kind is refused here, where manifests are made and read
+
+    @property
+    def policy_kind(self) -> PolicyKind:
+        """The object that knows this kind's tensors, candidates and head."""
+        return kind_of(self.kind)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -129,13 +130,15 @@ class Manifest:
                 evaluation=dict(raw.get("evaluation", {})),
                 format=int(raw.get("format", MANIFEST_FORMAT)),
             )
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"manifest is malformed: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(f"manifest is malformed: {exc!r}") from exc
 
     @property
     def n_actions(self) -> int | None:
         """Size of the fixed action set, or None for a scoring policy."""
-        return len(self.actions) if self.kind == "qnet" else None
+        return None if self.policy_kind.per_action_features else len(self.actions)
 
     def compatible_with(self, other: Manifest) -> str | None:
         """Why ``other`` cannot replace ``self`` in serving, or None when it can."""

@@ -45,7 +45,7 @@ class LoadedModel:
 
     @cached_property
     def action_positions(self) -> dict[str, int]:
-        """Fixed action id -> its column in the model's scores (qnet policies)."""
+        """Fixed action id -> its column in the model's scores (fixed action sets)."""
         return {action: i for i, action in enumerate(self.manifest.actions)}
 
     @property
@@ -63,9 +63,7 @@ class LoadedModel:
         context float32[B, Dc]; action_features float32[B, K, Da] for scoring policies.
         Returns scores float32[B, K] (or [B, A]) and embedding float32[B, K, H] (or [B, H]).
         """
-        feeds = {"context": context}
-        if self.manifest.kind == "scoring":
-            feeds["action_features"] = action_features
+        feeds = self.manifest.policy_kind.feeds(context, action_features)
         scores, embedding = self.session.run(["scores", "embedding"], feeds)
         return scores, embedding
 
@@ -103,13 +101,6 @@ def load_model(version: ModelVersion, *, expected: Manifest | None, providers: l
             raise ModelRejected(f"{manifest.policy} v{manifest.version} incompatible: {reason}",
                                 "incompatible")
     data = version.read_model()  # checksum, size, inside the registry: ModelRejected if not
-    try:
-        session = ort.InferenceSession(data, sess_options=session_options(threads),
-                                       providers=providers)
-    except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
-        raise ModelRejected(f"{manifest.policy} v{manifest.version} does not load: {exc}",
-                            "corrupt") from exc
-    _check_signature(session, manifest)
     posterior = None
     try:
         posterior = LinearPosterior.from_npz_bytes(version.read_file("head.npz"))
@@ -118,6 +109,21 @@ def load_model(version: ModelVersion, *, expected: Manifest | None, providers: l
     except PolicyloopError as exc:
         raise ModelRejected(f"{manifest.policy} v{manifest.version} head.npz: {exc}",
                             "posterior") from exc
+    return open_model(data, manifest, posterior, providers=providers, threads=threads)
+
+
+def open_model(data: bytes, manifest: Manifest, posterior: LinearPosterior | None = None, *,
+               providers: list[str], threads: int = 1) -> LoadedModel:
+    """Open, verify and warm up an ONNX file that is not (yet) in a registry: the learner
+    judges its candidates with exactly the checks serving will make, so a candidate that
+    would not load, or scores NaN, is never published."""
+    try:
+        session = ort.InferenceSession(data, sess_options=session_options(threads),
+                                       providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
+        raise ModelRejected(f"{manifest.policy} v{manifest.version} does not load: {exc}",
+                            "corrupt") from exc
+    _check_signature(session, manifest)
     loaded = LoadedModel(manifest, session, posterior, session.get_providers()[0])
     _warm_up(loaded)
     return loaded
@@ -148,17 +154,18 @@ def _warm_up(model: LoadedModel) -> None:
     """Run a few inputs of serving shapes so the first real request pays no lazy setup, and
     reject a model whose outputs are not finite or not of the promised shapes."""
     m = model.manifest
+    kind = m.policy_kind
     rng = np.random.default_rng(0)
     for batch, k in ((1, 20), (8, 5)):
         context = rng.standard_normal((batch, model.context_dim), dtype=np.float32)
         actions = (rng.standard_normal((batch, k, model.action_dim), dtype=np.float32)
-                   if m.kind == "scoring" else None)
+                   if kind.per_action_features else None)
         try:
             scores, embedding = model.run(context, actions)
         except Exception as exc:
             raise ModelRejected(f"{m.policy} v{m.version} fails on warm-up input: {exc}",
                                 "warmup") from exc
-        width = k if m.kind == "scoring" else len(m.actions)
+        width = kind.score_width(k, len(m.actions))
         if scores.shape != (batch, width):
             raise ModelRejected(f"{m.policy} v{m.version}: scores shape {scores.shape}, "
                                 f"expected {(batch, width)}", "signature")
