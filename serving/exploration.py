@@ -246,8 +246,42 @@ class Thompson:
         return Decision(chosen, propensities, probabilities, _ranking(s))
 
 
+@dataclass(frozen=True)
+class SpecForm:
+    """One strategy's line of the spec grammar: ``form`` as the module docstring writes it,
+    how many ``arguments`` may follow the name (fewest, most), ``build`` from those arguments
+    (strings), and ``examples``: the specs that tests/test_exploration.py runs its generic
+    tests on, so a strategy added here is tested like every other."""
+
+    form: str
+    arguments: tuple[int, int]
+    build: Callable[[list[str]], Strategy]
+    examples: tuple[str, ...]
+
+
+def _thompson(args: list[str]) -> Thompson:
+    return Thompson(int(args[0]), *map(float, args[1:])) if args else Thompson()
+
+
+SPECS: dict[str, SpecForm] = {
+    "greedy": SpecForm("greedy", (0, 0), lambda args: Greedy(), ("greedy",)),
+    "epsilon_greedy": SpecForm("epsilon_greedy:E", (1, 1),
+                               lambda args: EpsilonGreedy(float(args[0])),
+                               ("epsilon_greedy:0.2",)),
+    "softmax": SpecForm("softmax:T", (1, 1), lambda args: Softmax(float(args[0])),
+                        ("softmax:0.3",)),
+    "squarecb": SpecForm("squarecb:G", (1, 1), lambda args: SquareCB(float(args[0])),
+                         ("squarecb:10",)),
+    "ucb": SpecForm("ucb:A[:E]", (1, 2), lambda args: UCB(*map(float, args)),
+                    ("ucb:1", "ucb:0.5:0.3")),
+    "thompson": SpecForm("thompson[:M[:E]]", (0, 2), _thompson,
+                         ("thompson:8", "thompson:64:0.2")),
+}
+
+
 def strategy_from_spec(spec: str) -> Strategy:
-    """The strategy a spec names (grammar in the module docstring), e.g. ``"softmax:0.5"``.
+    """The strategy a spec names (grammar in the module docstring, one ``SPECS`` entry per
+    strategy), e.g. ``"softmax:0.5"``.
 
     >>> strategy_from_spec("thompson:512").name
     'thompson(samples=512,epsilon=0)'
@@ -255,24 +289,14 @@ def strategy_from_spec(spec: str) -> Strategy:
     if not isinstance(spec, str):
         raise InvalidArgument(f"strategy spec must be a string, got {spec!r}")
     name, *args = spec.split(":")
-    try:
-        if name == "greedy" and not args:
-            return Greedy()
-        if name == "epsilon_greedy" and len(args) == 1:
-            return EpsilonGreedy(float(args[0]))
-        if name == "softmax" and len(args) == 1:
-            return Softmax(float(args[0]))
-        if name == "squarecb" and len(args) == 1:
-            return SquareCB(float(args[0]))
-        if name == "ucb" and len(args) in (1, 2):
-            return UCB(*map(float, args))
-        if name == "thompson" and len(args) <= 2:
-            samples = int(args[0]) if args else 256
-            return Thompson(samples, *map(float, args[1:]))
-    except (ValueError, InvalidArgument) as exc:
-        raise InvalidArgument(f"strategy {spec!r}: {exc}") from exc
-    raise InvalidArgument(f"strategy {spec!r} is not one of greedy, epsilon_greedy:E, "
-                          "softmax:T, squarecb:G, ucb:A[:E], thompson[:M[:E]]")
+    form = SPECS.get(name)
+    if form is not None and form.arguments[0] <= len(args) <= form.arguments[1]:
+        try:
+            return form.build(args)
+        except (ValueError, InvalidArgument) as exc:
+            raise InvalidArgument(f"strategy {spec!r}: {exc}") from exc
+    raise InvalidArgument(f"strategy {spec!r} is not one of "
+                          f"{', '.join(f.form for f in SPECS.values())}")
 
 
 def _slate(s: np.ndarray, ranked: np.ndarray, slots: int, rng: np.random.Generator,

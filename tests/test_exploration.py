@@ -14,7 +14,9 @@ import pytest
 
 from policyloop.contract.errors import InvalidArgument, Unavailable
 from policyloop.contract.posterior import LinearPosterior
+from serving import exploration
 from serving.exploration import (
+    SPECS,
     UCB,
     Decision,
     EpsilonGreedy,
@@ -44,10 +46,29 @@ def _decide(strategy: Strategy, scores: np.ndarray, slots: int, seed: int) -> De
                            posterior=posterior)
 
 
-STRATEGIES = [Greedy(), EpsilonGreedy(0.2), Softmax(0.3), SquareCB(10.0), UCB(1.0),
-              UCB(0.5, 0.3), Thompson(8), Thompson(64, 0.2)]
-# Strategies whose distribution is a fixed function of the inputs.
-FIXED = [EpsilonGreedy(0.3), Softmax(0.2), SquareCB(5.0), UCB(0.5, 0.3)]
+# Every strategy, discovered from the spec table: each of its examples runs the generic tests.
+STRATEGIES = [strategy_from_spec(spec) for form in SPECS.values() for spec in form.examples]
+
+
+def _is_fixed(strategy: Strategy) -> bool:
+    """Whether the strategy's distribution is a fixed function of its inputs (not of the rng)."""
+    first, second = (_decide(strategy, SMALL, 1, seed=seed).probabilities for seed in (0, 1))
+    return bool((first == second).all())
+
+
+FIXED = [s for s in STRATEGIES if _is_fixed(s)]
+
+
+def test_the_spec_table_names_every_strategy_and_the_grammar_documents_it() -> None:
+    classes = {c for c in vars(exploration).values() if isinstance(c, type)
+               and hasattr(c, "decide") and c is not Strategy and not c.__name__.startswith("_")}
+    assert classes == {type(s) for s in STRATEGIES}
+    assert len({s.name for s in STRATEGIES}) == len(STRATEGIES)  # names tell them apart
+    fixed = {type(s) for s in FIXED}
+    assert Thompson not in fixed and {EpsilonGreedy, Softmax, SquareCB, UCB} <= fixed
+    for name, form in SPECS.items():
+        assert form.form.startswith(name) and form.form in (exploration.__doc__ or "")
+        assert all(spec.split(":")[0] == name for spec in form.examples)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
@@ -233,10 +254,24 @@ def test_ucb_epsilon_floor_has_exact_probabilities_per_action_heads() -> None:
     np.testing.assert_allclose(d.probabilities[0], [0.05, 0.05, 0.05, 0.85], rtol=1e-12)
 
 
-@pytest.mark.parametrize("strategy", [UCB(1.0), Thompson()], ids=lambda s: s.name)
-def test_posterior_strategies_need_a_posterior(strategy: Strategy) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
+def test_only_posterior_strategies_need_a_posterior(strategy: Strategy) -> None:
+    if not strategy.needs_posterior:
+        assert strategy.decide(SCORES, 2, np.random.default_rng(0)).chosen.shape == (2,)
+        return
     with pytest.raises(Unavailable, match="posterior"):
         strategy.decide(SCORES, 1, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
+def test_decide_leaves_its_inputs_unchanged(strategy: Strategy) -> None:
+    scores = SCORES.copy()
+    embedding, posterior = _posterior(len(scores))
+    before = embedding.copy()
+    strategy.decide(scores, 3, np.random.default_rng(0), embedding=embedding,
+                    posterior=posterior)
+    np.testing.assert_array_equal(scores, SCORES)
+    np.testing.assert_array_equal(embedding, before)
 
 
 @pytest.mark.parametrize("scores, slots, message", [
@@ -249,7 +284,7 @@ def test_posterior_strategies_need_a_posterior(strategy: Strategy) -> None:
     (np.array([0.1, np.nan]), 1, "scores must be finite, got nan at candidate 1"),
     (np.array([np.inf, 0.0]), 1, "scores must be finite, got inf at candidate 0"),
 ])
-@pytest.mark.parametrize("strategy", STRATEGIES[:4], ids=lambda s: s.name)
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
 def test_bad_decide_inputs_name_the_problem(strategy: Strategy, scores: np.ndarray,
                                             slots: int, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
