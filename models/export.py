@@ -36,25 +36,24 @@ TOLERANCE = 1e-5
 
 
 def _to_onnx(model: nn.Module) -> bytes:
-    cfg = model.config
     buffer = io.BytesIO()
-    if cfg["kind"] == "scoring":
-        args: tuple[torch.Tensor, ...] = (torch.zeros(2, cfg["context_dim"]),
-                                          torch.zeros(2, 3, cfg["action_dim"]))
-        names = ["context", "action_features"]
-        axes = {"context": {0: "batch"}, "action_features": {0: "batch", 1: "candidates"},
-                "scores": {0: "batch", 1: "candidates"},
-                "embedding": {0: "batch", 1: "candidates"}}
-    else:
-        args = (torch.zeros(2, cfg["context_dim"]),)
-        names = ["context"]
-        axes = {"context": {0: "batch"}, "scores": {0: "batch"}, "embedding": {0: "batch"}}
+    args = model.example_inputs(2, 3)
+    inputs, _ = _signature(model, model.config.embedding_dim)
+    names = [spec.name for spec in inputs]
+    axes = model.dynamic_axes
     with warnings.catch_warnings():  # the pinned exporter announces its own deprecation
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, args, buffer, input_names=names,
                           output_names=["scores", "embedding"], dynamic_axes=axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     return buffer.getvalue()
+
+
+def _signature(model: nn.Module, head_dim: int
+               ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    cfg = model.config
+    return model.kind.signature(context_dim=cfg.context_dim, action_dim=cfg.action_dim,
+                                n_actions=cfg.n_actions, head_dim=head_dim)
 
 
 def find_head(model_bytes: bytes, model: nn.Module) -> HeadSpec:
@@ -85,19 +84,19 @@ def check_parity(model: nn.Module, model_bytes: bytes, real_inputs: list[tuple[n
                                                                              np.ndarray | None]],
                  *, seed: int = 0) -> float:
     """Largest |torch - onnxruntime| over random and real inputs; raises beyond TOLERANCE."""
-    cfg = model.config
+    cfg, policy_kind = model.config, model.kind
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     cases: list[tuple[str, np.ndarray, np.ndarray | None]] = []
     for batch, k in ((1, 1), (1, 20), (7, 5), (64, 33)):
-        ctx = rng.standard_normal((batch, cfg["context_dim"]), dtype=np.float32)
-        act = (rng.standard_normal((batch, k, cfg["action_dim"]), dtype=np.float32)
-               if cfg["kind"] == "scoring" else None)
+        ctx = rng.standard_normal((batch, cfg.context_dim), dtype=np.float32)
+        act = (rng.standard_normal((batch, k, cfg.action_dim), dtype=np.float32)
+               if policy_kind.per_action_features else None)
         cases.append((f"random batch={batch} k={k}", ctx, act))
     cases += [("simulator", ctx, act) for ctx, act in real_inputs]
     worst = 0.0
     for kind, ctx, act in cases:
-        feeds = {"context": ctx} if act is None else {"context": ctx, "action_features": act}
+        feeds = policy_kind.feeds(ctx, act)
         got = session.run(["scores", "embedding"], feeds)
         with torch.no_grad():
             args = (torch.from_numpy(ctx),) if act is None else (torch.from_numpy(ctx),
@@ -124,7 +123,7 @@ def initial_posterior(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: in
     data = collect_logs(env, n, seed=seed)
     with torch.no_grad():
         ctx = torch.from_numpy(data.context)
-        if model.config["kind"] == "scoring":
+        if model.kind.per_action_features:
             _, emb = model(ctx, torch.from_numpy(data.action_features))
             phi = emb[torch.arange(n), torch.from_numpy(data.action)].numpy().astype(np.float64)
         else:
@@ -140,7 +139,7 @@ def initial_posterior(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: in
         precision = prior * np.eye(h) + phi[rows].T @ phi[rows] / max(noise, 1e-3)
         return np.linalg.inv(precision)
 
-    if model.config["kind"] == "scoring":
+    if model.kind.head_rows(len(weight)) == 1:  # one head shared by every candidate
         return LinearPosterior(weight[0], cov_of(np.arange(n), weight[0], bias[0]), bias)
     covs = np.stack([cov_of(np.flatnonzero(data.action == a), weight[a], bias[a])
                      for a in range(len(weight))])
@@ -161,24 +160,14 @@ def export_onnx(model: nn.Module, env: RecsysEnv | RoutingEnv, *, policy: str,
         ctx, act, _ = env.sample_contexts(batch, rng)
         real.append((ctx, act))
     worst = check_parity(model, data, real, seed=seed)
-    dc = cfg["context_dim"]
     schema = FeatureSchema(context=tuple(env.feature_schema.context),
                            action=tuple(env.feature_schema.action))
-    if cfg["kind"] == "scoring":
-        inputs = (TensorSpec("context", "float32", (-1, dc)),
-                  TensorSpec("action_features", "float32", (-1, -1, cfg["action_dim"])))
-        outputs = (TensorSpec("scores", "float32", (-1, -1)),
-                   TensorSpec("embedding", "float32", (-1, -1, head.dim)))
-        actions: tuple[str, ...] = ()
-    else:
-        inputs = (TensorSpec("context", "float32", (-1, dc)),)
-        outputs = (TensorSpec("scores", "float32", (-1, cfg["n_actions"])),
-                   TensorSpec("embedding", "float32", (-1, head.dim)))
-        actions = tuple(env.action_names)
+    inputs, outputs = _signature(model, head.dim)
+    actions = () if model.kind.per_action_features else tuple(getattr(env, "action_names", ()))
     manifest = Manifest(
-        policy=policy, kind=cfg["kind"], features=schema, inputs=inputs, outputs=outputs,
+        policy=policy, kind=cfg.kind, features=schema, inputs=inputs, outputs=outputs,
         head=head, opset=OPSET, actions=actions, parent_version=parent_version,
-        training={**training, "parity_max_abs_diff": worst, "network": cfg})
+        training={**training, "parity_max_abs_diff": worst, "network": cfg.to_dict()})
     log.info("exported %s: parity max |diff| %.2e", policy, worst)
     return data, manifest
 

@@ -2,19 +2,47 @@
 
 The online learner refreshes only the last layer (and its posterior), without torch: it reads
 the embeddings the ONNX model outputs, fits a Bayesian linear regression on them, and writes the
-new weights into the ONNX file (``policyloop/registry/onnx_head.py``). So every network here returns
-both ``scores`` and the ``embedding`` the head reads, and scores are predicted rewards (trained
-by regression), the same units the linear learner works in.
+new weights into the ONNX file (``policyloop/registry/onnx_head.py``). So every network here
+returns both ``scores`` and the ``embedding`` the head reads, and scores are predicted rewards
+(trained by regression), the same units the linear learner works in.
+
+Each network is the torch counterpart of one policy kind (``policyloop/contract/kinds.py``):
+it knows the kind, its own configuration, and the example inputs its export traces. Adding a
+kind adds its network here and one entry in ``NETWORKS``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.kinds import PolicyKind, kind_of
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """What rebuilds a network (checkpoints and manifests store it as a dict)."""
+
+    kind: str  # a policy kind's name
+    context_dim: int
+    action_dim: int = 0  # per-candidate features (ranking)
+    n_actions: int = 0  # size of the fixed action set
+    hidden: int = 64
+    embedding_dim: int = 32  # H, the width the neural-linear head reads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> NetworkConfig:
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise InvalidArgument(f"network config {raw!r} is malformed: {exc}") from exc
 
 
 class ScoringNetwork(nn.Module):
@@ -25,17 +53,25 @@ class ScoringNetwork(nn.Module):
     projection, so bilinear user-item affinities are easy to represent.
     """
 
+    kind: ClassVar[PolicyKind] = kind_of("scoring")
+    dynamic_axes: ClassVar[dict[str, dict[int, str]]] = {
+        "context": {0: "batch"}, "action_features": {0: "batch", 1: "candidates"},
+        "scores": {0: "batch", 1: "candidates"}, "embedding": {0: "batch", 1: "candidates"}}
+
     def __init__(self, context_dim: int, action_dim: int, *, hidden: int = 64,
                  embedding_dim: int = 32) -> None:
         super().__init__()
-        self.config: dict[str, Any] = {"kind": "scoring", "context_dim": context_dim,
-                                       "action_dim": action_dim, "hidden": hidden,
-                                       "embedding_dim": embedding_dim}
+        self.config = NetworkConfig("scoring", context_dim, action_dim=action_dim,
+                                    hidden=hidden, embedding_dim=embedding_dim)
         self.context_proj = nn.Linear(context_dim, hidden)
         self.action_proj = nn.Linear(action_dim, hidden)
         self.body = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.ReLU(),
                                   nn.Linear(hidden, embedding_dim), nn.Tanh())
         self.head = nn.Linear(embedding_dim, 1)
+
+    def example_inputs(self, batch: int, candidates: int) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(batch, self.config.context_dim),
+                torch.zeros(batch, candidates, self.config.action_dim))
 
     def forward(self, context: torch.Tensor,
                 action_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,34 +85,49 @@ class QNetwork(nn.Module):
     """Action values of a fixed action set: context [B, Dc] -> scores [B, A] and
     embedding [B, H]; one head row per action."""
 
+    kind: ClassVar[PolicyKind] = kind_of("qnet")
+    dynamic_axes: ClassVar[dict[str, dict[int, str]]] = {
+        "context": {0: "batch"}, "scores": {0: "batch"}, "embedding": {0: "batch"}}
+
     def __init__(self, context_dim: int, n_actions: int, *, hidden: int = 64,
                  embedding_dim: int = 32) -> None:
         super().__init__()
-        self.config: dict[str, Any] = {"kind": "qnet", "context_dim": context_dim,
-                                       "n_actions": n_actions, "hidden": hidden,
-                                       "embedding_dim": embedding_dim}
+        self.config = NetworkConfig("qnet", context_dim, n_actions=n_actions, hidden=hidden,
+                                    embedding_dim=embedding_dim)
         self.body = nn.Sequential(nn.Linear(context_dim, hidden), nn.ReLU(),
                                   nn.Linear(hidden, embedding_dim), nn.Tanh())
         self.head = nn.Linear(embedding_dim, n_actions)
+
+    def example_inputs(self, batch: int, candidates: int) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(batch, self.config.context_dim),)
 
     def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.body(context)
         return self.head(embedding), embedding
 
 
-def build(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a network from its ``config`` (checkpoints store it)."""
-    params = {k: v for k, v in config.items() if k != "kind"}
-    if config["kind"] == "scoring":
-        return ScoringNetwork(params.pop("context_dim"), params.pop("action_dim"), **params)
-    if config["kind"] == "qnet":
-        return QNetwork(params.pop("context_dim"), params.pop("n_actions"), **params)
-    raise InvalidArgument(f"unknown network kind {config['kind']!r}")
+# kind name -> its network: (config) -> module
+NETWORKS: dict[str, Any] = {
+    "scoring": lambda c: ScoringNetwork(c.context_dim, c.action_dim, hidden=c.hidden,
+                                        embedding_dim=c.embedding_dim),
+    "qnet": lambda c: QNetwork(c.context_dim, c.n_actions, hidden=c.hidden,
+                               embedding_dim=c.embedding_dim),
+}
+
+
+def build(config: NetworkConfig | dict[str, Any]) -> nn.Module:
+    """Rebuild a network from its config (checkpoints store it as a dict)."""
+    if isinstance(config, dict):
+        config = NetworkConfig.from_dict(config)
+    if config.kind not in NETWORKS:
+        raise InvalidArgument(f"unknown network kind {config.kind!r}; kinds with a network "
+                              f"are {sorted(NETWORKS)}")
+    return NETWORKS[config.kind](config)
 
 
 def score(model: nn.Module, context: torch.Tensor,
           action_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call either kind with the inputs it takes."""
-    if model.config["kind"] == "scoring":
+    """Call a network of any kind with the inputs it takes."""
+    if kind_of(model.config.kind).per_action_features:
         return model(context, action_features)
     return model(context)

@@ -211,7 +211,7 @@ def save_checkpoint(result: TrainResult, path: Path) -> None:
     feature schema, the fixed action names (routing) and the training summary."""
     env = result.env
     torch.save({
-        "network": result.model.config, "state_dict": result.model.state_dict(),
+        "network": result.model.config.to_dict(), "state_dict": result.model.state_dict(),
         "scenario": env.scenario, "env": result.config.env,
         "features": {"context": list(env.feature_schema.context),
                      "action": list(env.feature_schema.action)},

@@ -34,17 +34,18 @@ def test_export_matches_torch_and_describes_the_model(model, env) -> None:
     data, manifest = export.export_onnx(model, env, policy="p", training={"note": "t"})
     assert manifest.training["parity_max_abs_diff"] <= export.TOLERANCE
     assert manifest.opset == export.OPSET == onnx.load_from_string(data).opset_import[0].version
-    assert manifest.training["note"] == "t" and manifest.training["network"] == model.config
+    assert manifest.training["note"] == "t"
+    assert manifest.training["network"] == model.config.to_dict()
     assert manifest.features == env.feature_schema and manifest.policy == "p"
-    h, dc = model.config["embedding_dim"], model.config["context_dim"]
+    h, dc = model.config.embedding_dim, model.config.context_dim
     if manifest.kind == "scoring":
-        da = model.config["action_dim"]
+        da = model.config.action_dim
         assert manifest.inputs == (TensorSpec("context", "float32", (-1, dc)),
                                    TensorSpec("action_features", "float32", (-1, -1, da)))
         assert manifest.outputs == (TensorSpec("scores", "float32", (-1, -1)),
                                     TensorSpec("embedding", "float32", (-1, -1, h)))
     else:
-        a = model.config["n_actions"]
+        a = model.config.n_actions
         assert manifest.inputs == (TensorSpec("context", "float32", (-1, dc)),)
         assert manifest.outputs == (TensorSpec("scores", "float32", (-1, a)),
                                     TensorSpec("embedding", "float32", (-1, h)))
@@ -132,6 +133,6 @@ def test_registered_export_carries_a_usable_posterior(tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path)
     version = export.export_and_register(model, env, registry, policy="routing", training={})
     posterior = LinearPosterior.from_npz_bytes(version.read_file("head.npz"))
-    assert posterior.mean.shape == (8, model.config["embedding_dim"])
+    assert posterior.mean.shape == (8, model.config.embedding_dim)
     assert np.all(np.linalg.eigvalsh(posterior.covariance) > 0)
     np.testing.assert_allclose(posterior.mean, model.head.weight.detach().numpy(), rtol=1e-6)

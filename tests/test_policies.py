@@ -36,7 +36,7 @@ def test_qnetwork_scores_every_fixed_action() -> None:
 
 def _apply_head(net: ScoringNetwork | QNetwork, embedding: torch.Tensor) -> torch.Tensor:
     scores = embedding @ net.head.weight.T + net.head.bias
-    return scores.squeeze(-1) if net.config["kind"] == "scoring" else scores
+    return scores.squeeze(-1) if net.kind.per_action_features else scores
 
 
 @pytest.mark.parametrize("net, args", [
@@ -63,7 +63,7 @@ def test_build_rebuilds_a_network_from_its_config(net) -> None:
     rebuilt = policies.build(net.config)
     rebuilt.load_state_dict(net.state_dict())
     context = torch.randn(2, 4)
-    features = torch.randn(2, 5, 3) if net.config["kind"] == "scoring" else None
+    features = torch.randn(2, 5, 3) if net.kind.per_action_features else None
     with torch.no_grad():
         torch.testing.assert_close(policies.score(rebuilt, context, features)[0],
                                    policies.score(net, context, features)[0])
