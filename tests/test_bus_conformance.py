@@ -22,13 +22,15 @@ import pytest
 
 from policyloop.bus import interface as bus
 from policyloop.bus.interface import BusUnavailable, Consumer, Producer, Record, Shard
-from policyloop.bus.local_log import MAX_RECORD_BYTES
 from policyloop.bus.topics import TopicSpec, create_topics
 from policyloop.contract.errors import InvalidArgument
 
 PARTITIONS = 4
 HOUR_MS = 3600 * 1000
-KAFKA_MAX_RECORD_BYTES = 1 << 20  # KafkaProducerAdapter's default max_request_size
+# The largest key + value each producer takes, as documented: the local log's segment records,
+# and KafkaProducerAdapter's default max_request_size (the broker's limit is about the same).
+LOCAL_MAX_RECORD_BYTES = 64 << 20
+KAFKA_MAX_RECORD_BYTES = 1 << 20
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Bus:
     @property
     def max_record_bytes(self) -> int:
         """The largest key + value a producer takes (the backends' limits differ)."""
-        return MAX_RECORD_BYTES if self.kind == "local" else KAFKA_MAX_RECORD_BYTES
+        return LOCAL_MAX_RECORD_BYTES if self.kind == "local" else KAFKA_MAX_RECORD_BYTES
 
     def name(self, base: str = "t") -> str:
         """A topic name no other case uses; the topic does not exist yet."""
