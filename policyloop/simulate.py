@@ -26,7 +26,7 @@ import numpy as np
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.settings import setting
-from policyloop.contract.signature import Arrivals
+from policyloop.simulators.arrivals import Arrivals
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
 from protos import decision_pb2 as pb

@@ -15,23 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import Any
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.kinds import PolicyKind, kind_of
 
-
-class Arrivals(NamedTuple):
-    """n simulated requests, what an app would send plus the truth only a simulator knows:
-    context float32[n, Dc], action_features float32[n, K, Da] (None for a fixed action set),
-    expected float64[n, K] (true expected reward of each candidate), action_ids n lists of K."""
-
-    context: np.ndarray
-    action_features: np.ndarray | None
-    expected: np.ndarray
-    action_ids: list[list[str]]
 MANIFEST_FORMAT = 1
 
 

@@ -20,7 +20,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from policyloop.contract.signature import Arrivals, FeatureSchema
+from policyloop.contract.signature import FeatureSchema
+from policyloop.simulators.arrivals import Arrivals
 
 SCALE = 1.6
 OFFSET = -2.6

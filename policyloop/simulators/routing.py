@@ -21,7 +21,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from policyloop.contract.signature import Arrivals, FeatureSchema
+from policyloop.contract.signature import FeatureSchema
+from policyloop.simulators.arrivals import Arrivals
 
 LOAD_PENALTY = 2.5
 URGENCY = 1.0
