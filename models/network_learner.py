@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from models.export import export_onnx, initial_posterior
-from models.training import TrainConfig, _fit, dr_targets, load_checkpoint, make_env, predict
+from models.training import TrainConfig, fit, load_checkpoint, make_env
 from online.config import LearnConfig
 from online.join import Example
 from online.learner import LearnerFactory
@@ -102,12 +102,7 @@ class NetworkLearner:
         candidate = copy.deepcopy(self.network)
         data = _batch(list(self.replay))
         candidate.train()
-        ips_epochs = max(1, self.epochs // 2)
-        _fit(candidate, data, self.train_config, ips_epochs, None, self._rng)
-        if self.epochs > ips_epochs:
-            q = predict(candidate, data.context, data.action_features)
-            _fit(candidate, data, self.train_config, self.epochs - ips_epochs,
-                 dr_targets(q, data, self.train_config.clip), self._rng)
+        fit(candidate, data, self.train_config, self._rng, epochs=self.epochs)
         candidate.eval()
         model_bytes, exported = export_onnx(candidate, self.env, policy=self.policy,
                                             training={})

@@ -124,8 +124,21 @@ def predict(model: nn.Module, context: np.ndarray, action_features: np.ndarray |
     return np.concatenate(out).astype(np.float64)
 
 
-def _fit(model: nn.Module, data: LoggedBandit, cfg: TrainConfig, epochs: int,
-         targets: np.ndarray | None, rng: np.random.Generator) -> None:
+def fit(model: nn.Module, data: LoggedBandit, cfg: TrainConfig, rng: np.random.Generator, *,
+        epochs: int, objective: str = "dr") -> None:
+    """The offline objective on logged data (module docstring): IPS-weighted regression on the
+    logged action for all ``epochs`` (``ips``) or the first half, then regression on
+    doubly-robust pseudo-rewards for the rest (``dr``). Offline training and the network
+    learner both train with it."""
+    ips_epochs = epochs if objective == "ips" else max(1, epochs // 2)
+    _regress(model, data, cfg, ips_epochs, None, rng)
+    if objective == "dr" and epochs > ips_epochs:
+        q = predict(model, data.context, data.action_features)
+        _regress(model, data, cfg, epochs - ips_epochs, dr_targets(q, data, cfg.clip), rng)
+
+
+def _regress(model: nn.Module, data: LoggedBandit, cfg: TrainConfig, epochs: int,
+             targets: np.ndarray | None, rng: np.random.Generator) -> None:
     """IPS-weighted regression on the logged action (targets None), or full-information
     regression of every action's score on ``targets`` [N, K]."""
     ctx, act = _tensors(data)
@@ -168,11 +181,7 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
     env = make_env(cfg.scenario, **cfg.env)
     data = collect_logs(env, cfg.n_logged, seed=cfg.seed, logging_policy=cfg.logging_policy)
     model = new_network(env, cfg)
-    ips_epochs = cfg.epochs if cfg.objective == "ips" else max(1, cfg.epochs // 2)
-    _fit(model, data, cfg, ips_epochs, None, rng)
-    if cfg.objective == "dr":
-        q = predict(model, data.context, data.action_features)
-        _fit(model, data, cfg, cfg.epochs - ips_epochs, dr_targets(q, data, cfg.clip), rng)
+    fit(model, data, cfg, rng, epochs=cfg.epochs, objective=cfg.objective)
     model.eval()
     summary = {
         "scenario": cfg.scenario, "objective": cfg.objective, "n_logged": len(data),
