@@ -605,8 +605,11 @@ def test_the_seed_job_trains_scenarios_the_cli_knows_and_uses_the_base_kafka() -
              and isinstance(n.func, ast.Name) and n.func.id == "main"]
     assert len(calls) == 1 and isinstance(calls[0].args[0], ast.List)
     for policy in policies:
-        argv = [e.value if isinstance(e, ast.Constant) else policy
-                for e in calls[0].args[0].elts]
+        argv: list[str] = []
+        for e in calls[0].args[0].elts:
+            arg = e.value if isinstance(e, ast.Constant) else policy
+            assert isinstance(arg, str), f"seed.py passes {arg!r} to main, not a string"
+            argv.append(arg)
         args = parse_cli(argv)
         assert args.command == "train" and args.policy == policy and args.scenario == policy
         assert "emptyDir" in writable_volume(job, PurePosixPath(c["workingDir"]) / args.registry)

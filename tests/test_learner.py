@@ -16,6 +16,8 @@ import pytest
 
 from online.config import LearnConfig
 from online.learner import Learner
+from online.learners import LinearHeadLearner
+from online.linear import LinearHeads
 from policyloop.bus.local_log import LocalLog
 from policyloop.registry.local import LocalRegistry
 from policyloop.registry.onnx_head import read_head
@@ -55,6 +57,11 @@ def _config(root: Path, **changes: object) -> LearnConfig:
     return LearnConfig(**{**settings, **changes})
 
 
+def _heads(learner: Learner) -> LinearHeads:
+    assert isinstance(learner.algorithm, LinearHeadLearner), learner.algorithm
+    return learner.algorithm.heads
+
+
 def _greedy_value(registry: Path, version: int | None = None) -> float:
     from policyloop.registry.onnx_model import choose_providers, load_model
 
@@ -92,7 +99,7 @@ def test_another_policys_events_on_the_shared_topics_are_ignored(base: Path,
     shared.run()
     assert vars(shared.joiner.stats) == vars(alone.joiner.stats)  # no orphans, no evictions
     assert shared.examples == alone.examples
-    np.testing.assert_array_equal(shared.algorithm.heads.data_b, alone.algorithm.heads.data_b)
+    np.testing.assert_array_equal(_heads(shared).data_b, _heads(alone).data_b)
 
 
 def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) -> None:
@@ -102,7 +109,7 @@ def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) ->
     learner.publish()  # a good candidate: promoted
     current = LocalRegistry(root / "registry").current("routing").version
     good_w, good_b = read_head(learner.model_bytes, learner.model.manifest.head)
-    heads = learner.algorithm.heads
+    heads = _heads(learner)
     heads.prior_mean[:] = -np.hstack([good_w, good_b[:, None]])  # a sabotaged head
     heads.data_a[:] = 0
     heads.data_b[:] = 0
@@ -244,9 +251,9 @@ def test_learner_metrics_report_the_join_and_the_gate(base: Path, tmp_path: Path
     assert value("policyloop_join_pending", {"policy": "routing"}) == learner.joiner.pending
     assert value("policyloop_learner_examples_total", {"policy": "routing"}) == learner.examples
     promoted = value("policyloop_learner_versions_total",
-                     {"policy": "routing", "outcome": "promoted"})
+                     {"policy": "routing", "outcome": "promoted"}) or 0.0
     rejected = value("policyloop_learner_versions_total",
-                     {"policy": "routing", "outcome": "rejected"})
+                     {"policy": "routing", "outcome": "rejected"}) or 0.0
     assert promoted + rejected == len(learner.published) > 0
     assert value("policyloop_learner_gate_value",
                  {"policy": "routing", "model": "candidate"}) is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,13 +40,12 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _learner(root: Path, **changes: object) -> Learner:
-    config = LearnConfig(**{"registry": root / "registry", "policy": "routing",
-                            "bus_path": root / "bus", "partitions": 2,
-                            "checkpoint": root / "ckpt.json", "window_ms": 1000,
-                            "publish_every": 1500, "publish_interval_s": 1e9,
-                            "idle_exit_s": 2.0, "gate": False,
-                            **changes})
+def _learner(root: Path, **changes: Any) -> Learner:
+    config = replace(LearnConfig(registry=root / "registry", policy="routing",
+                                 bus_path=root / "bus", partitions=2,
+                                 checkpoint=root / "ckpt.json", window_ms=1000,
+                                 publish_every=1500, publish_interval_s=1e9,
+                                 idle_exit_s=2.0, gate=False), **changes)
     return Learner(config, network_learner(root / "start.pt", epochs=2))
 
 
