@@ -42,7 +42,7 @@ from online.join import Example, RewardJoiner
 from online.learners import Candidate, LinearHeadLearner, OnlineLearner, Serving
 from online.linear import LinearHeads
 from online.qlearning import QLearner
-from online.shards import ShardStats, StatsReader, StatsWriter
+from online.shards import ShardMerge
 from policyloop.bus import interface as bus
 from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, Unavailable
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
@@ -105,9 +105,7 @@ class Learner:
                                    sources=tuple(f"{topic}:{p}"
                                                  for topic in (bus.DECISIONS, bus.REWARDS)
                                                  for p in self.partitions))
-        self._stats_writer: StatsWriter | None = None
-        self._stats_reader: StatsReader | None = None
-        self.merged: dict[int, int] = {}  # shard 0: examples of each shard's merged snapshot
+        self.shards = ShardMerge(config) if config.shard_count > 1 else None
         self.positions: dict[tuple[str, int], int] = {}
         self.examples = 0
         self.since_publish = 0
@@ -214,9 +212,8 @@ class Learner:
     def close(self) -> None:
         """Release the registry's and the scale-out clients (the bus consumer closes when
         ``run`` returns)."""
-        for client in (self._stats_writer, self._stats_reader):
-            if client is not None:
-                client.close()
+        if self.shards is not None:
+            self.shards.close()
         self.registry.close()
 
     def finish(self) -> None:
@@ -275,32 +272,12 @@ class Learner:
 
     def _others_reported(self) -> bool:
         """Shard 0 of several: has another shard written a snapshot not merged yet?"""
-        reader = self._reader()
-        if reader is None:
-            return False
-        reader.refresh()
-        return any(self.merged.get(i, -1) < stats.examples
-                   for i, stats in reader.latest.items())
-
-    def _reader(self) -> StatsReader | None:
-        if self.shard[1] == 1 or self.shard[0] != 0:
-            return None
-        if self._stats_reader is None:
-            self._stats_reader = StatsReader(
-                self.config.bus, self.config.policy, self.config.group, self.shard,
-                path=self.config.bus_path,
-                bootstrap=self.config.kafka_bootstrap, partitions=self.config.partitions)
-        return self._stats_reader
+        return self.shards is not None and self.shard[0] == 0 and self.shards.others_reported()
 
     def _write_stats(self) -> dict:
         """Shards 1..N-1 publish no model: they hand their statistics to shard 0."""
-        if self._stats_writer is None:
-            self._stats_writer = StatsWriter(bus.open_producer(
-                self.config.bus, path=self.config.bus_path,
-                bootstrap=self.config.kafka_bootstrap, partitions=self.config.partitions,
-                client_id=f"policyloop-learner-{self.shard[0]}"))
-        self._stats_writer.write(self.config.policy, self.config.group, ShardStats(
-            self.shard[0], self.shard[1], self.examples, self._heads()))
+        assert self.shards is not None
+        self.shards.write(self.examples, self._heads())
         log.info("learner shard %d/%d: wrote statistics of %d examples", *self.shard,
                  self.examples, extra={"policy": self.config.policy})
         record = {"shard": self.shard[0], "examples": self.examples}
@@ -309,31 +286,14 @@ class Learner:
         self.checkpoint()
         return record
 
+    @property
+    def merged(self) -> dict[int, int]:
+        """Shard 0 of several: the examples of each other shard's last merged snapshot."""
+        return {} if self.shards is None else self.shards.merged
+
     def _heads(self) -> LinearHeads:
         assert isinstance(self.algorithm, LinearHeadLearner)  # checked when sharded
         return self.algorithm.heads
-
-    def _all_heads(self) -> tuple[LinearHeads, int]:
-        """This shard's statistics merged with every other shard's latest snapshot, and the
-        examples they cover."""
-        heads, examples = self._heads(), self.examples
-        reader = self._reader()
-        if reader is not None:
-            reader.refresh()
-            for index, stats in sorted(reader.latest.items()):
-                try:
-                    heads = heads.merge(stats.heads)
-                except InvalidArgument as exc:  # e.g. another body's width, another prior
-                    log.error("not merging shard %d's statistics: %s", index, exc,
-                              extra={"policy": self.config.policy})
-                    continue
-                examples += stats.examples
-                self.merged[index] = stats.examples
-            missing = set(range(1, self.shard[1])) - set(reader.latest)
-            if missing:
-                log.warning("publishing without statistics of shards %s (none written yet)",
-                            sorted(missing), extra={"policy": self.config.policy})
-        return heads, examples
 
     def handle(self, record: bus.Record) -> None:
         """One bus record: join it, learn from whatever examples it completes.
@@ -395,7 +355,8 @@ class Learner:
         manifest = self.model.manifest
         examples = self.examples
         if self.shard[1] > 1:
-            heads, examples = self._all_heads()
+            assert self.shards is not None
+            heads, examples = self.shards.merge(self._heads(), self.examples)
             assert isinstance(self.algorithm, LinearHeadLearner)
             candidate = self.algorithm.candidate(heads)
         else:
@@ -480,7 +441,8 @@ class Learner:
             raise InvalidArgument(
                 f"checkpoint {self.config.checkpoint} holds the state of "
                 f"{learner_state['type']}, not {kind}: give this learner its own checkpoint")
-        self.merged = {int(i): n for i, n in state.get("merged", {}).items()}
+        if self.shards is not None:
+            self.shards.merged = {int(i): n for i, n in state.get("merged", {}).items()}
         self.positions = {(t, p): o for t, p, o in state["positions"]}
         self.examples = state["examples"]
         self.since_publish = state["since_publish"]

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from online.config import LearnConfig
 from online.linear import LinearHeads
 from policyloop.bus import interface as bus
 from policyloop.contract.errors import InvalidArgument
@@ -156,3 +157,62 @@ class StatsReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class ShardMerge:
+    """One shard's part in scale-out (module docstring): shards 1..N-1 write snapshots of
+    their statistics, shard 0 reads the others' latest and merges them into its own before it
+    publishes. Clients open on first use."""
+
+    def __init__(self, config: LearnConfig) -> None:
+        self._config = config
+        self.shard = bus.check_shard((config.shard_index, config.shard_count))
+        self.merged: dict[int, int] = {}  # shard 0: examples of each shard's merged snapshot
+        self._writer: StatsWriter | None = None
+        self._reader: StatsReader | None = None
+
+    def write(self, examples: int, heads: LinearHeads) -> None:
+        """Shards 1..N-1: hand this shard's cumulative statistics to shard 0, durably."""
+        c = self._config
+        if self._writer is None:
+            self._writer = StatsWriter(bus.open_producer(
+                c.bus, path=c.bus_path, bootstrap=c.kafka_bootstrap, partitions=c.partitions,
+                client_id=f"policyloop-learner-{self.shard[0]}"))
+        self._writer.write(c.policy, c.group, ShardStats(*self.shard, examples, heads))
+
+    def others_reported(self) -> bool:
+        """Shard 0: has another shard written a snapshot not merged yet?"""
+        reader = self._read()
+        return any(self.merged.get(i, -1) < stats.examples for i, stats in reader.latest.items())
+
+    def merge(self, heads: LinearHeads, examples: int) -> tuple[LinearHeads, int]:
+        """Shard 0: its own statistics merged with every other shard's latest snapshot, and
+        the examples they cover."""
+        reader = self._read()
+        for index, stats in sorted(reader.latest.items()):
+            try:
+                heads = heads.merge(stats.heads)
+            except InvalidArgument as exc:  # e.g. another body's width, another prior
+                log.error("not merging shard %d's statistics: %s", index, exc,
+                          extra={"policy": self._config.policy})
+                continue
+            examples += stats.examples
+            self.merged[index] = stats.examples
+        missing = set(range(1, self.shard[1])) - set(reader.latest)
+        if missing:
+            log.warning("publishing without statistics of shards %s (none written yet)",
+                        sorted(missing), extra={"policy": self._config.policy})
+        return heads, examples
+
+    def _read(self) -> StatsReader:
+        c = self._config
+        if self._reader is None:
+            self._reader = StatsReader(c.bus, c.policy, c.group, self.shard, path=c.bus_path,
+                                       bootstrap=c.kafka_bootstrap, partitions=c.partitions)
+        self._reader.refresh()
+        return self._reader
+
+    def close(self) -> None:
+        for client in (self._writer, self._reader):
+            if client is not None:
+                client.close()
