@@ -20,8 +20,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
-from torch import nn
 
+from models.policies import PolicyNetwork
 from policyloop.contract.errors import ExportParityError
 from policyloop.contract.posterior import LinearPosterior
 from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
@@ -35,7 +35,7 @@ OPSET = 17
 TOLERANCE = 1e-5
 
 
-def _to_onnx(model: nn.Module) -> bytes:
+def _to_onnx(model: PolicyNetwork) -> bytes:
     buffer = io.BytesIO()
     args = model.example_inputs(2, 3)
     inputs, _ = _signature(model, model.config.embedding_dim)
@@ -43,20 +43,21 @@ def _to_onnx(model: nn.Module) -> bytes:
     axes = model.dynamic_axes
     with warnings.catch_warnings():  # the pinned exporter announces its own deprecation
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, args, buffer, input_names=names,
+        torch.onnx.export(model, args, buffer,  # type: ignore[arg-type]  # a file object works
+                          input_names=names,
                           output_names=["scores", "embedding"], dynamic_axes=axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     return buffer.getvalue()
 
 
-def _signature(model: nn.Module, head_dim: int
+def _signature(model: PolicyNetwork, head_dim: int
                ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     cfg = model.config
     return model.kind.signature(context_dim=cfg.context_dim, action_dim=cfg.action_dim,
                                 n_actions=cfg.n_actions, head_dim=head_dim)
 
 
-def find_head(model_bytes: bytes, model: nn.Module) -> HeadSpec:
+def find_head(model_bytes: bytes, model: PolicyNetwork) -> HeadSpec:
     """Which initializers hold ``model.head``, found by value: the exporter renames them and
     may store the weight transposed (a 3-D MatMul reads [H, A]; a Gemm reads [A, H]).
     Exactly one initializer must match each, else the learner could not refresh the head."""
@@ -80,7 +81,7 @@ def find_head(model_bytes: bytes, model: nn.Module) -> HeadSpec:
     return HeadSpec(weight=w_name, bias=biases[0], dim=weight.shape[1], transposed=transposed)
 
 
-def check_parity(model: nn.Module, model_bytes: bytes, real_inputs: list[tuple[np.ndarray,
+def check_parity(model: PolicyNetwork, model_bytes: bytes, real_inputs: list[tuple[np.ndarray,
                                                                              np.ndarray | None]],
                  *, seed: int = 0) -> float:
     """Largest |torch - onnxruntime| over random and real inputs; raises beyond TOLERANCE."""
@@ -113,7 +114,7 @@ def check_parity(model: nn.Module, model_bytes: bytes, real_inputs: list[tuple[n
     return worst
 
 
-def initial_posterior(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: int,
+def initial_posterior(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, *, seed: int,
                       n: int = 4000, prior: float = 1.0) -> LinearPosterior:
     """A Gaussian posterior for the head from a Bayesian linear regression on embeddings of
     simulated contexts, centred on the trained head (so UCB/Thompson start from the offline
@@ -146,7 +147,7 @@ def initial_posterior(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: in
     return LinearPosterior(weight, covs, bias)
 
 
-def export_onnx(model: nn.Module, env: RecsysEnv | RoutingEnv, *, policy: str,
+def export_onnx(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, *, policy: str,
                 training: dict[str, Any], parent_version: int | None = None,
                 seed: int = 0) -> tuple[bytes, Manifest]:
     """Export, check parity, and describe the model; raises ExportParityError."""
@@ -172,7 +173,7 @@ def export_onnx(model: nn.Module, env: RecsysEnv | RoutingEnv, *, policy: str,
     return data, manifest
 
 
-def export_and_register(model: nn.Module, env: RecsysEnv | RoutingEnv, registry: Registry,
+def export_and_register(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, registry: Registry,
                         *, policy: str, training: dict[str, Any],
                         seed: int = 0) -> ModelVersion:
     data, manifest = export_onnx(model, env, policy=policy, training=training, seed=seed)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from models.export import export_onnx, initial_posterior
+from models.policies import QNetwork, ScoringNetwork
 from models.training import TrainConfig, fit, load_checkpoint, make_env
 from online.config import LearnConfig
 from online.join import Example
@@ -113,7 +114,7 @@ class NetworkLearner:
                          candidate)
 
     def adopt(self, candidate: Candidate, serving: Serving) -> None:
-        assert isinstance(candidate.handle, torch.nn.Module)
+        assert isinstance(candidate.handle, ScoringNetwork | QNetwork)
         self.network = candidate.handle
         self.serving = serving
 

@@ -13,6 +13,7 @@ kind adds its network here and one entry in ``NETWORKS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -106,8 +107,10 @@ class QNetwork(nn.Module):
         return self.head(embedding), embedding
 
 
-# kind name -> its network: (config) -> module
-NETWORKS: dict[str, Any] = {
+PolicyNetwork = ScoringNetwork | QNetwork  # a network of any kind
+
+# kind name -> its network, built from a config
+NETWORKS: dict[str, Callable[[NetworkConfig], PolicyNetwork]] = {
     "scoring": lambda c: ScoringNetwork(c.context_dim, c.action_dim, hidden=c.hidden,
                                         embedding_dim=c.embedding_dim),
     "qnet": lambda c: QNetwork(c.context_dim, c.n_actions, hidden=c.hidden,
@@ -115,7 +118,7 @@ NETWORKS: dict[str, Any] = {
 }
 
 
-def build(config: NetworkConfig | dict[str, Any]) -> nn.Module:
+def build(config: NetworkConfig | dict[str, Any]) -> PolicyNetwork:
     """Rebuild a network from its config (checkpoints store it as a dict)."""
     if isinstance(config, dict):
         config = NetworkConfig.from_dict(config)
@@ -125,9 +128,10 @@ def build(config: NetworkConfig | dict[str, Any]) -> nn.Module:
     return NETWORKS[config.kind](config)
 
 
-def score(model: nn.Module, context: torch.Tensor,
+def score(model: PolicyNetwork, context: torch.Tensor,
           action_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Call a network of any kind with the inputs it takes."""
-    if kind_of(model.config.kind).per_action_features:
+    if isinstance(model, ScoringNetwork):
+        assert action_features is not None, "a ranking network scores candidates' features"
         return model(context, action_features)
     return model(context)

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from models import policies
+from models.policies import PolicyNetwork
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.settings import setting
 from policyloop.simulators.logged import (
@@ -86,7 +86,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    model: nn.Module
+    model: PolicyNetwork
     env: RecsysEnv | RoutingEnv
     config: TrainConfig
     summary: dict[str, Any]
@@ -96,7 +96,7 @@ def make_env(scenario: str, **kwargs: Any) -> RecsysEnv | RoutingEnv:
     return RecsysEnv(**kwargs) if scenario == "recsys" else RoutingEnv(**kwargs)
 
 
-def new_network(env: RecsysEnv | RoutingEnv, cfg: TrainConfig) -> nn.Module:
+def new_network(env: RecsysEnv | RoutingEnv, cfg: TrainConfig) -> PolicyNetwork:
     dc = len(env.feature_schema.context)
     if env.scenario == "recsys":
         return policies.ScoringNetwork(dc, len(env.feature_schema.action), hidden=cfg.hidden,
@@ -111,7 +111,7 @@ def _tensors(data: LoggedBandit) -> tuple[torch.Tensor, torch.Tensor | None]:
     return ctx, act
 
 
-def predict(model: nn.Module, context: np.ndarray, action_features: np.ndarray | None,
+def predict(model: PolicyNetwork, context: np.ndarray, action_features: np.ndarray | None,
             batch: int = 4096) -> np.ndarray:
     """Scores [N, K] in numpy, in batches."""
     out = []
@@ -124,7 +124,7 @@ def predict(model: nn.Module, context: np.ndarray, action_features: np.ndarray |
     return np.concatenate(out).astype(np.float64)
 
 
-def fit(model: nn.Module, data: LoggedBandit, cfg: TrainConfig, rng: np.random.Generator, *,
+def fit(model: PolicyNetwork, data: LoggedBandit, cfg: TrainConfig, rng: np.random.Generator, *,
         epochs: int, objective: str = "dr") -> None:
     """The offline objective on logged data (module docstring): IPS-weighted regression on the
     logged action for all ``epochs`` (``ips``) or the first half, then regression on
@@ -137,7 +137,7 @@ def fit(model: nn.Module, data: LoggedBandit, cfg: TrainConfig, rng: np.random.G
         _regress(model, data, cfg, epochs - ips_epochs, dr_targets(q, data, cfg.clip), rng)
 
 
-def _regress(model: nn.Module, data: LoggedBandit, cfg: TrainConfig, epochs: int,
+def _regress(model: PolicyNetwork, data: LoggedBandit, cfg: TrainConfig, epochs: int,
              targets: np.ndarray | None, rng: np.random.Generator) -> None:
     """IPS-weighted regression on the logged action (targets None), or full-information
     regression of every action's score on ``targets`` [N, K]."""
@@ -197,7 +197,7 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
     return TrainResult(model, env, cfg, summary)
 
 
-def evaluate(model: nn.Module, env: RecsysEnv | RoutingEnv, *, seed: int, n: int = 5000,
+def evaluate(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, *, seed: int, n: int = 5000,
              logging_policy: str = "heuristic") -> dict[str, float]:
     """True expected reward, on n fresh contexts, of: the trained greedy policy, the logging
     policy, uniform random, and the oracle (the best action of every context)."""
@@ -228,7 +228,7 @@ def save_checkpoint(result: TrainResult, path: Path) -> None:
     }, path)
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[PolicyNetwork, str, dict[str, Any], dict[str, Any]]:
     """(network in eval mode, scenario, simulator keyword arguments, training summary)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     model = policies.build(state["network"])

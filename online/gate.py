@@ -57,8 +57,7 @@ class Holdout:
         for rows in groups.values():
             context = np.concatenate([self.logged[i].context for i in rows])
             features = (None if self.logged[rows[0]].action_features is None else
-                        np.concatenate([self.logged[i].action_features  # type: ignore[misc]
-                                        for i in rows]))
+                        np.concatenate([self.logged[i].action_features for i in rows]))
             scores, _ = run(context, features)
             for j, i in enumerate(rows):
                 row = self.logged[i]

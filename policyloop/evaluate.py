@@ -44,9 +44,9 @@ def read_events(path: Path, *, target_column: str | None = None,
     rows = _read_rows(path)
     if not rows:
         raise InvalidArgument(f"{path}: no events")
-    for column in ("action", "reward", "propensity"):
-        if column not in rows[0]:
-            raise InvalidArgument(f"{path}: column {column!r} is missing")
+    for required in ("action", "reward", "propensity"):
+        if required not in rows[0]:
+            raise InvalidArgument(f"{path}: column {required!r} is missing")
     if target_column is not None and target_column not in rows[0]:
         raise InvalidArgument(f"{path}: target column {target_column!r} is missing")
     if "context" in rows[0]:
@@ -71,7 +71,7 @@ def read_events(path: Path, *, target_column: str | None = None,
         action=[str(r["action"]) for r in rows], reward=column("reward"),
         propensity=column("propensity"), context=ctx,
         target=column(target_column) if target_column else None,
-        candidates=[r.get("candidates") for r in rows] if "candidates" in rows[0] else None)
+        candidates=[r.get("candidates") or [] for r in rows] if "candidates" in rows[0] else None)
 
 
 def _read_rows(path: Path) -> list[dict]:

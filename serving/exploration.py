@@ -371,7 +371,8 @@ def _checked(name: str, value: float, ok: bool, wanted: str) -> float:
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and bool(np.isfinite(value))
+    return (isinstance(value, Real) and not isinstance(value, bool)
+            and bool(np.isfinite(float(value))))
 
 
 def _positive(name: str, value: float) -> float:

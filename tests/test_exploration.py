@@ -8,6 +8,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -298,11 +299,16 @@ def test_embedding_rows_must_match_the_scores() -> None:
                         posterior=posterior)
 
 
+def _any(value: Any) -> Any:
+    """A value of the wrong type, passed on purpose past the type checker."""
+    return value
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: EpsilonGreedy(-0.1), "epsilon must be in [0, 1], got -0.1"),
     (lambda: EpsilonGreedy(1.5), "epsilon must be in [0, 1], got 1.5"),
     (lambda: EpsilonGreedy(float("nan")), "epsilon must be in [0, 1], got nan"),
-    (lambda: EpsilonGreedy("0.1"), "epsilon must be in [0, 1], got '0.1'"),
+    (lambda: EpsilonGreedy(_any("0.1")), "epsilon must be in [0, 1], got '0.1'"),
     (lambda: EpsilonGreedy(True), "epsilon must be in [0, 1], got True"),
     (lambda: Softmax(0.0), "temperature must be a finite number > 0, got 0.0"),
     (lambda: Softmax(float("inf")), "temperature must be a finite number > 0, got inf"),
@@ -310,7 +316,7 @@ def test_embedding_rows_must_match_the_scores() -> None:
     (lambda: UCB(-0.5), "alpha must be a finite number >= 0, got -0.5"),
     (lambda: UCB(1.0, 2.0), "epsilon must be in [0, 1], got 2.0"),
     (lambda: Thompson(0), "n_propensity_samples must be an int in 1..16384, got 0"),
-    (lambda: Thompson(1.5), "n_propensity_samples must be an int in 1..16384, got 1.5"),
+    (lambda: Thompson(_any(1.5)), "n_propensity_samples must be an int in 1..16384, got 1.5"),
     (lambda: Thompson(True), "n_propensity_samples must be an int in 1..16384, got True"),
     (lambda: Thompson(100_000), "n_propensity_samples must be an int in 1..16384, got 100000"),
     (lambda: Thompson(64, -0.1), "epsilon must be in [0, 1], got -0.1"),
@@ -451,7 +457,7 @@ def test_posterior_round_trips_through_npz(layout: str) -> None:
         np.testing.assert_array_equal(getattr(back, name), getattr(posterior, name))
 
 
-def _npz(**arrays: object) -> bytes:
+def _npz(**arrays: Any) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()

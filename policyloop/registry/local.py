@@ -141,6 +141,7 @@ class LocalRegistry:
             except NotFound:
                 if self._current_version(policy) == version:
                     raise
+        assert version is not None  # a None version raised inside the loop
         return self.get(policy, version)
 
     # ---- writing
