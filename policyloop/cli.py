@@ -40,6 +40,14 @@ def _train(args: argparse.Namespace) -> int:
                          registry_kafka=args.registry_kafka or "")
 
 
+def _create(args: argparse.Namespace) -> int:
+    from policyloop.create import create_command
+
+    return create_command(args.spec, registry=args.registry,
+                          registry_kafka=args.registry_kafka or "", prior=args.prior,
+                          force=args.force)
+
+
 def _export(args: argparse.Namespace) -> int:
     from models.export import export_command
 
@@ -311,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "with an IPS/DR objective, then export it to ONNX and register it.",
                        add_flags=_train_flags)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("create", help="start a policy from nothing: publish v1 from its spec",
+                       description="Read a policy spec (TOML: name, kind, actions, features, "
+                       "model; see policyloop/contract/spec.py) and publish its first version "
+                       "with no data: a linear model (ranking: with context x candidate "
+                       "products) and the learner's prior as its posterior, so UCB and "
+                       "Thompson sampling explore from the first request and `learn` improves "
+                       "it from the first rewards.")
+    p.add_argument("spec", type=Path, help="the policy spec, a TOML file")
+    p.add_argument("--registry", type=Path, default=Path("var/registry"),
+                   help="registry folder (with --registry-kafka: this process's cache)")
+    p.add_argument("--registry-kafka", metavar="HOST:PORT",
+                   help="publish to the Kafka-backed registry (compacted topic 'models')")
+    p.add_argument("--prior", type=float, default=1.0,
+                   help="ridge prior of the head, as `learn --prior` (default 1.0)")
+    p.add_argument("--force", action="store_true",
+                   help="publish a fresh start even if the policy already has versions")
+    p.set_defaults(func=_create)
 
     p = sub.add_parser("export", help="export a trained checkpoint to ONNX and register it",
                        description="Export to ONNX (dynamic batch axis, pinned opset), check "

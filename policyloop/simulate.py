@@ -108,6 +108,12 @@ class Traffic:
             "regret_per_decision": (float(np.mean(self.optimal) - expected.mean())
                                     if len(expected) else None),
             "versions_seen": sorted(set(self.versions)),
+            # the learning curve: mean expected and optimal reward of each fifth of decisions
+            "expected_by_fifth": [float(part.mean()) for part in np.array_split(expected, 5)
+                                  if len(part)],
+            "optimal_by_fifth": [float(part.mean())
+                                 for part in np.array_split(np.array(self.optimal), 5)
+                                 if len(part)],
         }
 
 

@@ -1,0 +1,158 @@
+"""A policy spec: one TOML file that says what a policy decides, from which features.
+
+It is the general way in: ``policyloop create SPEC`` starts a policy from nothing with it (the
+built-in simulators are examples of such specs). Keys, with what they mean::
+
+    name = "router"                 # the policy's name in the registry and in requests
+    kind = "actions"                # "actions": a fixed set of action ids (routing);
+                                    # "ranking": rank the candidates each request sends
+    actions = ["billing", "tech"]   # kind = "actions" only: the action ids, in order
+
+    [features]
+    context = ["age", "tenure"]     # the context features, by name, in this order
+    action = ["price", "rating"]    # kind = "ranking" only: each candidate's features
+
+    [model]
+    type = "linear"                 # a linear model: learns from the first reward
+    interactions = true             # ranking: also context x candidate products (VW's -q)
+
+Numeric features only for now. Every error names the key and the bad value.
+
+>>> spec = parse_spec('name = "r"\\nkind = "actions"\\nactions = ["a", "b"]\\n'
+...                   '[features]\\ncontext = ["x", "y"]\\n')
+>>> spec.policy_kind.name, spec.actions, spec.features.context
+('qnet', ('a', 'b'), ('x', 'y'))
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.kinds import PolicyKind, kind_of
+from policyloop.contract.signature import FeatureSchema
+
+# the spec's words for the kinds, and the kind each names
+SPEC_KINDS = {"actions": "qnet", "ranking": "scoring"}
+MODEL_TYPES = ("linear",)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
+_POLICY = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_KEYS = {"": {"name", "kind", "actions", "features", "model"},
+         "features": {"context", "action"}, "model": {"type", "interactions"}}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    type: str = "linear"
+    interactions: bool = True  # ranking: context x candidate features in the embedding
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    kind: str  # a name in policyloop.contract.kinds.KINDS
+    features: FeatureSchema
+    actions: tuple[str, ...] = ()
+    model: ModelSpec = ModelSpec()
+
+    @property
+    def policy_kind(self) -> PolicyKind:
+        return kind_of(self.kind)
+
+
+def load_spec(path: Path) -> PolicySpec:
+    """Read and check a spec file; InvalidArgument names the file and what is wrong."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"spec {path}: cannot read it: {exc}") from exc
+    try:
+        return parse_spec(text)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"spec {path}: {exc}") from exc
+
+
+def parse_spec(text: str) -> PolicySpec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"not valid TOML: {exc}") from exc
+    _known(raw, "")
+    name = _string(raw, "name")
+    if not _POLICY.fullmatch(name):
+        raise InvalidArgument(f"name: {name!r} must be 1-64 of a-z 0-9 _ - starting with a "
+                              "letter or digit")
+    kind_word = _string(raw, "kind")
+    if kind_word not in SPEC_KINDS:
+        raise InvalidArgument(f"kind: {kind_word!r} is not one of {sorted(SPEC_KINDS)}")
+    kind = SPEC_KINDS[kind_word]
+    features = raw.get("features")
+    if not isinstance(features, dict):
+        raise InvalidArgument("features: a [features] table with a context list is required")
+    _known(features, "features")
+    context = _names(features, "context", required=True)
+    action = _names(features, "action", required=False)
+    actions: tuple[str, ...] = ()
+    if kind_word == "actions":
+        actions = _names(raw, "actions", required=True, what="action id")
+        if action:
+            raise InvalidArgument("features.action: a fixed action set takes no per-action "
+                                  "features (use kind = \"ranking\")")
+    else:
+        if "actions" in raw:
+            raise InvalidArgument("actions: a ranking policy ranks the candidates each request "
+                                  "sends; list no actions")
+        if not action:
+            raise InvalidArgument("features.action: a ranking policy needs each candidate's "
+                                  "features")
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        raise InvalidArgument(f"model: must be a table, got {model!r}")
+    _known(model, "model")
+    model_type = model.get("type", "linear")
+    if model_type not in MODEL_TYPES:
+        raise InvalidArgument(f"model.type: {model_type!r} is not one of {list(MODEL_TYPES)}")
+    interactions = model.get("interactions", True)
+    if not isinstance(interactions, bool):
+        raise InvalidArgument(f"model.interactions: must be true or false, got "
+                              f"{interactions!r}")
+    return PolicySpec(name, kind, FeatureSchema(context, action), actions,
+                      ModelSpec(model_type, interactions))
+
+
+def _known(table: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(table) - _KEYS[where])
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise InvalidArgument(f"{prefix}{unknown[0]}: unknown key; known keys are "
+                              f"{sorted(_KEYS[where])}")
+
+
+def _string(table: dict[str, Any], key: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{key}: a string is required, got {value!r}")
+    return value
+
+
+def _names(table: dict[str, Any], key: str, *, required: bool,
+           what: str = "feature name") -> tuple[str, ...]:
+    where = key if key == "actions" else f"features.{key}"
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{where}: a list of strings is required, got {value!r}")
+    if required and not value:
+        raise InvalidArgument(f"{where}: at least one {what} is required")
+    for v in value:
+        if not _NAME.fullmatch(v):
+            raise InvalidArgument(f"{where}: {v!r} is not a valid {what}")
+    seen = set()
+    for v in value:
+        if v in seen:
+            raise InvalidArgument(f"{where}: {v!r} appears twice")
+        seen.add(v)
+    return tuple(value)

@@ -1,0 +1,203 @@
+"""``policyloop create``: a policy started from its spec alone is served, explores and learns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from online.join import Example
+from online.learners import LinearHeadLearner, Serving
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import DecisionEvent
+from policyloop.contract.spec import parse_spec
+from policyloop.registry.cold_start import cold_start
+from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_model import open_model
+from policyloop.simulators.routing import RoutingEnv
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING"]
+
+RANKING = """
+name = "shop"
+kind = "ranking"
+[features]
+context = ["u0", "u1", "u2"]
+action = ["i0", "i1", "i2", "i3"]
+"""
+
+
+def _ranking(interactions: bool = True) -> Serving:
+    spec = parse_spec(RANKING + f"[model]\ninteractions = {str(interactions).lower()}\n")
+    model, manifest, posterior = cold_start(spec)
+    return Serving(open_model(model, manifest, posterior, providers=["CPUExecutionProvider"]),
+                   model)
+
+
+def test_the_ranking_embedding_is_the_candidate_the_context_and_their_products() -> None:
+    serving = _ranking()
+    rng = np.random.default_rng(0)
+    context = rng.standard_normal((2, 3), dtype=np.float32)
+    items = rng.standard_normal((2, 5, 4), dtype=np.float32)
+    scores, embedding = serving.model.run(context, items)
+    assert embedding.shape == (2, 5, 4 + 3 + 12) and scores.shape == (2, 5)
+    b, k = 1, 3
+    want = np.concatenate([items[b, k], context[b], np.outer(context[b], items[b, k]).ravel()])
+    np.testing.assert_allclose(embedding[b, k], want, rtol=1e-6)
+    assert not scores.any()  # the head starts at zero: every candidate ties
+    assert serving.model.posterior is not None
+    assert serving.model.posterior.covariance.shape == (19, 19)
+
+
+def _ranking_stream(n: int, seed: int) -> list[Example]:
+    """Which item suits which user: reward 1 when the chosen candidate maximises
+    context @ W @ item, a pure interaction (no item is better on its own)."""
+    rng = np.random.default_rng(seed)
+    affinity = np.random.default_rng(7).standard_normal((3, 4))
+    out = []
+    for i in range(n):
+        context = rng.standard_normal(3).astype(np.float32)
+        items = rng.standard_normal((5, 4)).astype(np.float32)
+        chosen = int(rng.integers(5))
+        best = int(np.argmax(items @ (context @ affinity)))
+        d = DecisionEvent(
+            event_id=f"e{i}", policy="shop", model_version=1, timestamp_ms=i, context=context,
+            action_ids=[f"item-{j}" for j in range(5)], action_features=items, chosen=[chosen],
+            propensities=[0.2], probabilities=np.full((1, 5), 0.2), strategy="uniform",
+            active=True, baseline_action=None, policy_action=None)
+        out.append(Example(d, float(chosen == best), True, i))
+    return out
+
+
+def _greedy_accuracy(interactions: bool) -> float:
+    serving = _ranking(interactions)
+    learner = LinearHeadLearner(serving)
+    for example in _ranking_stream(3000, seed=1):
+        learner.learn_one(example)
+    candidate = learner.candidate()
+    model = open_model(candidate.model, serving.model.manifest,
+                       providers=["CPUExecutionProvider"])
+    test = _ranking_stream(500, seed=2)
+    hits = 0
+    affinity = np.random.default_rng(7).standard_normal((3, 4))
+    for example in test:
+        d = example.decision
+        assert d.action_features is not None
+        scores, _ = model.run(d.context[None], d.action_features[None])
+        best = int(np.argmax(d.action_features @ (d.context @ affinity)))
+        hits += int(np.argmax(scores[0]) == best)
+    return hits / len(test)
+
+
+def test_a_created_ranking_policy_learns_context_by_item_interactions() -> None:
+    with_products, without = _greedy_accuracy(True), _greedy_accuracy(False)
+    assert with_products > 0.8, with_products  # 5 candidates: chance is 0.2
+    assert without < 0.4, without  # a linear score of concatenated features cannot
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('name = "r"\nkind = "actions"\n[features]\ncontext = ["x"]\n',
+     "actions: at least one action id"),
+    ('name = "r"\nkind = "bandit"\nactions = ["a"]\n[features]\ncontext = ["x"]\n',
+     "kind: 'bandit' is not one of"),
+    ('name = "R!"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n',
+     "name: 'R!'"),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x", "x"]\n',
+     "features.context: 'x' appears twice"),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\ncolour = 1\n[features]\ncontext = ["x"]\n',
+     "colour: unknown key"),
+    ('name = "r"\nkind = "ranking"\n[features]\ncontext = ["x"]\n',
+     "features.action: a ranking policy needs"),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = []\n',
+     "features.context: at least one"),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n'
+     '[model]\ntype = "mlp"\n', "model.type: 'mlp'"),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n'
+     '[model]\ninteractions = 1\n', "model.interactions: must be true or false"),
+    ('name = "r"\nkind = = "actions"', "not valid TOML"),
+])
+def test_a_bad_spec_is_refused_naming_the_key_and_value(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=None) as caught:
+        parse_spec(text)
+    assert message in str(caught.value)
+
+
+def test_create_refuses_a_bad_spec_file_in_one_line_and_publishes_nothing(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text('name = "r"\nkind = "actions"\nactions = ["a", "a"]\n'
+                    '[features]\ncontext = ["x"]\n')
+    done = subprocess.run([*CLI, "create", str(spec), "--registry", str(tmp_path / "reg")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"policyloop create: spec {spec}: actions: 'a' appears twice"]
+    assert not (tmp_path / "reg").exists() or LocalRegistry(tmp_path / "reg").policies() == []
+
+
+def _router_spec(path: Path) -> Path:
+    env = RoutingEnv()
+    path.write_text('name = "router"\nkind = "actions"\n'
+                    f"actions = {json.dumps(list(env.action_names))}\n"
+                    f"[features]\ncontext = {json.dumps(list(env.feature_schema.context))}\n")
+    return path
+
+
+def _line(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith(prefix), line
+    return line
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_a_router_created_from_nothing_learns_online_to_90_percent_of_the_oracle(
+        tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    """As a user would: create from a spec, serve with Thompson sampling, learn, send traffic
+    (the routing simulator, whose truth is known), all through the CLI."""
+    registry, bus = str(tmp_path / "registry"), str(tmp_path / "bus")
+    created = subprocess.run([*CLI, "create", str(_router_spec(tmp_path / "router.toml")),
+                              "--registry", registry], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["embedding_width"] == len(RoutingEnv().feature_schema.context)
+    processes.append(subprocess.Popen(
+        [*CLI, "serve", "--registry", registry, "--port", "0", "--metrics-port", "0",
+         "--bus", "local", "--bus-path", bus, "--spool-dir", str(tmp_path / "spool"),
+         "--watch-interval", "0.2", "--policy", "router=thompson"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+    line = _line(processes[0], "policyloop serve: grpc=")
+    target = dict(part.split("=", 1) for part in line.split()[2:])["grpc"]
+    processes.append(subprocess.Popen(
+        [*CLI, "learn", "--registry", registry, "--policy", "router", "--bus-path", bus,
+         "--checkpoint", str(tmp_path / "ckpt.json"), "--window-ms", "500",
+         "--publish-every", "250", "--publish-interval", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+    _line(processes[1], "policyloop learn: consuming")
+    done = subprocess.run([*CLI, "simulate", "--target", target, "--scenario", "routing",
+                           "--policy", "router", "--events", "10000", "--rate", "500",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["decisions"] == 10_000 and summary["errors"] == {}
+    print(json.dumps({k: summary[k] for k in ("expected_by_fifth", "optimal_by_fifth")}))
+    last, oracle = summary["expected_by_fifth"][-1], summary["optimal_by_fifth"][-1]
+    assert last >= 0.9 * oracle, summary
+    assert len(summary["versions_seen"]) > 5  # learned versions reached the server
