@@ -85,3 +85,20 @@ def test_bad_examples_are_refused() -> None:
         heads.update(np.array([np.nan, 1.0]), 1.0)
     with pytest.raises(InvalidArgument):
         heads.update(np.ones(3), 1.0)
+
+
+def test_the_posterior_is_the_weights_given_the_bias_so_one_hot_draws_stay_narrow() -> None:
+    """One-hot features sum to 1, like the bias: data pin (weights + bias) down but not each.
+    Drawn with the bias at its mean, the scores of valid inputs must still be as certain as
+    the data make them."""
+    rng = np.random.default_rng(0)
+    heads = LinearHeads.from_head(np.zeros((1, 4)), np.zeros(1))
+    for _ in range(4000):
+        x = np.eye(4)[rng.integers(4)]
+        heads.update(x, float(rng.random() < 0.2 + 0.15 * x.argmax()))
+    posterior = heads.posterior()
+    precision = heads.precision()
+    np.testing.assert_allclose(posterior.covariance,
+                               heads.noise_variance() * np.linalg.inv(precision[:-1, :-1]))
+    draws = posterior.sample_scores(np.eye(4), rng, 2000)  # [M, 4]: one score per category
+    assert draws.std(axis=0).max() < 0.05  # about 0.4 / sqrt(1000) each, not the prior's 0.5
