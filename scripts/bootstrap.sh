@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the project needs on a fresh machine: uv, the locked Python environment
-# (with torch for training), and the Kafka broker jars. Idempotent; later runs are fast.
+# (with torch for training, and the client library clients/python installed editable as a uv
+# workspace member), and the Kafka broker jars. Idempotent; later runs are fast.
 # Also: Prometheus and promtool (Debian's package, for the observability tests) and kustomize
 # (built from the Go module proxy into .tools/bin, for rendering k8s/).
 # Usage: scripts/bootstrap.sh [--no-kafka]

@@ -1,0 +1,115 @@
+"""What the client takes and gives back: plain Python values in, frozen dataclasses out.
+
+Features are a dict of named numbers (names from ``PolicyInfo.context_features`` /
+``action_features``; names left out are zero, an unknown name is refused) or a sequence of
+numbers in the policy's schema order (a list, a tuple, a numpy array). Candidates are action ids
+(fixed-action policies; they restrict the choice to those actions) or, for ranking policies,
+each id with its own features, as ``{"id": ..., "features": ...}`` or an ``(id, features)``
+pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+Features: TypeAlias = Mapping[str, float] | Sequence[float]
+Candidate: TypeAlias = str | tuple[str, Features] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One row of ``decide_batch``: the arguments of ``decide``.
+
+    >>> Request("routing", {"queue_load": 0.3}, ["billing", "tech"]).slots is None
+    True
+    """
+
+    policy: str
+    context: Features
+    candidates: Sequence[Candidate] | None = None
+    slots: int | None = None
+    event_id: str | None = None
+    deferred: bool = False
+    seed: int | None = None
+    baseline_action: str | None = None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One filled slot: the action, its position in the request's candidates (or in the fixed
+    action set when none were sent), and the probability it was chosen with, given the slots
+    before it, under the distribution the server sampled from."""
+
+    action: str
+    index: int
+    propensity: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The server's answer to one ``decide``.
+
+    ``chosen`` holds one ``Slot`` per requested slot, in slot order; ``action`` and
+    ``propensity`` are the first slot's. ``ranking`` lists every candidate id by score, best
+    first. ``active`` is False for a deferred decision until ``activate(event_id)``. In
+    apprentice mode ``action`` is your ``baseline_action`` and ``policy_action`` what the
+    policy would have chosen (None otherwise).
+
+    >>> d = Decision("e-1", "routing", (Slot("tech", 1, 0.7),), ("tech", "billing"),
+    ...              "softmax(temperature=0.5)", 3, True)
+    >>> d.action, d.propensity
+    ('tech', 0.7)
+    """
+
+    event_id: str
+    policy: str
+    chosen: tuple[Slot, ...]
+    ranking: tuple[str, ...]
+    strategy: str
+    model_version: int
+    active: bool
+    policy_action: str | None = None
+
+    @property
+    def action(self) -> str:
+        return self.chosen[0].action
+
+    @property
+    def propensity(self) -> float:
+        return self.chosen[0].propensity
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: name, dtype and shape (-1 marks a dynamic axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """What a served policy expects.
+
+    ``kind`` is ``"scoring"`` (ranks the candidates you send, each with ``action_features``)
+    or ``"qnet"`` (a fixed set of ``actions``). ``context_features`` are the context's names in
+    schema order, which is also the order of a dense context. In ``list_policies`` a policy
+    with no model loaded yet has only its name (``model_version`` 0).
+    """
+
+    policy: str
+    model_version: int
+    kind: str
+    strategy: str
+    context_features: tuple[str, ...]
+    action_features: tuple[str, ...]
+    actions: tuple[str, ...]
+    max_candidates: int
+    apprentice: bool
+    pinned: bool
+    feature_schema_hash: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
