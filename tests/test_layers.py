@@ -4,7 +4,8 @@ Bottom to top: ``policyloop.contract`` (errors, manifest and signature, event re
 posterior) imports nothing of the project; ``policyloop.bus`` and ``policyloop.registry`` build
 on it; ``serving`` and ``online`` sit side by side on those and never import each other;
 ``models`` (the only torch folder) may use everything below it; the CLI and its command bodies
-in ``policyloop`` sit on top. Every import counts, including those inside functions.
+in ``policyloop`` sit on top. ``policyloop_client`` (``clients/python``, the library apps
+install) imports nothing of the project. Every import counts, including those inside functions.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SIMULATORS, TOP = "policyloop.simulators", "policyloop"
 # layer -> the layers its modules may import (each may always import itself).
 ALLOWED: dict[str, set[str]] = {
     "protos": set(),
+    "policyloop_client": set(),
     CONTRACT: set(),
     BUS: {CONTRACT},
     REGISTRY: {CONTRACT, BUS},
@@ -34,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     TOP: {CONTRACT, BUS, REGISTRY, SIMULATORS, "online", "serving", "models", "protos"},
 }
 TORCH_LAYERS = {"models", TOP}  # the CLI imports torch only inside train/export commands
-PACKAGES = ("protos", "policyloop", "online", "serving", "models")
+PACKAGES = ("protos", "policyloop", "online", "serving", "models", "policyloop_client")
+FOLDER = {"policyloop_client": ROOT / "clients" / "python"}  # the others are at the root
 
 
 def layer_of(module: str) -> str | None:
@@ -88,8 +91,9 @@ def violations(source: str, module: str) -> list[str]:
 def project_modules() -> list[tuple[str, Path]]:
     modules = []
     for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        base = FOLDER.get(package, ROOT)
+        for path in sorted((base / package).rglob("*.py")):
+            parts = path.relative_to(base).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             modules.append((name, path))
     return modules
@@ -114,6 +118,8 @@ def test_the_package_init_imports_nothing() -> None:
      "may not import policyloop.registry"),
     ("policyloop.registry.onnx_head", "import torch", "imports torch"),
     ("online.linear", "from ..models import policies", "may not import models"),
+    ("policyloop_client.client", "from protos import decision_pb2",
+     "may not import protos"),
 ])
 def test_a_wrong_arrow_is_caught(module: str, source: str, complaint: str) -> None:
     wrong = violations(source, module)
