@@ -10,11 +10,12 @@ takes them again. Records leave in the order they were submitted, so per key too
   new record is appended to the spool behind it (a ``write`` per record, no fsync, on the
   caller's thread), until the thread has delivered the whole spool; then back to normal.
 
-The spool is a folder of segment files of framed records (``u32 body length | u32 CRC32 |
-u16 topic length | i32 key length (-1: none) | topic | key | value``) and a ``cursor`` file
-holding the first undelivered position; fully delivered segments are deleted. The thread
-fsyncs new spool writes in batches, about every 50 ms (``_SYNC_INTERVAL_S``). The spool
-survives a crash or restart: a new ``DecisionLog`` on the same folder repairs a torn tail,
+The spool is a folder of segment files of routed-record frames (``policyloop/bus/framing.py``:
+``u32 body length | u32 CRC32 | u16 topic length | i32 key length (-1: none) | topic | key |
+value``, the bytes spools had before that module, so an older server's spool is recovered) and
+a ``cursor`` file holding the first undelivered position; fully delivered segments are deleted.
+The thread fsyncs new spool writes in batches, about every 50 ms (``_SYNC_INTERVAL_S``). The
+spool survives a crash or restart: a new ``DecisionLog`` on the same folder repairs a torn tail,
 delivers the leftovers first, and only then anything newer. Records are dropped only when
 the spool's disk budget is exhausted (or the producer rejects one as malformed); drops are
 counted and logged at ERROR.
@@ -32,66 +33,36 @@ import itertools
 import json
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from collections import deque
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from policyloop.bus.framing import (
+    RoutedRecord,
+    Verdict,
+    decode_routed_records,
+    encode_routed_record,
+)
 from policyloop.bus.interface import Producer, RecordsRejected
 from policyloop.contract.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "policyloop"
-_PREFIX = struct.Struct(">II")  # body length, CRC32 of the body
-_BODY_HEAD = struct.Struct(">Hi")  # topic length, key length (-1: no key)
 _SYNC_INTERVAL_S = 0.05
 _DROP_LOG_INTERVAL_S = 10.0
 _MIN_BACKOFF_S = 0.05
 
-# (topic, key, value)
-_Item = tuple[str, bytes | None, bytes]
+_Item = RoutedRecord  # (topic, key, value)
+_RECOVER_RECORDS = 10_000  # records decoded at a time while checking a segment
 
 
 def _event_fields(key: bytes | None) -> dict[str, str]:
     """Log ``extra=`` naming the event a record belongs to (its key is the event id)."""
     return {} if key is None else {"event_id": key.decode("utf-8", "replace")}
-
-
-def _encode(item: _Item) -> bytes:
-    topic, key, value = item
-    name = topic.encode("utf-8")
-    body = b"".join((_BODY_HEAD.pack(len(name), -1 if key is None else len(key)), name,
-                     key or b"", value))
-    return _PREFIX.pack(len(body), zlib.crc32(body)) + body
-
-
-def _decode(buf: bytes, at: int) -> tuple[int, _Item] | None:
-    """(end, item) of the frame at ``buf[at]``; None when torn or corrupt."""
-    if len(buf) - at < _PREFIX.size:
-        return None
-    length, crc = _PREFIX.unpack_from(buf, at)
-    start = at + _PREFIX.size
-    end = start + length
-    if length < _BODY_HEAD.size or end > len(buf):
-        return None
-    if zlib.crc32(memoryview(buf)[start:end]) != crc:
-        return None
-    topic_len, key_len = _BODY_HEAD.unpack_from(buf, start)
-    key_start = start + _BODY_HEAD.size + topic_len
-    value_start = key_start + max(key_len, 0)
-    if key_len < -1 or value_start > end:
-        return None
-    try:
-        topic = buf[start + _BODY_HEAD.size:key_start].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    key = None if key_len < 0 else buf[key_start:value_start]
-    return end, (topic, key, buf[value_start:end])
 
 
 class _Spool:
@@ -146,17 +117,13 @@ class _Spool:
             with open(self._path(seg), "rb") as f:
                 f.seek(start)
                 buf = f.read(max(min(size - start, max_bytes), 0))
-            if len(buf) < size - start and _decode(buf, 0) is None:  # one frame > max_bytes
-                with open(self._path(seg), "rb") as f:
-                    f.seek(start)
+                items, ends, verdict = decode_routed_records(buf, 0, max_records - len(out))
+                if not items and verdict is Verdict.INCOMPLETE and len(buf) < size - start:
+                    f.seek(start)  # one frame larger than max_bytes
                     buf = f.read(size - start)
-            at = 0
-            while len(out) < max_records:
-                decoded = _decode(buf, at)
-                if decoded is None:
-                    break
-                at, item = decoded
-                out.append((item, (seg, start + at)))
+                    items, ends, _ = decode_routed_records(buf, 0, max_records - len(out))
+            out += [(item, (seg, start + end)) for item, end in zip(items, ends, strict=True)]
+            at = ends[-1] if ends else 0
             if len(out) >= max_records or at < len(buf) or len(buf) < size - start:
                 break
             max_bytes -= len(buf)
@@ -243,12 +210,14 @@ class _Spool:
             cursor = (segments[0], 0) if segments else (0, 0)
         for seg in segments:
             data = self._path(seg).read_bytes()
-            at = 0
-            while (decoded := _decode(data, at)) is not None:
-                at = decoded[0]
+            at, verdict = 0, Verdict.OK
+            while verdict is Verdict.OK:  # a slice at a time: the records are not kept
+                _, ends, verdict = decode_routed_records(data, at, _RECOVER_RECORDS)
+                at = ends[-1] if ends else at
             if at < len(data):
-                log.error("spool %s: cutting %d bytes of torn or corrupt data from %s", self._dir,
-                          len(data) - at, self._path(seg).name)
+                log.error("spool %s: cutting %d bytes of %s data from %s", self._dir,
+                          len(data) - at, "torn" if verdict is Verdict.INCOMPLETE else "corrupt",
+                          self._path(seg).name)
                 os.truncate(self._path(seg), at)
             self._sizes[seg] = at
             self.bytes_on_disk += at
@@ -449,7 +418,7 @@ class DecisionLog:
 
     def _spool_items(self, items: list[_Item]) -> int:
         """Append to the spool within the budget; returns how many were written (a prefix)."""
-        frames = [_encode(item) for item in items]
+        frames = [encode_routed_record(*item) for item in items]
         room = self._budget - self._spool.bytes_on_disk
         n = 0
         for frame in frames:

@@ -15,6 +15,12 @@ record the child's producer refuses as malformed is left out and the rest delive
 then raises ``RecordsRejected`` naming it, as ``send`` would have on a producer in the server,
 so the decision log drops and counts it instead of retrying it for ever. The child exits when
 the server's end of the pipe closes.
+
+A batch crosses the pipe as one message of routed-record frames, the format of the decision
+log's spool (``policyloop/bus/framing.py``): one codec for both, and a framing bug shows as a
+refused batch, never as wrong records. The server's share per record is a length prefix, two
+CRC calls and a list append (the head and topic bytes are made once per batch). Both ends are
+this module, started together, so the format may change with it.
 """
 
 from __future__ import annotations
@@ -22,45 +28,37 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import struct
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from policyloop.bus.framing import (
+    RoutedRecord,
+    decode_routed_records,
+    encode_routed_records,
+)
 from policyloop.bus.interface import BusUnavailable, RecordsRejected, check_record, open_producer
 from policyloop.contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-_HEAD = struct.Struct(">Hii")  # topic length, key length (-1: none), value length
 _SPAWN = multiprocessing.get_context("spawn")
 
-# (topic, key, value)
-_Item = tuple[str, bytes | None, bytes]
+_Item = RoutedRecord  # (topic, key, value)
 
 
 def pack(batch: list[_Item]) -> bytes:
-    parts = []
-    for topic, key, value in batch:
-        name = topic.encode("utf-8")
-        parts += (_HEAD.pack(len(name), -1 if key is None else len(key), len(value)), name,
-                  key or b"", value)
-    return b"".join(parts)
+    """One batch as one pipe message."""
+    return encode_routed_records(batch)
 
 
 def unpack(data: bytes) -> list[_Item]:
-    out, at = [], 0
-    view = memoryview(data)
-    while at < len(data):
-        topic_len, key_len, value_len = _HEAD.unpack_from(data, at)
-        at += _HEAD.size
-        topic = bytes(view[at:at + topic_len]).decode("utf-8")
-        at += topic_len
-        key = None if key_len < 0 else bytes(view[at:at + key_len])
-        at += max(key_len, 0)
-        out.append((topic, key, bytes(view[at:at + value_len])))
-        at += value_len
-    return out
+    """The batch ``pack`` made; ValueError if ``data`` is not one."""
+    batch, ends, verdict = decode_routed_records(data)
+    if (ends[-1] if ends else 0) != len(data):
+        raise ValueError(f"malformed log writer batch: {verdict.value} frame after "
+                         f"{len(batch)} records")
+    return batch
 
 
 def _serve_batches(conn: Connection, kind: str, path: str, bootstrap: str, partitions: int,

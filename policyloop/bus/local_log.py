@@ -8,14 +8,16 @@ Layout under ``root``::
     topics/<topic>/<p>/<base>.idx     one big-endian u64 byte position per record
     groups/<group>.json               committed offsets {"<topic>:<p>": next offset to read}
 
-A frame is ``u32 body length | u32 CRC32(body) | body``, the body ``i64 timestamp_ms | i32 key
-length (-1: no key) | key | value``. An append writes the frame, then its index entry, under an
-exclusive ``fcntl.flock`` on the partition's lock file, so any number of processes may produce.
-The index is the commit point: readers return only records with an index entry and a complete,
-CRC-valid frame, and stop before the first that is not (a crash's torn tail, or a write in
-progress) without raising; the next poll picks up from there. The next append repairs a torn
-tail first (drops index entries whose frame is incomplete, truncates the log after the last good
-frame), so offsets stay dense: 0, 1, 2, ... per partition.
+A record is a segment-record frame of ``policyloop/bus/framing.py``, ``u32 body length |
+u32 CRC32(body) | i64 timestamp_ms | i32 key length (-1: no key) | key | value``, with at most
+64 MiB of key and value; logs written before that module have the same bytes. An append writes
+the frame, then its index entry, under an exclusive ``fcntl.flock`` on the partition's lock
+file, so any number of processes may produce. The index is the commit point: readers return
+only records with an index entry and a complete, CRC-valid frame, and stop before the first
+that is not (a crash's torn tail, or a write in progress) without raising; the next poll picks
+up from there. The next append repairs a torn tail first (drops index entries whose frame is
+incomplete, truncates the log after the last good frame), so offsets stay dense: 0, 1, 2, ...
+per partition.
 
 Polling from any offset is O(1): one index read gives the byte position. A segment rolls to a
 new file once it holds ``segment_bytes``; with ``retention_bytes`` set, a producer deletes the
@@ -30,7 +32,6 @@ is sent; ``flush`` appends it (then readers see it) and makes it survive a machi
 
 from __future__ import annotations
 
-import binascii
 import bisect
 import fcntl
 import itertools
@@ -45,6 +46,15 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from policyloop.bus.framing import (
+    PREFIX,
+    SEGMENT_MAX_BODY,
+    SegmentRecord,
+    Verdict,
+    check_frame,
+    decode_segment_records,
+    encode_segment_record,
+)
 from policyloop.bus.interface import (
     BusUnavailable,
     Record,
@@ -57,18 +67,11 @@ from policyloop.contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-_PREFIX = struct.Struct(">II")  # body length, CRC32 of the body
-_BODY_HEAD = struct.Struct(">qi")  # timestamp_ms, key length (-1: no key)
 _POS = struct.Struct(">Q")  # index entry: byte position of a frame in its segment
-MAX_RECORD_BYTES = 64 << 20  # key + value
 _MAX_BUFFERED_BYTES = 4 << 20
-_MAX_BODY = _BODY_HEAD.size + MAX_RECORD_BYTES
 _READ_CHUNK = 1 << 20
 _IDLE_SLEEP_S = 0.02
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
-
-# (end position, timestamp_ms, key, value) of one decoded frame.
-_Frame = tuple[int, int, bytes | None, bytes]
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -76,66 +79,26 @@ def partition_for(key: bytes, partitions: int) -> int:
     return zlib.crc32(key) % partitions
 
 
-def encode_frame(timestamp_ms: int, key: bytes | None, value: bytes) -> bytes:
-    """One record as stored in a segment file (layout in the module docstring).
+def _frame_end(fd: int, pos: int) -> int | None:
+    """The file position after the good frame at byte ``pos``; None if torn or corrupt.
 
-    ``binascii.crc32`` is the same CRC as ``zlib.crc32``, but keeps the interpreter lock:
-    zlib's releases it for inputs over 5 KiB, and the server's decision-log thread, framing
-    hundreds of such records a batch, would hand the lock to the request path and wait to
-    get it back once per record."""
-    body = b"".join((_BODY_HEAD.pack(timestamp_ms, -1 if key is None else len(key)),
-                     key or b"", value))
-    return _PREFIX.pack(len(body), binascii.crc32(body)) + body
-
-
-def _decode_frame(buf: bytes, at: int) -> _Frame | None:
-    """The frame starting at ``buf[at]``, end relative to ``buf``; None if torn or corrupt."""
-    if len(buf) - at < _PREFIX.size:
+    Reads the prefix first, so a corrupt length is refused before its bytes are read."""
+    head = os.pread(fd, PREFIX.size, pos)
+    verdict, end = check_frame(head, 0, SEGMENT_MAX_BODY)
+    if verdict is Verdict.CORRUPT or len(head) < PREFIX.size:
         return None
-    length, crc = _PREFIX.unpack_from(buf, at)
-    start = at + _PREFIX.size
-    end = start + length
-    if not _BODY_HEAD.size <= length <= _MAX_BODY or end > len(buf):
-        return None
-    if zlib.crc32(memoryview(buf)[start:end]) != crc:
-        return None
-    timestamp_ms, key_len = _BODY_HEAD.unpack_from(buf, start)
-    key_start = start + _BODY_HEAD.size
-    value_start = key_start + max(key_len, 0)
-    if key_len < -1 or value_start > end:
-        return None
-    key = None if key_len < 0 else buf[key_start:value_start]
-    return end, timestamp_ms, key, buf[value_start:end]
+    records, ends, _ = decode_segment_records(os.pread(fd, end, pos), 0, 1)
+    return pos + ends[0] if records else None
 
 
-def _frame_at(fd: int, pos: int) -> _Frame | None:
-    """The frame at byte ``pos`` of a file, end as a file position; None if torn or corrupt."""
-    head = os.pread(fd, _PREFIX.size, pos)
-    if len(head) < _PREFIX.size:
-        return None
-    (length, _) = _PREFIX.unpack(head)
-    if not _BODY_HEAD.size <= length <= _MAX_BODY:
-        return None
-    frame = _decode_frame(os.pread(fd, _PREFIX.size + length, pos), 0)
-    return None if frame is None else (pos + frame[0], *frame[1:])
-
-
-def _read_frames(fd: int, pos: int, n: int) -> list[_Frame]:
-    """Up to ``n`` consecutive good frames from byte ``pos``, ends as file positions."""
+def _read_frames(fd: int, pos: int, n: int) -> list[SegmentRecord]:
+    """Up to ``n`` consecutive good records from byte ``pos`` on."""
     buf = os.pread(fd, _READ_CHUNK, pos)
-    frames: list[_Frame] = []
-    at = 0
-    while len(frames) < n:
-        frame = _decode_frame(buf, at)
-        if frame is None:
-            break
-        at = frame[0]
-        frames.append((pos + at, *frame[1:]))
-    if not frames and n:  # the first frame may be larger than one chunk
-        frame = _frame_at(fd, pos)
-        if frame is not None:
-            frames.append(frame)
-    return frames
+    records, _, verdict = decode_segment_records(buf, 0, n)
+    if not records and verdict is Verdict.INCOMPLETE and len(buf) == _READ_CHUNK:
+        _, end = check_frame(buf, 0, SEGMENT_MAX_BODY)  # a frame larger than one chunk
+        records, _, _ = decode_segment_records(os.pread(fd, end, pos), 0, 1)
+    return records
 
 
 def _segment_bases(directory: Path) -> list[int]:
@@ -195,7 +158,8 @@ class _Appender:
             while done < len(frames):
                 if self._end >= self._segment_bytes and self._count:
                     self._roll()
-                positions, end, stop = [], self._end, done
+                positions: list[int] = []
+                end, stop = self._end, done
                 while stop < len(frames) and (end < self._segment_bytes or not positions):
                     positions.append(end)
                     end += len(frames[stop])
@@ -232,9 +196,9 @@ class _Appender:
         end = 0
         while n:
             (pos,) = _POS.unpack(os.pread(self._idx_fd, _POS.size, (n - 1) * _POS.size))
-            frame = _frame_at(self._log_fd, pos)
-            if frame is not None:
-                end = frame[0]
+            frame_end = _frame_end(self._log_fd, pos)
+            if frame_end is not None:
+                end = frame_end
                 break
             n -= 1
         if idx_size != n * _POS.size:
@@ -296,8 +260,9 @@ class _Reader:
         self._log_fd = -1
         self._idx_fd = -1
 
-    def read(self, offset: int, max_records: int) -> tuple[list[tuple[int, _Frame]], int]:
-        """Up to ``max_records`` (offset, frame) pairs from ``offset`` on, and the next offset.
+    def read(self, offset: int, max_records: int,
+             ) -> tuple[list[tuple[int, SegmentRecord]], int]:
+        """Up to ``max_records`` (offset, record) pairs from ``offset`` on, and the next offset.
 
         The next offset differs from ``offset + len(records)`` only when ``offset`` lies before
         the oldest record retention kept.
@@ -524,13 +489,13 @@ class LocalProducer:
 
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         check_record(value, key)
-        size = len(value) + len(key or b"")
-        if size > MAX_RECORD_BYTES:
-            raise InvalidArgument(
-                f"record for topic {topic!r} is {size} bytes, more than {MAX_RECORD_BYTES}")
         with self._lock:
             if self._closed:
                 raise BusUnavailable("local log producer is closed")
+            try:
+                frame = encode_segment_record(_now_ms(), key, bytes(value))
+            except InvalidArgument as e:  # too large
+                raise InvalidArgument(f"record for topic {topic!r}: {e}") from None
             n = self._partitions.get(topic)
             try:
                 if n is None:
@@ -540,7 +505,6 @@ class LocalProducer:
                     f"local log {self._log.root}: cannot open topic {topic!r}: {e}") from e
             p = (partition_for(bytes(key), n) if key is not None
                  else next(self._round_robin) % n)
-            frame = encode_frame(_now_ms(), key, bytes(value))
             self._buffered.setdefault((topic, p), []).append(frame)
             self._buffered_bytes += len(frame)
             if self._buffered_bytes > _MAX_BUFFERED_BYTES:
@@ -714,6 +678,6 @@ class LocalConsumer:
             batch, self._positions[tp] = self._readers[tp].read(self._positions[tp],
                                                                  max_records - len(records))
             records.extend(Record(tp[0], tp[1], offset, key, value, timestamp_ms)
-                           for offset, (_, timestamp_ms, key, value) in batch)
+                           for offset, (timestamp_ms, key, value) in batch)
         self._next = (self._next + 1) % max(n, 1)
         return records
