@@ -231,7 +231,7 @@ def test_a_call_past_its_deadline_raises_deadline_exceeded(silent_target: str) -
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):  # safe to retry: three attempts of 0.2 s
             client.policy_info("routing")
-        assert once >= 0.2 and time.monotonic() - started >= 0.6
+        assert once >= 0.18 and time.monotonic() - started >= 0.55
         with pytest.raises(ValueError, match="timeout must be > 0"):
             client.decide("routing", TICKET, timeout=0)
 
