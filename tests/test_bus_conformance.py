@@ -304,18 +304,15 @@ def test_commit_refuses_malformed_offsets_and_stores_nothing(
 
 
 DRIFTING_COMMITS = {
-    # LocalConsumer.commit checks isinstance(partition, int), which True passes; the group file
-    # then holds "t:True", and every later committed() or new consumer of the group raises
-    # BusUnavailable (unreadable committed offsets).
+    # Both backends check keys with interface.check_topic_partition. The local log once took a
+    # partition of True (its group file then held "t:True" and every later committed() raised
+    # BusUnavailable) and unpacked keys itself (ValueError, not InvalidArgument).
     "bool partition": lambda t: {(t, True): 0},
-    # LocalConsumer.commit unpacks each key as (topic, partition): ValueError, not InvalidArgument
     "key not a pair": lambda t: {t: 0},
     "key of three": lambda t: {(t, 0, 1): 0},
 }
 
 
-@local_xfail("policyloop/bus/local_log.py: LocalConsumer.commit does not check that each key "
-             "is a (topic, partition >= 0) pair; Kafka refuses with InvalidArgument")
 @pytest.mark.parametrize("offsets", DRIFTING_COMMITS.values(), ids=DRIFTING_COMMITS.keys())
 def test_commit_refuses_malformed_partitions_and_stores_nothing(
         bus_backend: Bus, offsets: Callable[[str], dict]) -> None:
@@ -328,8 +325,6 @@ def test_commit_refuses_malformed_partitions_and_stores_nothing(
     assert consumer.committed((topic, 0)) is None
 
 
-@local_xfail("policyloop/bus/local_log.py: LocalConsumer.committed returns None for any key; "
-             "Kafka refuses a malformed topic partition with InvalidArgument")
 @pytest.mark.parametrize("tp", ["t", ("t", -1), ("t", True), (5, 0)], ids=repr)
 def test_committed_refuses_a_malformed_topic_partition(bus_backend: Bus, tp: object) -> None:
     consumer = bus_backend.consumer([bus_backend.topic()])

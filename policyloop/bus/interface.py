@@ -66,6 +66,22 @@ def check_shard(shard: object) -> Shard:
     return shard
 
 
+def check_topic_partition(tp: object) -> TopicPartition:
+    """``tp`` when it is (topic: str, partition: int >= 0); every consumer checks the keys of
+    ``commit`` and the argument of ``committed`` and ``seek`` with this one rule."""
+    if (not isinstance(tp, tuple) or len(tp) != 2 or not isinstance(tp[0], str)
+            or isinstance(tp[1], bool) or not isinstance(tp[1], int) or tp[1] < 0):
+        raise InvalidArgument(f"topic partition must be (topic: str, partition >= 0), got {tp!r}")
+    return tp[0], tp[1]
+
+
+def check_offset(what: str, tp: TopicPartition, offset: object) -> int:
+    """``offset`` when it is an int >= 0 (``what``: the call, for the message)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidArgument(f"{what} offset for {tp} must be an int >= 0, got {offset!r}")
+    return offset
+
+
 def check_record(value: object, key: object) -> None:
     """The types every producer accepts: value bytes, key bytes or None."""
     if not isinstance(value, bytes | bytearray):

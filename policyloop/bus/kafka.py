@@ -27,8 +27,10 @@ from policyloop.bus.interface import (
     Record,
     Shard,
     TopicPartition,
+    check_offset,
     check_record,
     check_shard,
+    check_topic_partition,
 )
 from policyloop.contract.errors import InvalidArgument
 
@@ -44,17 +46,8 @@ _METADATA_MAX_AGE_MS = 5000
 _REJOIN_MAX_S = 300.0  # the longest wait between two rejoins of a member holding nothing
 
 
-def _check_offset(what: str, tp: TopicPartition, offset: object) -> int:
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise InvalidArgument(f"{what} offset for {tp} must be an int >= 0, got {offset!r}")
-    return offset
-
-
 def _check_tp(tp: object) -> _KafkaTP:
-    if (not isinstance(tp, tuple) or len(tp) != 2 or not isinstance(tp[0], str)
-            or isinstance(tp[1], bool) or not isinstance(tp[1], int) or tp[1] < 0):
-        raise InvalidArgument(f"topic partition must be (topic: str, partition >= 0), got {tp!r}")
-    return _KafkaTP(tp[0], tp[1])
+    return _KafkaTP(*check_topic_partition(tp))
 
 
 class KafkaProducerAdapter:
@@ -362,7 +355,7 @@ class KafkaConsumerAdapter:
         """Store, per partition, the offset of the next record to read (synchronously)."""
         request = {}
         for tp, offset in offsets.items():
-            request[_check_tp(tp)] = OffsetAndMetadata(_check_offset("commit", tp, offset), "",
+            request[_check_tp(tp)] = OffsetAndMetadata(check_offset("commit", tp, offset), "",
                                                        -1)
         if not request:
             return
@@ -383,7 +376,7 @@ class KafkaConsumerAdapter:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         ktp = _check_tp(tp)
-        _check_offset("seek", tp, offset)
+        check_offset("seek", tp, offset)
         if ktp not in self._consumer.assignment():
             raise InvalidArgument(f"seek: {tp} is not assigned to this consumer "
                                   f"(assigned {sorted(self.assignment())})")

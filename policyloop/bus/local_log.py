@@ -60,8 +60,10 @@ from policyloop.bus.interface import (
     Record,
     Shard,
     TopicPartition,
+    check_offset,
     check_record,
     check_shard,
+    check_topic_partition,
 )
 from policyloop.contract.errors import InvalidArgument
 
@@ -606,27 +608,24 @@ class LocalConsumer:
             time.sleep(min(_IDLE_SLEEP_S, remaining))
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        for (topic, partition), offset in offsets.items():
+        checked = {}
+        for tp, offset in offsets.items():
+            topic, partition = check_topic_partition(tp)
             _check_name("topic", topic)
-            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-                raise InvalidArgument(
-                    f"offset for {(topic, partition)} must be an int >= 0, got {offset!r}")
-            if not isinstance(partition, int) or partition < 0:
-                raise InvalidArgument(f"partition of {topic!r} must be >= 0, got {partition!r}")
-        self._log._commit(self._group, dict(offsets))
+            checked[(topic, partition)] = check_offset("commit", tp, offset)
+        self._log._commit(self._group, checked)
 
     def committed(self, tp: TopicPartition) -> int | None:
-        return self._log._read_group(self._group).get(tp)
+        return self._log._read_group(self._group).get(check_topic_partition(tp))
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         if self._pending:
             self._refresh()
+        tp = check_topic_partition(tp)
         if tp not in self._positions:
             raise InvalidArgument(
                 f"seek: {tp} is not assigned to this consumer (assigned {sorted(self._order)})")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise InvalidArgument(f"seek offset for {tp} must be an int >= 0, got {offset!r}")
-        self._positions[tp] = offset
+        self._positions[tp] = check_offset("seek", tp, offset)
 
     def position(self, tp: TopicPartition) -> int:
         """The offset the next poll reads from in ``tp``."""
