@@ -272,7 +272,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", metavar="NAME[=STRATEGY]",
                    help="serve this policy, optionally with its exploration strategy "
                    "(greedy, epsilon_greedy:E, softmax:T, squarecb:G, ucb:A, thompson[:M]; "
-                   "default --strategy); repeatable; default: every policy in the registry; "
+                   "default --strategy); repeatable; default: every policy in the registry, "
+                   "and those published later (--model-control-mode); "
                    "replaces the file's [policies.NAME] tables")
     p.add_argument("--apprentice", action="append", metavar="NAME",
                    help="run this --policy in apprentice mode (repeatable)")

@@ -26,6 +26,9 @@ class PolicyConfig:
     max_candidates: int = 1000
 
 
+MODEL_CONTROL_MODES = ("auto", "poll", "explicit")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     registry: Path = setting(Path("var/registry"), "model registry folder (with "
@@ -37,11 +40,20 @@ class ServeConfig:
     host: str = setting("127.0.0.1", "address the gRPC port binds")
     port: int = setting(50051, "gRPC port (0 = any free port)")
     metrics_port: int = setting(9464, "Prometheus port (0 = any free port)")
-    # Policies to serve; empty means every policy the registry holds at start-up. Not a
-    # setting: [policies.NAME] tables in the file, --policy and --apprentice flags.
+    # Policies configured by name; which policies are served follows from them and
+    # model_control_mode (``discovers_policies``). Not a setting: [policies.NAME] tables in
+    # the file, --policy and --apprentice flags.
     policies: Mapping[str, PolicyConfig] = field(default_factory=dict)
+    model_control_mode: str = setting(
+        "auto", "which policies are served: poll = the configured ones and every policy in the "
+        "registry, one published later as soon as its first version loads (one without a "
+        "[policies.NAME] table gets --strategy and the defaults); explicit = the configured "
+        "ones alone (none configured: the registry's at start-up); auto = explicit when "
+        "policies are configured (--policy, [policies.NAME]), poll otherwise",
+        choices=MODEL_CONTROL_MODES)
     default_strategy: str = setting("epsilon_greedy:0.1", "exploration strategy of a policy "
-                                    "named without one", flag="--strategy")
+                                    "named without one or served from the registry without "
+                                    "a [policies.NAME] table", flag="--strategy")
     bus: str = setting("local", "event bus: the embedded durable log under --bus-path, or "
                        "Kafka", choices=("local", "kafka"))
     bus_path: Path = setting(Path("var/bus"), "embedded event log folder (bus local)")
@@ -87,7 +99,16 @@ class ServeConfig:
                                        "(decide, reward, admin)")
 
     def policy(self, name: str) -> PolicyConfig:
+        """How ``name`` is served: its ``[policies.NAME]`` table, or the defaults (strategy
+        ``default_strategy``) for a policy without one, e.g. one served from the registry."""
         return self.policies.get(name) or PolicyConfig(strategy=self.default_strategy)
+
+    @property
+    def discovers_policies(self) -> bool:
+        """Whether the server serves every policy of the registry, including those published
+        after start-up (``model_control_mode`` poll, or auto with no policy configured)."""
+        return self.model_control_mode == "poll" or (self.model_control_mode == "auto"
+                                                     and not self.policies)
 
     def validate(self) -> ServeConfig:
         if self.bus not in ("local", "kafka"):
@@ -95,6 +116,9 @@ class ServeConfig:
         if self.log_writer not in ("thread", "process"):
             raise InvalidArgument(f"log_writer must be 'thread' or 'process', got "
                                   f"{self.log_writer!r}")
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            raise InvalidArgument(f"model_control_mode must be one of "
+                                  f"{list(MODEL_CONTROL_MODES)}, got {self.model_control_mode!r}")
         if self.bus == "kafka" and not self.kafka_bootstrap:
             raise InvalidArgument("bus 'kafka' needs kafka_bootstrap (HOST:PORT)")
         for name in ("port", "metrics_port"):

@@ -148,8 +148,12 @@ class DataPlane:
         self._log = log
         self._metrics = metrics
         self._rng = np.random.default_rng(seed)
+        # Built here for the policies named at start-up, so a bad spec stops the server; a
+        # policy the store discovers later gets its strategy on first use (``_strategy``).
         self._strategies: dict[str, Strategy] = {
             name: strategy_from_spec(config.policy(name).strategy) for name in store.policies}
+        if store.discovers:
+            strategy_from_spec(config.default_strategy)  # what discovered policies will get
         # labelled metric children, looked up once (label values are bounded)
         self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
@@ -159,7 +163,14 @@ class DataPlane:
 
     def strategy(self, policy: str) -> Strategy:
         self._store.get_known(policy)
-        return self._strategies[policy]
+        return self._strategy(policy)
+
+    def _strategy(self, policy: str) -> Strategy:
+        strategy = self._strategies.get(policy)
+        if strategy is None:  # a discovered policy; strategies hold no state, so a race is moot
+            strategy = self._strategies.setdefault(
+                policy, strategy_from_spec(self._config.policy(policy).strategy))
+        return strategy
 
     def max_candidates(self, policy: str) -> int:
         return self._config.policy(policy).max_candidates
@@ -262,7 +273,7 @@ class DataPlane:
     def _finish(self, p: _Prepared, scores: np.ndarray,
                 embedding: np.ndarray) -> DecideOutput:
         model = p.model
-        strategy = self._strategies[p.request.policy]
+        strategy = self._strategy(p.request.policy)
         rng = np.random.default_rng(p.request.seed) if p.request.seed is not None else self._rng
         if p.allowed is not None:  # fixed action set: restrict to the allowed actions
             scores = scores[p.allowed]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -44,7 +44,7 @@ def status_of(exc: PolicyloopError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _policy_label(request: Any, policies: Collection[str]) -> str:
+def _policy_label(request: Any, served: Callable[[str], bool]) -> str:
     """A bounded label: a served policy's name, or "-" / "unknown"."""
     name = getattr(request, "policy", None)
     if name is None:
@@ -54,7 +54,7 @@ def _policy_label(request: Any, policies: Collection[str]) -> str:
             name = rows[0].policy if rows else ""
     if not name:
         return "-"
-    return name if name in policies else "unknown"
+    return name if served(name) else "unknown"
 
 
 class _Malformed:
@@ -86,9 +86,11 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 class ServingInterceptor(grpc.aio.ServerInterceptor):
     """Status mapping, per-call metrics and the deadline check."""
 
-    def __init__(self, metrics: ServingMetrics, policies: Collection[str]) -> None:
+    def __init__(self, metrics: ServingMetrics, served: Callable[[str], bool]) -> None:
+        """``served(name)``: whether a policy is served, asked at each call (the model store
+        may discover policies while the server runs)."""
         self._metrics = metrics
-        self._policies = frozenset(policies)
+        self._served = served
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -138,7 +140,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
             finally:
                 metrics.in_flight.dec()
-                policy = _policy_label(request, self._policies)
+                policy = _policy_label(request, self._served)
                 child = children.get((policy, code))
                 if child is None:
                     child = children[(policy, code)] = (

@@ -2,8 +2,9 @@
 
 Each collector takes the ``registry`` it is created with, so tests use a private registry and
 read values with ``registry.get_sample_value``. Label sets are bounded: policy names come from
-the server's configuration, methods and codes from fixed sets, actions only for fixed-action
-(qnet) policies (candidate ids of ranking policies are unbounded and are never a label).
+the server's configuration or the registry it serves, methods and codes from fixed sets, actions
+only for fixed-action (qnet) policies (candidate ids of ranking policies are unbounded and are
+never a label).
 """
 
 from __future__ import annotations

@@ -4,6 +4,13 @@ A version is loaded, checked and warmed up completely before it becomes visible;
 reference assignment, so a request that already holds a ``LoadedModel`` finishes on it while new
 requests see the new one. A version that fails any check is rejected with a log line and a
 metric, and the version already serving keeps serving.
+
+The served policies are named at start-up. With ``discover`` the watcher also lists the
+registry's policies: one new to the store is loaded like a new version, and only once its first
+version loaded is it named, so until then it is unknown (NotFound) and touches no other
+policy. A rejected first version is retried when the policy's current version moves on. No
+policy is ever dropped: one whose current version disappeared from the registry keeps serving
+what it loaded (a registry volume unmounted, a cache being rebuilt) until a restart.
 """
 
 from __future__ import annotations
@@ -24,14 +31,20 @@ class ModelStore:
     """The loaded version of every served policy, kept current with the registry.
 
     A watcher thread polls the registry; loading happens on that thread, never on the request
-    path. ``on_change(policy, model)`` is called after every swap (health, metrics).
+    path. ``on_change(policy, model)`` is called after every swap (health, metrics), a
+    discovered policy's first load included.
     """
 
     def __init__(self, registry: Registry, policies: list[str], metrics: ServingMetrics, *,
                  providers: list[str], threads: int = 1, watch_interval_s: float = 1.0,
+                 discover: bool = False,
                  on_change: Callable[[str, LoadedModel], None] | None = None) -> None:
         self._registry = registry
-        self._policies = list(policies)
+        # replaced, never changed in place: readers iterate it without the lock
+        self._policies = sorted(policies)
+        self._discover = discover
+        self._discovered: set[str] = set()  # in the registry, seen, not loadable yet
+        self._vanished: set[str] = set()  # serving, but gone from the registry (logged once)
         self._metrics = metrics
         self._providers = providers
         self._threads = threads
@@ -51,11 +64,20 @@ class ModelStore:
     def policies(self) -> list[str]:
         return list(self._policies)
 
+    @property
+    def discovers(self) -> bool:
+        """Whether policies published to the registry after start-up are served too."""
+        return self._discover
+
+    def serves(self, policy: str) -> bool:
+        """Whether ``policy`` is served here (loaded, or named and waiting for a version)."""
+        return policy in self._models or policy in self._policies
+
     def get(self, policy: str) -> LoadedModel:
         """The version serving now; the caller keeps this reference for the whole request."""
         model = self._models.get(policy)
         if model is None:
-            if policy not in self._policies:
+            if not self.serves(policy):
                 raise NotFound(f"policy {policy!r} is not served here; served: "
                                f"{sorted(self._policies)}")
             raise Unavailable(f"policy {policy!r} has no loadable model version yet")
@@ -65,10 +87,47 @@ class ModelStore:
         return policy in self._pinned
 
     def refresh(self) -> None:
-        """Load the registry's current version of every unpinned policy that changed."""
+        """Load the registry's current version of every unpinned policy that changed, then,
+        with ``discover``, of every policy new to the registry. The first rejection (already
+        logged and counted) is raised once every policy has been looked at."""
+        rejected: ModelRejected | None = None
         for policy in self._policies:
+            try:
+                with self._lock:
+                    self._follow(policy)
+            except ModelRejected as exc:
+                rejected = rejected or exc
+        if self._discover:
+            self._discover_new()
+        if rejected is not None:
+            raise rejected
+
+    def _discover_new(self) -> None:
+        """Try to load each registry policy not named here; one that fails stays unnamed and
+        is tried again at the next poll (its rejected version is not)."""
+        try:
+            listed = self._registry.policies()
+        except (PolicyloopError, OSError) as exc:
+            log.warning("registry listing failed: %s", exc)
+            return
+        for policy in listed:
             with self._lock:
-                self._follow(policy)
+                if policy in self._policies:
+                    continue
+                if policy not in self._discovered:
+                    self._discovered.add(policy)
+                    self._metrics.declare_policies([policy])
+                    log.info("policy %s appeared in the registry; loading it", policy,
+                             extra={"policy": policy})
+                try:
+                    self._follow(policy)
+                except ModelRejected:
+                    pass  # logged and counted; a later current version is tried
+                except Exception:
+                    log.exception("loading discovered policy %s failed; will retry", policy,
+                                  extra={"policy": policy})
+                if policy in self._policies:
+                    self._discovered.discard(policy)
 
     def _follow(self, policy: str) -> None:
         if policy in self._pinned:
@@ -76,11 +135,18 @@ class ModelStore:
         try:
             version = self._registry.current(policy)
         except NotFound:
+            serving = self._models.get(policy)
+            if serving is not None and policy not in self._vanished:
+                self._vanished.add(policy)
+                log.warning("policy %s has no current version in the registry any more; "
+                            "still serving v%d", policy, serving.version,
+                            extra={"policy": policy, "model_version": serving.version})
             return
         except PolicyloopError as exc:
             log.warning("registry read failed for %s: %s", policy, exc,
                         extra={"policy": policy})
             return
+        self._vanished.discard(policy)
         serving = self._models.get(policy)
         if serving is not None and serving.version == version.version:
             return
@@ -98,11 +164,14 @@ class ModelStore:
                 self._rejected[policy] = version.version
                 reason = exc.reason
                 self._metrics.rejected_loads.labels(policy, reason).inc()
-                log.error("rejected model %s v%d (%s): %s; still serving v%s", policy,
-                          version.version, reason, exc, serving.version if serving else None,
+                log.error("rejected model %s v%d (%s): %s; %s", policy, version.version,
+                          reason, exc, f"still serving v{serving.version}" if serving
+                          else "no version of it is served",
                           extra={"policy": policy, "model_version": version.version})
                 raise
             self._models[policy] = model  # the swap: one reference assignment
+            if policy not in self._policies:  # a discovered policy, named once it can serve
+                self._policies = sorted([*self._policies, policy])
         if serving is not None:
             self._metrics.swaps.labels(policy).inc()
         log.info("serving %s v%d on %s", policy, model.version, model.provider,
@@ -148,7 +217,7 @@ class ModelStore:
         return self._load(policy, target)
 
     def get_known(self, policy: str) -> None:
-        if policy not in self._policies:
+        if not self.serves(policy):
             raise NotFound(f"policy {policy!r} is not served here; served: "
                            f"{sorted(self._policies)}")
 

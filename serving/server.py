@@ -74,20 +74,31 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     registry = open_registry(config.registry, kafka=config.registry_kafka,
                              topic=config.registry_topic, sync_timeout_s=0.05,
                              max_model_bytes=config.max_model_bytes)
-    policies = sorted(config.policies) or registry.policies()
+    # Named from the start: the configured policies, plus the registry's when it is polled or
+    # nothing is configured. With discovery the store adds later ones as they load.
+    discover = config.discovers_policies
+    named = set(config.policies)
+    if discover or not named:
+        named.update(registry.policies())
+    policies = sorted(named)
     if not policies:
-        log.warning("registry %s holds no policy yet; serving none", config.registry)
+        log.warning("registry %s holds no policy yet; serving none%s", config.registry,
+                    " until one is published" if discover else "")
     metrics_registry = CollectorRegistry()
     metrics = ServingMetrics.create(metrics_registry)
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
 
+    def ready() -> bool:  # every policy named has a model (true with none)
+        return all(_loaded(store, p) for p in store.policies)
+
     def on_change(policy: str, model: LoadedModel) -> None:
         async def update() -> None:
             await health_servicer.set(policy, SERVING)
             # a model that arrives after start-up (an empty registry then) makes the server
-            # ready as a whole once every policy has one (ignored after a SIGTERM)
-            if all(_loaded(store, p) for p in policies):
+            # ready as a whole once every policy has one (ignored after a SIGTERM); a
+            # discovered policy is named only once loaded, so it never holds readiness back
+            if ready():
                 await health_servicer.set("", SERVING)
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(update()))
 
@@ -95,7 +106,7 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     log.info("onnxruntime providers: %s", providers)
     store = ModelStore(registry, policies, metrics, providers=providers,
                        threads=config.ort_threads, watch_interval_s=config.watch_interval_s,
-                       on_change=on_change)
+                       discover=discover, on_change=on_change)
     open_bus = functools.partial(
         ProcessProducer if config.log_writer == "process" else open_producer, config.bus,
         path=config.bus_path, bootstrap=config.kafka_bootstrap, partitions=config.bus_partitions,
@@ -120,7 +131,7 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
         interceptors.append(AuthInterceptor(
             load_tokens(config.tokens_file),
             on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()))
-    interceptors.append(ServingInterceptor(metrics, policies))
+    interceptors.append(ServingInterceptor(metrics, store.serves))
     server = grpc.aio.server(interceptors=interceptors,
                              options=options, maximum_concurrent_rpcs=config.max_concurrency)
     batcher = (DecideBatcher(plane, config.micro_batch_size, config.micro_batch_wait_ms / 1000,
@@ -130,9 +141,6 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
         DecisionServicer(plane, config.max_batch_rows,
                          decision_log if config.durable_ack else None, batcher), server)
     decision_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(plane), server)
-
-    def ready() -> bool:
-        return all(_loaded(store, p) for p in policies)
 
     grpc_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(store, ready), server)

@@ -31,9 +31,20 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     ("", {"port": 70000}, "port must be"),
     ("", {"port": "eighty"}, "not a valid int"),
     ("", {"max_concurrency": 0}, "max_concurrency must be"),
+    ("", {"model_control_mode": "watch"}, "--model-control-mode must be one of"),
 ])
 def test_bad_settings_name_the_setting(tmp_path: Path, text, overrides, message) -> None:
     path = tmp_path / "serve.toml"
     path.write_text(text)
     with pytest.raises(InvalidArgument, match=message):
         load_serve_config(path, overrides, environ={})
+
+
+def test_the_registry_is_polled_unless_policies_are_configured_or_explicit_is_asked() -> None:
+    configured = {"recsys": PolicyConfig()}
+    assert ServeConfig().discovers_policies
+    assert not ServeConfig(policies=configured).discovers_policies
+    assert ServeConfig(policies=configured, model_control_mode="poll").discovers_policies
+    assert not ServeConfig(model_control_mode="explicit").discovers_policies
+    with pytest.raises(InvalidArgument, match="model_control_mode must be one of"):
+        ServeConfig(model_control_mode="none").validate()
