@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from onnx import numpy_helper
 
 from models.policies import PolicyNetwork
 from policyloop.contract.errors import ExportParityError
+from policyloop.contract.kinds import PolicyKind
 from policyloop.contract.posterior import LinearPosterior
 from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
 from policyloop.registry.interface import ModelVersion, Registry, open_registry
@@ -36,14 +38,18 @@ TOLERANCE = 1e-5
 
 
 def _to_onnx(model: PolicyNetwork) -> bytes:
-    buffer = io.BytesIO()
-    args = model.example_inputs(2, 3)
     inputs, _ = _signature(model, model.config.embedding_dim)
-    names = [spec.name for spec in inputs]
-    axes = model.dynamic_axes
+    return torch_to_onnx(model, model.example_inputs(2, 3), [spec.name for spec in inputs],
+                         model.dynamic_axes)
+
+
+def torch_to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str],
+                  axes: dict[str, dict[int, str]]) -> bytes:
+    """The pinned exporter, for the built-in networks and users' own modules alike."""
+    buffer = io.BytesIO()
     with warnings.catch_warnings():  # the pinned exporter announces its own deprecation
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, args, buffer,  # type: ignore[arg-type]  # a file object works
+        torch.onnx.export(module, args, buffer,  # type: ignore[arg-type]  # a file object works
                           input_names=names,
                           output_names=["scores", "embedding"], dynamic_axes=axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
@@ -61,8 +67,13 @@ def find_head(model_bytes: bytes, model: PolicyNetwork) -> HeadSpec:
     """Which initializers hold ``model.head``, found by value: the exporter renames them and
     may store the weight transposed (a 3-D MatMul reads [H, A]; a Gemm reads [A, H]).
     Exactly one initializer must match each, else the learner could not refresh the head."""
-    weight = model.head.weight.detach().numpy()
-    bias = model.head.bias.detach().numpy()
+    return head_by_value(model_bytes, model.head.weight.detach().numpy(),
+                         model.head.bias.detach().numpy())
+
+
+def head_by_value(model_bytes: bytes, weight: np.ndarray, bias: np.ndarray) -> HeadSpec:
+    """The HeadSpec of the one weight [A, H] (or its transpose) and the one bias [A] stored
+    in the graph with exactly these values; ExportParityError unless each is unique."""
     weights: list[tuple[str, bool]] = []
     biases: list[str] = []
     for init in onnx.load_from_string(model_bytes).graph.initializer:
@@ -85,13 +96,24 @@ def check_parity(model: PolicyNetwork, model_bytes: bytes, real_inputs: list[tup
                                                                              np.ndarray | None]],
                  *, seed: int = 0) -> float:
     """Largest |torch - onnxruntime| over random and real inputs; raises beyond TOLERANCE."""
-    cfg, policy_kind = model.config, model.kind
+    cfg = model.config
+    return parity(model, model.kind, model_bytes, context_dim=cfg.context_dim,
+                  action_dim=cfg.action_dim, real_inputs=real_inputs, seed=seed)
+
+
+def parity(module: torch.nn.Module, policy_kind: PolicyKind, model_bytes: bytes, *,
+           context_dim: int, action_dim: int,
+           real_inputs: Sequence[tuple[np.ndarray, np.ndarray | None]] = (),
+           seed: int = 0) -> float:
+    """``check_parity`` for any module taking the kind's inputs and returning (scores,
+    embedding): random inputs of several batch sizes and candidate counts, then
+    ``real_inputs``."""
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     cases: list[tuple[str, np.ndarray, np.ndarray | None]] = []
     for batch, k in ((1, 1), (1, 20), (7, 5), (64, 33)):
-        ctx = rng.standard_normal((batch, cfg.context_dim), dtype=np.float32)
-        act = (rng.standard_normal((batch, k, cfg.action_dim), dtype=np.float32)
+        ctx = rng.standard_normal((batch, context_dim), dtype=np.float32)
+        act = (rng.standard_normal((batch, k, action_dim), dtype=np.float32)
                if policy_kind.per_action_features else None)
         cases.append((f"random batch={batch} k={k}", ctx, act))
     cases += [("simulator", ctx, act) for ctx, act in real_inputs]
@@ -102,7 +124,7 @@ def check_parity(model: PolicyNetwork, model_bytes: bytes, real_inputs: list[tup
         with torch.no_grad():
             args = (torch.from_numpy(ctx),) if act is None else (torch.from_numpy(ctx),
                                                                   torch.from_numpy(act))
-            want = [t.numpy() for t in model(*args)]
+            want = [t.numpy() for t in module(*args)]
         for name, g, w in zip(("scores", "embedding"), got, want, strict=True):
             if g.shape != w.shape:
                 raise ExportParityError(f"{name} shape {g.shape} != torch {w.shape} ({kind})")

@@ -25,6 +25,7 @@ import numpy as np
 
 from online.join import Example
 from online.linear import LinearHeads
+from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.kinds import Logged, example
 from policyloop.contract.signature import Manifest
 from policyloop.registry.onnx_head import read_head, replace_head
@@ -41,6 +42,12 @@ class Serving:
     @property
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """The serving head: weight [A, H], bias [A]."""
+        manifest = self.model.manifest
+        if not manifest.head.learnable:
+            raise InvalidArgument(
+                f"policy {manifest.policy!r} v{manifest.version} has no learnable head "
+                f"({manifest.training.get('no_head', 'imported without one')}): learn cannot "
+                "refresh this model")
         return read_head(self.model_bytes, self.model.manifest.head)
 
     def example(self, decision_example: Example) -> tuple[np.ndarray, Logged]:

@@ -48,6 +48,15 @@ def _create(args: argparse.Namespace) -> int:
                           force=args.force)
 
 
+def _import(args: argparse.Namespace) -> int:
+    from policyloop.import_model import import_command
+
+    return import_command(args.model, spec_path=args.spec, registry=args.registry,
+                          registry_kafka=args.registry_kafka or "",
+                          head_weight=args.head_weight or "", head_bias=args.head_bias or "",
+                          prior=args.prior, force=args.force)
+
+
 def _export(args: argparse.Namespace) -> int:
     from models.export import export_command
 
@@ -338,6 +347,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="publish a fresh start even if the policy already has versions")
     p.set_defaults(func=_create)
+
+    p = sub.add_parser("import", help="bring your own model: check an ONNX file against a "
+                       "spec and publish it",
+                       description="Check an ONNX file against a policy spec and the model "
+                       "contract (docs/model-contract.md: inputs, outputs, shapes per kind), "
+                       "find its learnable head (the last linear layer, by name or by "
+                       "structure), open it with serving's checks and publish it with the "
+                       "learner's prior around its head, so UCB and Thompson sampling work and "
+                       "`learn` refreshes it. A model without a head is published too: served, "
+                       "never learned.")
+    p.add_argument("model", type=Path, help="the ONNX file")
+    p.add_argument("--spec", type=Path, required=True,
+                   help="the policy spec, a TOML file (as for `create`)")
+    p.add_argument("--registry", type=Path, default=Path("var/registry"),
+                   help="registry folder (with --registry-kafka: this process's cache)")
+    p.add_argument("--registry-kafka", metavar="HOST:PORT",
+                   help="publish to the Kafka-backed registry (compacted topic 'models')")
+    p.add_argument("--head-weight", metavar="NAME",
+                   help="the initializer holding the head's weight (default: found by "
+                   "structure)")
+    p.add_argument("--head-bias", metavar="NAME", help="the initializer holding the head's bias")
+    p.add_argument("--prior", type=float, default=1.0,
+                   help="ridge prior of the head, as `learn --prior` (default 1.0)")
+    p.add_argument("--force", action="store_true",
+                   help="publish even if the policy already has versions")
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("export", help="export a trained checkpoint to ONNX and register it",
                        description="Export to ONNX (dynamic batch axis, pinned opset), check "

@@ -52,13 +52,20 @@ class HeadSpec:
     """Where the neural-linear head lives in the ONNX graph.
 
     ``weight`` is the name of an initializer of shape [A, H] (qnet) or [1, H] (scoring),
-    or its transpose when ``transposed`` is true; ``bias`` one of shape [A] or [1].
+    or its transpose when ``transposed`` is true; ``bias`` one of shape [A] or [1]. An
+    imported model whose scores are no linear layer on its embedding has no head: ``weight``
+    and ``bias`` empty, ``dim`` the embedding's width (``docs/model-contract.md``).
     """
 
     weight: str
     bias: str
     dim: int
     transposed: bool = False
+
+    @property
+    def learnable(self) -> bool:
+        """Whether the online learner can refresh this head (False: served, never learned)."""
+        return bool(self.weight)
 
 
 @dataclass(frozen=True)

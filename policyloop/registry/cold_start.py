@@ -55,11 +55,18 @@ def cold_start(spec: PolicySpec, *, prior: float = 1.0) -> tuple[bytes, Manifest
         opset=OPSET, actions=spec.actions,
         training={"cold_start": True, "model": spec.model.type,
                   "interactions": spec.model.interactions, "prior": prior})
+    return graph, manifest, prior_posterior(np.zeros((rows, h)), np.zeros(rows), prior=prior)
+
+
+def prior_posterior(weight: np.ndarray, bias: np.ndarray, *, prior: float) -> LinearPosterior:
+    """The learner's prior around a head, weight [A, H] and bias [A] (A = 1: one head shared
+    by every candidate): mean the head, covariance ``0.25 / prior * I`` per head row."""
+    rows, h = weight.shape
     covariance = NOISE_VARIANCE / prior * np.eye(h)
-    posterior = (LinearPosterior(np.zeros(h), covariance, np.zeros(1)) if rows == 1 else
-                 LinearPosterior(np.zeros((rows, h)), np.broadcast_to(covariance, (rows, h, h))
-                                 .copy(), np.zeros(rows)))
-    return graph, manifest, posterior
+    w, b = np.asarray(weight, np.float64), np.asarray(bias, np.float64).reshape(rows)
+    if rows == 1:
+        return LinearPosterior(w[0], covariance, b)
+    return LinearPosterior(w, np.broadcast_to(covariance, (rows, h, h)).copy(), b)
 
 
 def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],

@@ -26,6 +26,8 @@ def _load(model_bytes: bytes) -> onnx.ModelProto:
 
 def _initializers(model: onnx.ModelProto, head: HeadSpec) -> tuple[onnx.TensorProto,
                                                                     onnx.TensorProto]:
+    if not head.learnable:
+        raise InvalidArgument("the model has no learnable head (docs/model-contract.md)")
     found = {init.name: init for init in model.graph.initializer
              if init.name in (head.weight, head.bias)}
     missing = {head.weight, head.bias} - set(found)
