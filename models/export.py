@@ -2,8 +2,9 @@
 
 The exporter is pinned to the TorchScript-based one (``dynamo=False``) at opset ``OPSET``: it
 keeps the head's weights as named initializers, which the online learner rewrites. Every export
-runs both runtimes on random inputs of several batch sizes and candidate counts and on real
-simulator inputs; any output differing by more than ``TOLERANCE`` fails the export.
+runs both runtimes on random inputs of several batch sizes and candidate counts and on rows of
+the data the model was trained on (an app's log, or a simulator's logs); any output differing
+by more than ``TOLERANCE`` fails the export. The head's posterior is fitted to the same rows.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import torch
 from onnx import numpy_helper
 
 from models.policies import PolicyNetwork
-from policyloop.contract.errors import ExportParityError
+from policyloop.contract.errors import ExportParityError, InvalidArgument
 from policyloop.contract.kinds import PolicyKind
 from policyloop.contract.posterior import LinearPosterior
 from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
 from policyloop.registry.interface import ModelVersion, Registry, open_registry
+from policyloop.simulators.logged import LoggedBandit, collect_logs
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
 
@@ -35,6 +37,20 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 TOLERANCE = 1e-5
+SIMULATED_ROWS = 4000  # rows of a simulator's logs that stand for its data
+
+Source = RecsysEnv | RoutingEnv | LoggedBandit
+
+
+def logged_data(source: Source, *, seed: int, n: int = SIMULATED_ROWS) -> LoggedBandit:
+    """The rows an export checks parity on and fits the posterior to: the data itself, or n
+    rows a simulator logs under its heuristic policy (seeded)."""
+    if isinstance(source, LoggedBandit):
+        if source.features is None:
+            raise InvalidArgument("export: the data must name its features "
+                                  "(LoggedBandit.features)")
+        return source
+    return collect_logs(source, n, seed=seed)
 
 
 def _to_onnx(model: PolicyNetwork) -> bytes:
@@ -116,7 +132,7 @@ def parity(module: torch.nn.Module, policy_kind: PolicyKind, model_bytes: bytes,
         act = (rng.standard_normal((batch, k, action_dim), dtype=np.float32)
                if policy_kind.per_action_features else None)
         cases.append((f"random batch={batch} k={k}", ctx, act))
-    cases += [("simulator", ctx, act) for ctx, act in real_inputs]
+    cases += [("logged", ctx, act) for ctx, act in real_inputs]
     worst = 0.0
     for kind, ctx, act in cases:
         feeds = policy_kind.feeds(ctx, act)
@@ -136,14 +152,14 @@ def parity(module: torch.nn.Module, policy_kind: PolicyKind, model_bytes: bytes,
     return worst
 
 
-def initial_posterior(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, *, seed: int,
-                      n: int = 4000, prior: float = 1.0) -> LinearPosterior:
+def initial_posterior(model: PolicyNetwork, source: Source, *, seed: int,
+                      n: int = SIMULATED_ROWS, prior: float = 1.0) -> LinearPosterior:
     """A Gaussian posterior for the head from a Bayesian linear regression on embeddings of
-    simulated contexts, centred on the trained head (so UCB/Thompson start from the offline
-    policy's scores, with uncertainty that shrinks where data was seen)."""
-    from policyloop.simulators.logged import collect_logs
-
-    data = collect_logs(env, n, seed=seed)
+    the logged rows (``logged_data``: every row of data, n of a simulator's), centred on the
+    trained head (so UCB/Thompson start from the offline policy's scores, with uncertainty
+    that shrinks where data was seen)."""
+    data = logged_data(source, seed=seed, n=n)
+    n = len(data)
     with torch.no_grad():
         ctx = torch.from_numpy(data.context)
         if model.kind.per_action_features:
@@ -169,24 +185,24 @@ def initial_posterior(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, *, seed
     return LinearPosterior(weight, covs, bias)
 
 
-def export_onnx(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, *, policy: str,
+def export_onnx(model: PolicyNetwork, source: Source, *, policy: str,
                 training: dict[str, Any], parent_version: int | None = None,
                 seed: int = 0) -> tuple[bytes, Manifest]:
-    """Export, check parity, and describe the model; raises ExportParityError."""
+    """Export, check parity (also on the first rows of ``logged_data(source)``), and describe
+    the model with the data's feature names and actions; raises ExportParityError."""
     model.eval()
     cfg = model.config
+    logs = logged_data(source, seed=seed + 2)
     data = _to_onnx(model)
     head = find_head(data, model)
-    real = []
-    rng = np.random.default_rng(seed + 1)
-    for batch in (1, 32):
-        ctx, act, _ = env.sample_contexts(batch, rng)
-        real.append((ctx, act))
+    af = logs.action_features
+    real = [(logs.context[:batch], None if af is None else af[:batch]) for batch in (1, 32)]
     worst = check_parity(model, data, real, seed=seed)
-    schema = FeatureSchema(context=tuple(env.feature_schema.context),
-                           action=tuple(env.feature_schema.action))
+    assert logs.features is not None  # logged_data checked
+    schema = FeatureSchema(context=tuple(logs.features.context),
+                           action=tuple(logs.features.action))
     inputs, outputs = _signature(model, head.dim)
-    actions = () if model.kind.per_action_features else tuple(getattr(env, "action_names", ()))
+    actions = () if model.kind.per_action_features else logs.actions
     manifest = Manifest(
         policy=policy, kind=cfg.kind, features=schema, inputs=inputs, outputs=outputs,
         head=head, opset=OPSET, actions=actions, parent_version=parent_version,
@@ -195,11 +211,14 @@ def export_onnx(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, *, policy: st
     return data, manifest
 
 
-def export_and_register(model: PolicyNetwork, env: RecsysEnv | RoutingEnv, registry: Registry,
+def export_and_register(model: PolicyNetwork, source: Source, registry: Registry,
                         *, policy: str, training: dict[str, Any],
                         seed: int = 0) -> ModelVersion:
-    data, manifest = export_onnx(model, env, policy=policy, training=training, seed=seed)
-    posterior = initial_posterior(model, env, seed=seed + 2)
+    """Export with the parity check and publish with the head's posterior, both on the rows of
+    ``source``: the data trained on, or (a simulator) its logs."""
+    logs = logged_data(source, seed=seed + 2)
+    data, manifest = export_onnx(model, logs, policy=policy, training=training, seed=seed)
+    posterior = initial_posterior(model, logs, seed=seed + 2)
     return registry.publish(policy, data, manifest, {"head.npz": posterior.to_npz_bytes()})
 
 

@@ -29,6 +29,7 @@ from models import policies
 from models.policies import PolicyNetwork
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.settings import setting
+from policyloop.contract.signature import FeatureSchema
 from policyloop.simulators.logged import (
     HEURISTIC_DESCRIPTION,
     LOGGING_POLICIES,
@@ -96,13 +97,27 @@ def make_env(scenario: str, **kwargs: Any) -> RecsysEnv | RoutingEnv:
     return RecsysEnv(**kwargs) if scenario == "recsys" else RoutingEnv(**kwargs)
 
 
-def new_network(env: RecsysEnv | RoutingEnv, cfg: TrainConfig) -> PolicyNetwork:
-    dc = len(env.feature_schema.context)
-    if env.scenario == "recsys":
-        return policies.ScoringNetwork(dc, len(env.feature_schema.action), hidden=cfg.hidden,
+def new_network(features: FeatureSchema, n_actions: int, cfg: TrainConfig) -> PolicyNetwork:
+    """A scoring network when candidates have features (ranking), else a Q-network over
+    ``n_actions`` fixed actions; sized from the feature names."""
+    dc = len(features.context)
+    if features.action:
+        return policies.ScoringNetwork(dc, len(features.action), hidden=cfg.hidden,
                                        embedding_dim=cfg.embedding_dim)
-    return policies.QNetwork(dc, int(env.action_space.n), hidden=cfg.hidden,
-                             embedding_dim=cfg.embedding_dim)
+    return policies.QNetwork(dc, n_actions, hidden=cfg.hidden, embedding_dim=cfg.embedding_dim)
+
+
+def train_logged(data: LoggedBandit, cfg: TrainConfig) -> PolicyNetwork:
+    """The policy's network trained on ``data`` (a simulator's logs or an app's file) with
+    ``cfg``'s objective; in eval mode. Seeded by ``cfg.seed``."""
+    if data.features is None:
+        raise InvalidArgument("training data must name its features (LoggedBandit.features)")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = new_network(data.features, len(data.actions), cfg)
+    fit(model, data, cfg, rng, epochs=cfg.epochs, objective=cfg.objective)
+    model.eval()
+    return model
 
 
 def _tensors(data: LoggedBandit) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,6 +162,8 @@ def _regress(model: PolicyNetwork, data: LoggedBandit, cfg: TrainConfig, epochs:
     reward = torch.from_numpy(data.reward).float()
     action = torch.from_numpy(data.action)
     full = None if targets is None else torch.from_numpy(targets).float()
+    # padded candidates (rows with fewer than K) take no part in the full-information loss
+    mask = None if data.mask is None else torch.from_numpy(data.mask).float()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n = len(data)
     for _ in range(epochs):
@@ -158,7 +175,9 @@ def _regress(model: PolicyNetwork, data: LoggedBandit, cfg: TrainConfig, epochs:
                 taken = scores.gather(1, action[idx, None]).squeeze(1)
                 loss = (weights[idx] * (taken - reward[idx]) ** 2).mean()
             else:
-                loss = ((scores - full[idx]) ** 2).mean()
+                squared = (scores - full[idx]) ** 2
+                loss = (squared.mean() if mask is None
+                        else (mask[idx] * squared).sum() / mask[idx].sum())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -176,13 +195,9 @@ def dr_targets(q: np.ndarray, data: LoggedBandit, clip: float) -> np.ndarray:
 def train_offline(cfg: TrainConfig) -> TrainResult:
     """Collect logs under the logging policy, train, and measure on the simulator's truth."""
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     env = make_env(cfg.scenario, **cfg.env)
     data = collect_logs(env, cfg.n_logged, seed=cfg.seed, logging_policy=cfg.logging_policy)
-    model = new_network(env, cfg)
-    fit(model, data, cfg, rng, epochs=cfg.epochs, objective=cfg.objective)
-    model.eval()
+    model = train_logged(data, cfg)
     summary = {
         "scenario": cfg.scenario, "objective": cfg.objective, "n_logged": len(data),
         "logged_reward_mean": float(data.reward.mean()),
@@ -237,29 +252,67 @@ def load_checkpoint(path: Path) -> tuple[PolicyNetwork, str, dict[str, Any], dic
     return model, state["scenario"], state["env"], state["training"]
 
 
-def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str,
-                  checkpoint: Path | None, registry_kafka: str = "") -> int:
-    """``policyloop train``: train, print the summary, then export and register unless told
-    not to (``registry`` None); with ``registry_kafka`` on the Kafka-backed registry, cached in
-    ``registry``."""
+def train_on_file(cfg: TrainConfig, spec_path: Path, data_path: Path
+                  ) -> tuple[PolicyNetwork, LoggedBandit, dict[str, Any]]:
+    """``train --spec SPEC --data FILE``: the app's own log, read and checked against the spec
+    (``policyloop/simulators/logfile.py``), trained on with ``cfg``'s objective; (network,
+    the rows used, summary)."""
+    from policyloop.contract.spec import load_spec
+    from policyloop.simulators.logfile import read_logs
+
+    start = time.perf_counter()
+    spec = load_spec(spec_path)
+    data, report = read_logs(data_path, spec)
+    model = train_logged(data, cfg)
+    training = {k: v for k, v in asdict(cfg).items()
+                if k not in ("scenario", "n_logged", "logging_policy", "env")}
+    summary = {"spec": str(spec_path), "spec_name": spec.name, "policy_kind": spec.kind,
+               "objective": cfg.objective, "data": report.summary(),
+               "logged_reward_mean": float(data.reward.mean()),
+               "seconds": round(time.perf_counter() - start, 2), "config": training}
+    log.info("trained %s on %s: %s", spec.name, data_path, report.summary())
+    return model, data, summary
+
+
+def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str | None,
+                  checkpoint: Path | None, registry_kafka: str = "",
+                  spec: Path | None = None, data: Path | None = None) -> int:
+    """``policyloop train``: train on a simulator's logs (``cfg.scenario``) or, with ``spec``
+    and ``data``, on an app's log file; print the summary, then export and register unless
+    told not to (``registry`` None); with ``registry_kafka`` on the Kafka-backed registry,
+    cached in ``registry``. The export checks parity on, and fits the posterior to, the rows
+    trained on."""
     import json
 
-    result = train_offline(cfg)
-    if checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(result, checkpoint)
-    report = {k: v for k, v in result.summary.items() if k != "config"}
+    if (spec is None) != (data is None):
+        raise InvalidArgument("--spec and --data go together: the spec names the file's "
+                              "columns and features")
+    source: LoggedBandit | RecsysEnv | RoutingEnv
+    if spec is not None and data is not None:
+        if checkpoint is not None:
+            raise InvalidArgument("--checkpoint: not available with --data yet (export "
+                                  "reads a simulator's checkpoint)")
+        model, source, summary = train_on_file(cfg, spec, data)
+        name = policy or summary["spec_name"]
+    else:
+        result = train_offline(cfg)
+        model, source, summary, name = result.model, result.env, result.summary, (
+            policy or cfg.scenario)
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(result, checkpoint)
+    report = {k: v for k, v in summary.items() if k != "config"}
     if registry is not None:
         from models.export import export_and_register
         from policyloop.registry.interface import open_registry
 
         target = open_registry(registry, kafka=registry_kafka)
         try:
-            version = export_and_register(result.model, result.env, target, policy=policy,
-                                          training=result.summary, seed=cfg.seed)
+            version = export_and_register(model, source, target, policy=name,
+                                          training=summary, seed=cfg.seed)
         finally:
             target.close()
-        report.update(policy=policy, version=version.version, registry=str(registry),
+        report.update(policy=name, version=version.version, registry=str(registry),
                       parity_max_abs_diff=version.manifest.training["parity_max_abs_diff"])
     print(json.dumps(report, indent=2))
     return 0

@@ -36,8 +36,9 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = settings.load(TrainConfig, args, environ=os.environ)
     return train_command(cfg, registry=None if args.no_export else args.registry,
-                         policy=args.policy or cfg.scenario, checkpoint=args.checkpoint,
-                         registry_kafka=args.registry_kafka or "")
+                         policy=args.policy, checkpoint=args.checkpoint,
+                         registry_kafka=args.registry_kafka or "", spec=args.spec,
+                         data=args.data)
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -267,7 +268,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    "this process's cache)")
     p.add_argument("--registry-kafka", metavar="HOST:PORT",
                    help="publish to the Kafka-backed registry (compacted topic 'models')")
-    p.add_argument("--policy", help="policy name to register under (default: the scenario)")
+    p.add_argument("--policy", help="policy name to register under (default: the scenario, "
+                   "or the spec's name)")
+    p.add_argument("--spec", type=Path, help="with --data: the policy spec (TOML) naming the "
+                   "file's features and columns (policyloop/contract/spec.py)")
+    p.add_argument("--data", type=Path, help="train on your own log instead of a simulator's: "
+                   "CSV, JSONL or Parquet with action, reward, propensity, the context "
+                   "features (ranking: candidates); bad rows are reported and dropped")
     p.add_argument("--checkpoint", type=Path,
                    help="also save the torch checkpoint here (needed by `export`)")
     p.add_argument("--no-export", action="store_true",
@@ -323,10 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Command)
 
-    p = sub.add_parser("train", help="train a policy offline from simulated logged data",
-                       description="Collect logged bandit data from a simulator under a "
-                       "logging policy with known propensities, train a neural-linear policy "
-                       "with an IPS/DR objective, then export it to ONNX and register it.",
+    p = sub.add_parser("train", help="train a policy offline from logged data (yours or a "
+                       "simulator's)",
+                       description="Read your logged bandit data (--spec SPEC --data FILE) or "
+                       "collect it from a simulator under a logging policy with known "
+                       "propensities, train a neural-linear policy with an IPS/DR objective, "
+                       "then export it to ONNX (parity checked on the logged rows) and "
+                       "register it with a posterior fitted to them.",
                        add_flags=_train_flags)
     p.set_defaults(func=_train)
 
@@ -461,11 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
                        add_flags=_demo_flags)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("simulate", help="send simulated app traffic to a running server",
+    p = sub.add_parser("simulate", help="send simulated app traffic to a running server, "
+                       "or write a simulator's logs to a file",
                        description="Act as an app: Decide for simulated users or tickets, "
                        "then Reward after a random delay (some rewards never sent); print "
                        "what was sent and the true expected reward of the decisions. Exit "
-                       "status 1 if any call failed.",
+                       "status 1 if any call failed. With --log-to FILE, no server: write "
+                       "EVENTS decisions of --logging-policy to FILE and the scenario's spec "
+                       "to FILE.spec.toml, for `train --spec --data`.",
                        add_flags=_simulate_flags)
     p.set_defaults(func=_simulate)
     return parser

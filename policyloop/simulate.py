@@ -11,6 +11,10 @@ demo's learning curve and the end-to-end tests measure, not the noisy observed c
 
 Arrivals are drawn independently (``sample_arrivals``), so several requests can be in flight at
 once; ``drift_at`` switches the simulator's preferences after that many decisions.
+
+With ``log_to`` it needs no server: it writes ``events`` decisions of a logging policy (the
+heuristic an app might run, or uniform) with their propensities and rewards to a file, and the
+scenario's policy spec beside it, the inputs of ``policyloop train --spec --data``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.settings import setting
 from policyloop.simulators.arrivals import Arrivals
+from policyloop.simulators.logged import LOGGING_POLICIES
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
 from protos import decision_pb2 as pb
@@ -37,7 +42,8 @@ _CHUNK = 1024
 
 @dataclass(frozen=True)
 class TrafficConfig:
-    target: str = setting(help="HOST:PORT of a policyloop server", metavar="HOST:PORT")
+    target: str = setting("", "HOST:PORT of a policyloop server (required unless --log-to)",
+                          metavar="HOST:PORT")
     scenario: str = setting("recsys", "simulator", choices=("recsys", "routing"))
     policy: str = setting("", "the served policy's name; empty: the scenario")
     events: int = setting(10_000, "decisions to make")
@@ -54,10 +60,22 @@ class TrafficConfig:
     timeout_s: float = setting(5.0, "per-call deadline, seconds", flag="--timeout")
     token: str = setting("", "bearer token with the decide and reward scopes, for a server "
                          "with tokens on")
+    log_to: str = setting("", "no server: write EVENTS logged decisions to this file (.csv, "
+                          ".jsonl or .parquet) and the scenario's spec beside it "
+                          "(FILE.spec.toml), for `train --spec --data`", metavar="FILE")
+    logging_policy: str = setting("heuristic", "with --log-to: the policy that logs "
+                                  "(policyloop/simulators/logged.py)",
+                                  choices=LOGGING_POLICIES)
 
     def __post_init__(self) -> None:
         if self.scenario not in ("recsys", "routing"):
             raise InvalidArgument(f"scenario must be recsys or routing, got {self.scenario!r}")
+        if not self.target and not self.log_to:
+            raise InvalidArgument("target: HOST:PORT of a server is required (or --log-to "
+                                  "FILE to write logs offline)")
+        if self.logging_policy not in LOGGING_POLICIES:
+            raise InvalidArgument(f"logging_policy must be one of {LOGGING_POLICIES}, got "
+                                  f"{self.logging_policy!r}")
         if self.events < 1:
             raise InvalidArgument(f"events must be >= 1, got {self.events}")
         if self.concurrency < 1:
@@ -224,9 +242,21 @@ async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | No
 
 
 def simulate_command(config: TrafficConfig, *, as_json: bool) -> int:
-    """``policyloop simulate``: run the traffic, print what was sent and how good it was."""
+    """``policyloop simulate``: run the traffic, print what was sent and how good it was;
+    with ``log_to``, write logs offline instead."""
     import json
 
+    if config.log_to:
+        from pathlib import Path
+
+        from policyloop.simulators.logfile import simulate_logs
+
+        rows, spec_path = simulate_logs(make_simulator(config.scenario, config.world_seed),
+                                        Path(config.log_to), config.events, seed=config.seed,
+                                        logging_policy=config.logging_policy)
+        print(json.dumps({"file": config.log_to, "rows": rows, "spec": str(spec_path),
+                          "logging_policy": config.logging_policy}))
+        return 0
     traffic = asyncio.run(run_traffic(config))
     summary = traffic.summary()
     if as_json:

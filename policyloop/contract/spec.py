@@ -16,6 +16,13 @@ built-in simulators are examples of such specs). Keys, with what they mean::
     type = "linear"                 # a linear model: learns from the first reward
     interactions = true             # ranking: also context x candidate products (VW's -q)
 
+    [data]                          # optional: the columns of `policyloop train --data FILE`
+    action = "action"               # the logged action's id (ranking: a candidate's id)
+    reward = "reward"               # the observed reward
+    propensity = "propensity"       # P(action | context) under the logging policy, in (0, 1]
+    candidates = "candidates"       # ranking: [{"id": ..., "features": {name: value}}, ...]
+                                    # (the context features: a column each, by its name)
+
 Numeric features only for now. Every error names the key and the bad value.
 
 >>> spec = parse_spec('name = "r"\\nkind = "actions"\\nactions = ["a", "b"]\\n'
@@ -41,8 +48,9 @@ SPEC_KINDS = {"actions": "qnet", "ranking": "scoring"}
 MODEL_TYPES = ("linear",)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
 _POLICY = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_KEYS = {"": {"name", "kind", "actions", "features", "model"},
-         "features": {"context", "action"}, "model": {"type", "interactions"}}
+_KEYS = {"": {"name", "kind", "actions", "features", "model", "data"},
+         "features": {"context", "action"}, "model": {"type", "interactions"},
+         "data": {"action", "reward", "propensity", "candidates"}}
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,23 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """The columns of a log file: ``policyloop/simulators/logfile.py`` reads them."""
+
+    action: str = "action"
+    reward: str = "reward"
+    propensity: str = "propensity"
+    candidates: str = "candidates"  # ranking only
+
+
+@dataclass(frozen=True)
 class PolicySpec:
     name: str
     kind: str  # a name in policyloop.contract.kinds.KINDS
     features: FeatureSchema
     actions: tuple[str, ...] = ()
     model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
 
     @property
     def policy_kind(self) -> PolicyKind:
@@ -121,7 +140,19 @@ def parse_spec(text: str) -> PolicySpec:
         raise InvalidArgument(f"model.interactions: must be true or false, got "
                               f"{interactions!r}")
     return PolicySpec(name, kind, FeatureSchema(context, action), actions,
-                      ModelSpec(model_type, interactions))
+                      ModelSpec(model_type, interactions), _data(raw.get("data", {})))
+
+
+def _data(table: Any) -> DataSpec:
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"data: must be a table, got {table!r}")
+    _known(table, "data")
+    columns = {}
+    for key, value in table.items():
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"data.{key}: a column name is required, got {value!r}")
+        columns[key] = value
+    return DataSpec(**columns)
 
 
 def _known(table: dict[str, Any], where: str) -> None:

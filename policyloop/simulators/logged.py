@@ -1,8 +1,9 @@
-"""Logged bandit feedback from a simulator, with the logging policy's exact propensities.
+"""Logged bandit feedback, with the logging policy's exact propensities.
 
-This is the offline training set: what an app running its old rule would have logged.
-Numpy only. The simulator's true expected rewards are kept alongside, for evaluation only
-(training never reads them).
+This is the offline training set: what an app running its old rule logged, drawn here from a
+simulator (``collect_logs``) or read from the app's own file (``policyloop/simulators/
+logfile.py``). Numpy only. A simulator's true expected rewards are kept alongside, for
+evaluation only (training never reads them; NaN for an app's logs).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.signature import FeatureSchema
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
 
@@ -34,6 +36,11 @@ class LoggedBandit:
     propensity: np.ndarray  # float64[N]: P(action | context) under the logging policy
     reward: np.ndarray  # float64[N]
     expected_rewards: np.ndarray  # float64[N, K]: the simulator's truth, evaluation only
+    features: FeatureSchema | None = None  # the feature names of context and action_features
+    actions: tuple[str, ...] = ()  # a fixed action set's ids, column k of the scores
+    action_ids: list[list[str]] | None = None  # ranking: each row's candidate ids
+    mask: np.ndarray | None = None  # bool[N, K]: real candidates; False where a row with
+    # fewer than K candidates was padded (None: every row has K)
 
     def __len__(self) -> int:
         return len(self.action)
@@ -79,14 +86,17 @@ def collect_logs(env: Env, n: int, *, seed: int,
     if n < 1:
         raise InvalidArgument(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
-    context, action_features, expected = env.sample_contexts(n, rng)
+    context, action_features, expected, ids = env.sample_arrivals(n, rng)
     probs = logging_probabilities(env, context, action_features, policy=logging_policy)
     cdf = probs.cumsum(axis=1)
     action = np.minimum((cdf < rng.random((n, 1)) * cdf[:, -1:]).sum(axis=1),
                         probs.shape[1] - 1).astype(np.int64)
     rows = np.arange(n)
     reward = (rng.random(n) < expected[rows, action]).astype(np.float64)
-    return LoggedBandit(context, action_features, action, probs[rows, action], reward, expected)
+    return LoggedBandit(context, action_features, action, probs[rows, action], reward, expected,
+                        features=env.feature_schema,
+                        actions=tuple(getattr(env, "action_names", ())),
+                        action_ids=ids if action_features is not None else None)
 
 
 def true_policy_value(probs: np.ndarray, expected_rewards: np.ndarray) -> float:
