@@ -20,6 +20,7 @@ from online.join import Example
 from online.learners import LinearHeadLearner, Serving
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.events import DecisionEvent
+from policyloop.contract.signature import Manifest
 from policyloop.contract.spec import PolicySpec, parse_spec
 from policyloop.registry.local import LocalRegistry
 from policyloop.registry.model_import import import_onnx
@@ -318,3 +319,13 @@ def test_a_users_torch_module_published_through_the_api_is_served(
                                  [("x", [1.0, 0.0, 0.0, 0.0]), ("y", [0.0, 1.0, 0.0, 0.0])])
     assert decision.model_version == 1 and decision.action in ("x", "y")
     assert decision.strategy.startswith("thompson")  # the posterior the API published
+
+
+def test_manifests_without_a_head_round_trip_and_older_ones_still_load() -> None:
+    imported = import_onnx(_onnx(head="none"), _spec())
+    again = Manifest.from_json(imported.manifest.to_json())
+    assert again == imported.manifest and not again.head.learnable
+    raw = json.loads(imported.manifest.to_json())
+    raw["head"] = {"weight": "w", "bias": "b", "dim": 4}  # as every earlier manifest wrote it
+    old = Manifest.from_json(json.dumps(raw))
+    assert old.head.learnable and not old.head.transposed
