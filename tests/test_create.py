@@ -20,6 +20,7 @@ from policyloop.registry.cold_start import cold_start
 from policyloop.registry.local import LocalRegistry
 from policyloop.registry.onnx_model import open_model
 from policyloop.simulators.routing import RoutingEnv
+from tests.cli_processes import read_line, stop_all
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING"]
@@ -148,23 +149,11 @@ def _router_spec(path: Path) -> Path:
     return path
 
 
-def _line(proc: subprocess.Popen[str], prefix: str) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith(prefix), line
-    return line
-
-
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
     yield procs
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    stop_all(procs)
 
 
 @pytest.mark.slow
@@ -183,14 +172,14 @@ def test_a_router_created_from_nothing_learns_online_to_90_percent_of_the_oracle
          "--bus", "local", "--bus-path", bus, "--spool-dir", str(tmp_path / "spool"),
          "--watch-interval", "0.2", "--policy", "router=thompson"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-    line = _line(processes[0], "policyloop serve: grpc=")
+    line = read_line(processes[0], "policyloop serve: grpc=")
     target = dict(part.split("=", 1) for part in line.split()[2:])["grpc"]
     processes.append(subprocess.Popen(
         [*CLI, "learn", "--registry", registry, "--policy", "router", "--bus-path", bus,
          "--checkpoint", str(tmp_path / "ckpt.json"), "--window-ms", "500",
          "--publish-every", "250", "--publish-interval", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-    _line(processes[1], "policyloop learn: consuming")
+    read_line(processes[1], "policyloop learn: consuming")
     done = subprocess.run([*CLI, "simulate", "--target", target, "--scenario", "routing",
                            "--policy", "router", "--events", "10000", "--rate", "500",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -26,6 +26,7 @@ from policyloop.registry.local import LocalRegistry
 from policyloop.registry.model_import import import_onnx
 from policyloop.registry.onnx_model import open_model
 from policyloop.simulators.routing import RoutingEnv
+from tests.cli_processes import read_line, stop_all
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING"]
@@ -159,23 +160,11 @@ def test_a_file_that_breaks_the_contract_is_refused_in_one_line_and_nothing_is_p
     assert not (tmp_path / "reg").exists() or LocalRegistry(tmp_path / "reg").policies() == []
 
 
-def _line(proc: subprocess.Popen[str], prefix: str) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith(prefix), line
-    return line
-
-
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
     yield procs
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    stop_all(procs)
 
 
 def _import(tmp_path: Path, model: bytes) -> dict:
@@ -197,7 +186,7 @@ def _serve(tmp_path: Path, processes: list[subprocess.Popen[str]], strategy: str
          "--spool-dir", str(tmp_path / "spool"), "--watch-interval", "0.2",
          "--policy", f"router={strategy}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-    line = _line(processes[-1], "policyloop serve: grpc=")
+    line = read_line(processes[-1], "policyloop serve: grpc=")
     return dict(part.split("=", 1) for part in line.split()[2:])["grpc"]
 
 
@@ -228,14 +217,14 @@ def test_an_onnx_file_made_elsewhere_is_imported_served_and_refreshed_online(
     target = _serve(tmp_path, processes, "thompson")
     processes.append(subprocess.Popen(_learn_cmd(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, text=True))
-    _line(processes[-1], "policyloop learn: consuming")
+    read_line(processes[-1], "policyloop learn: consuming")
     summary = _simulate(target, 3000)
     assert len(summary["versions_seen"]) > 1, summary  # refreshed versions were served
     assert max(summary["versions_seen"]) > 1
 
 
 @pytest.mark.slow
-def test_a_model_without_a_head_is_served_and_learn_refuses_it_in_one_line(
+def test_a_model_without_a_head_is_served_and_learn_refuses_it_in_oneread_line(
         tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
     imported = _import(tmp_path, _onnx(head="none"))
     assert imported["head"] is None and imported["no_head"]
@@ -312,7 +301,7 @@ def test_a_users_torch_module_published_through_the_api_is_served(
          "--metrics-port", "0", "--bus", "local", "--bus-path", str(tmp_path / "bus"),
          "--spool-dir", str(tmp_path / "spool"), "--policy", "shop=thompson"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-    line = _line(processes[-1], "policyloop serve: grpc=")
+    line = read_line(processes[-1], "policyloop serve: grpc=")
     target = dict(part.split("=", 1) for part in line.split()[2:])["grpc"]
     with Client(target) as client:
         decision = client.decide("shop", {"u0": 1.0, "u1": 0.0, "u2": -1.0},

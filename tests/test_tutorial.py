@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_processes import stop_all
+
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "docs" / "your-own-policy.md"
 BLOCK = re.compile(r"```(toml|bash|python)\n(.*?)```", re.S)
@@ -73,12 +75,7 @@ def test_every_block_of_the_tutorial_runs(tmp_path: Path) -> None:
         for process in background:
             assert process.poll() is None, "a background command of the tutorial exited"
     finally:
-        for process in background:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(background)
     summary = next(json.loads(o) for o in outputs if o.lstrip().startswith("{\n"))
     print(json.dumps({k: summary[k] for k in ("expected_by_fifth", "optimal_by_fifth")}))
     assert summary["decisions"] == 4000 and summary["errors"] == {}
