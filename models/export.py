@@ -14,6 +14,7 @@ import json
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from models.policies import PolicyNetwork
 from policyloop.contract.errors import ExportParityError, InvalidArgument
 from policyloop.contract.kinds import PolicyKind
 from policyloop.contract.posterior import LinearPosterior
-from policyloop.contract.signature import FeatureSchema, HeadSpec, Manifest, TensorSpec
+from policyloop.contract.signature import HeadSpec, Manifest, TensorSpec
 from policyloop.registry.interface import ModelVersion, Registry, open_registry
 from policyloop.simulators.logged import LoggedBandit, collect_logs
 from policyloop.simulators.recsys import RecsysEnv
@@ -199,8 +200,8 @@ def export_onnx(model: PolicyNetwork, source: Source, *, policy: str,
     real = [(logs.context[:batch], None if af is None else af[:batch]) for batch in (1, 32)]
     worst = check_parity(model, data, real, seed=seed)
     assert logs.features is not None  # logged_data checked
-    schema = FeatureSchema(context=tuple(logs.features.context),
-                           action=tuple(logs.features.action))
+    schema = replace(logs.features, context=tuple(logs.features.context),
+                     action=tuple(logs.features.action))
     inputs, outputs = _signature(model, head.dim)
     actions = () if model.kind.per_action_features else logs.actions
     manifest = Manifest(

@@ -82,8 +82,9 @@ class RewardInput:
 
 
 def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
-            what: str) -> np.ndarray:
-    """float32[len(names)] from dense and/or named values; missing names are zero."""
+            what: str, missing: str = "zero") -> np.ndarray:
+    """float32[len(names)] from dense or named values; names not given are zero, or refused
+    when the policy's ``missing`` rule is "error"."""
     if len(features.dense):
         if len(features.dense) != len(names):
             raise InvalidArgument(f"{what}.dense has {len(features.dense)} values, the policy "
@@ -98,6 +99,12 @@ def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
             if position is None:
                 raise InvalidArgument(f"{what}.named has unknown feature {name!r}")
             vec[position] = value
+        if missing == "error" and len(features.named) < len(names):
+            absent = [n for n in names if n not in features.named]
+            raise InvalidArgument(
+                f"{what}.named lacks {len(absent)} of the policy's {len(names)} features "
+                f"({', '.join(map(repr, absent[:5]))}{', ...' if len(absent) > 5 else ''}): "
+                "this policy refuses missing features (its spec's features.missing)")
     if not np.isfinite(vec).all():
         bad = int(np.flatnonzero(~np.isfinite(vec))[0])
         raise InvalidArgument(f"{what} value {bad} ({names[bad]}) is {vec[bad]}: features "
@@ -106,7 +113,7 @@ def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
 
 
 def _matrix(rows: Sequence[Features] | np.ndarray, names: Sequence[str],
-            index: Mapping[str, int]) -> np.ndarray:
+            index: Mapping[str, int], missing: str = "zero") -> np.ndarray:
     """float32[K, len(names)] of per-candidate features.
 
     The common case, every row dense and of the right length, is converted in one call: on the
@@ -127,7 +134,7 @@ def _matrix(rows: Sequence[Features] | np.ndarray, names: Sequence[str],
         matrix = np.array([f.dense for f in rows], dtype=np.float32)
         if np.isfinite(matrix).all():
             return matrix
-    return np.stack([_vector(f, names, index, f"candidates[{k}].features")
+    return np.stack([_vector(f, names, index, f"candidates[{k}].features", missing)
                      for k, f in enumerate(rows)])
 
 
@@ -235,7 +242,8 @@ class DataPlane:
         model = self._store.get(r.policy)
         manifest = model.manifest
         event_id = check_event_id(r.event_id) if r.event_id else f"{getrandbits(128):032x}"
-        context = _vector(r.context, manifest.features.context, model.context_index, "context")
+        context = _vector(r.context, manifest.features.context, model.context_index, "context",
+                          manifest.features.missing)
         ids = list(r.candidate_ids)
         limit = self._config.policy(r.policy).max_candidates
         if len(ids) > limit:
@@ -253,7 +261,8 @@ class DataPlane:
             with_features = sum(1 for f in features if len(f.dense) or f.named)
         ids, allowed = kind.candidates(ids, with_features, manifest.actions,
                                        model.action_positions)
-        action_features = (_matrix(features, manifest.features.action, model.action_index)
+        action_features = (_matrix(features, manifest.features.action, model.action_index,
+                                   manifest.features.missing)
                            if kind.per_action_features else None)
         slots = r.slots or 1
         if slots > len(ids) or slots > MAX_SLOTS:

@@ -190,3 +190,32 @@ def test_a_router_created_from_nothing_learns_online_to_90_percent_of_the_oracle
     last, oracle = summary["expected_by_fifth"][-1], summary["optimal_by_fifth"][-1]
     assert last >= 0.9 * oracle, summary
     assert len(summary["versions_seen"]) > 5  # learned versions reached the server
+
+
+def test_a_spec_policy_refuses_a_request_missing_features_unless_its_spec_fills_zeros(
+        tmp_path: Path) -> None:
+    from protos import decision_pb2 as pb
+    from protos import decision_pb2_grpc as pb_grpc
+    from serving.config import PolicyConfig
+    from tests.server_harness import channel, running_server, serve_config
+
+    text = ('kind = "actions"\nactions = ["a", "b"]\n[features]\n'
+            'context = ["x", "y", "z"]\n')
+    registry = LocalRegistry(tmp_path / "registry")
+    for name, extra in (("strict", ""), ("sparse", 'missing = "zero"\n')):
+        model, manifest, posterior = cold_start(parse_spec(f'name = "{name}"\n' + text + extra))
+        registry.publish(name, model, manifest, {"head.npz": posterior.to_npz_bytes()})
+    assert registry.current("strict").manifest.features.missing == "error"
+    config = serve_config(tmp_path, policies={"strict": PolicyConfig(strategy="greedy"),
+                                              "sparse": PolicyConfig(strategy="greedy")})
+    with running_server(config) as server, channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        partial = pb.Features(named={"x": 1.0})
+        with pytest.raises(Exception) as caught:
+            stub.Decide(pb.DecideRequest(policy="strict", context=partial), timeout=5)
+        assert caught.value.code().name == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
+        assert ("context.named lacks 2 of the policy's 3 features ('y', 'z')"
+                in caught.value.details())  # type: ignore[attr-defined]
+        full = pb.Features(named={"x": 1.0, "y": 0.0, "z": 2.0})
+        assert stub.Decide(pb.DecideRequest(policy="strict", context=full), timeout=5).event_id
+        assert stub.Decide(pb.DecideRequest(policy="sparse", context=partial), timeout=5).event_id

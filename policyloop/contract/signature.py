@@ -21,6 +21,7 @@ from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.kinds import PolicyKind, kind_of
 
 MANIFEST_FORMAT = 1
+MISSING_FEATURES = ("zero", "error")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class FeatureSchema:
 
     context: tuple[str, ...]
     action: tuple[str, ...] = ()
+    # A request that names some features but not all: "zero" fills the rest with 0 (one-hot
+    # groups, sparse counts), "error" refuses it, naming what is missing. Not in the hash: it
+    # is how requests are read, not what the model computes.
+    missing: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.missing not in MISSING_FEATURES:
+            raise InvalidArgument(f"features.missing: {self.missing!r} is not one of "
+                                  f"{list(MISSING_FEATURES)}")
 
     @property
     def hash(self) -> str:
@@ -109,6 +119,7 @@ class Manifest:
                 features=FeatureSchema(
                     context=tuple(raw["features"]["context"]),
                     action=tuple(raw["features"].get("action", ())),
+                    missing=raw["features"].get("missing", "zero"),
                 ),
                 inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
                              for t in raw["inputs"]),

@@ -11,6 +11,8 @@ built-in simulators are examples of such specs). Keys, with what they mean::
     [features]
     context = ["age", "tenure"]     # the context features, by name, in this order
     action = ["price", "rating"]    # kind = "ranking" only: each candidate's features
+    missing = "error"               # a request naming only some features is refused;
+                                    # "zero": the others are 0 (one-hot groups, counts)
 
     [model]
     type = "linear"                 # a linear model: learns from the first reward
@@ -41,7 +43,7 @@ from typing import Any
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.kinds import PolicyKind, kind_of
-from policyloop.contract.signature import FeatureSchema
+from policyloop.contract.signature import MISSING_FEATURES, FeatureSchema
 
 # the spec's words for the kinds, and the kind each names
 SPEC_KINDS = {"actions": "qnet", "ranking": "scoring"}
@@ -49,7 +51,7 @@ MODEL_TYPES = ("linear",)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
 _POLICY = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _KEYS = {"": {"name", "kind", "actions", "features", "model", "data"},
-         "features": {"context", "action"}, "model": {"type", "interactions"},
+         "features": {"context", "action", "missing"}, "model": {"type", "interactions"},
          "data": {"action", "reward", "propensity", "candidates"}}
 
 
@@ -139,7 +141,11 @@ def parse_spec(text: str) -> PolicySpec:
     if not isinstance(interactions, bool):
         raise InvalidArgument(f"model.interactions: must be true or false, got "
                               f"{interactions!r}")
-    return PolicySpec(name, kind, FeatureSchema(context, action), actions,
+    missing = features.get("missing", "error")
+    if missing not in MISSING_FEATURES:
+        raise InvalidArgument(f"features.missing: {missing!r} is not one of "
+                              f"{list(MISSING_FEATURES)}")
+    return PolicySpec(name, kind, FeatureSchema(context, action, missing), actions,
                       ModelSpec(model_type, interactions), _data(raw.get("data", {})))
 
 
