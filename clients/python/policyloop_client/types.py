@@ -1,7 +1,8 @@
 """What the client takes and gives back: plain Python values in, frozen dataclasses out.
 
 Features are a dict of named numbers (names from ``PolicyInfo.context_features`` /
-``action_features``; names left out are zero, an unknown name is refused) or a sequence of
+``action_features``; an unknown name is refused; names left out are zero, or refused when the
+policy's spec says ``features.missing = "error"``) or a sequence of
 numbers in the policy's schema order (a list, a tuple, a numpy array). Candidates are action ids
 (fixed-action policies; they restrict the choice to those actions) or, for ranking policies,
 each id with its own features, as ``{"id": ..., "features": ...}`` or an ``(id, features)``
