@@ -189,7 +189,7 @@ def test_simulate_takes_its_token_from_the_environment() -> None:
      "partitions: 'four' is not a valid int"),
     ("learn", ["--policy", "p"], {}, "partitions = 0\n", "partitions must be >= 1, got 0"),
     ("learn", ["--policy", "p", "--shard", "1"], {}, "", "shard must be INDEX/COUNT"),
-    ("simulate", [], {}, "", "target is required"),
+    ("simulate", [], {}, "", "target: HOST:PORT of a server is required"),
     ("simulate", ["--target", "h:1"], {}, "events = 2.5\n", "events: 2.5 is not a valid int"),
     ("demo", [], {"POLICYLOOP_SCENARIO": "chess"}, "",
      r"POLICYLOOP_SCENARIO must be one of \['recsys', 'routing'\]"),
