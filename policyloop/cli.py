@@ -166,7 +166,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args.log, target_column=args.target_column,
                             registry=args.registry, policy=args.policy, version=args.version,
                             strategy=args.strategy, clip=args.clip, alpha=args.alpha,
-                            as_json=args.json)
+                            as_json=args.json, spec_path=args.spec)
 
 
 _SHARD = ("shard_index", "shard_count")  # LearnConfig fields set by --shard I/N
@@ -439,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "x0..xN or a 'context' list, optional candidates and position). The "
                        "target is a column with its probability of the logged action, or a "
                        "registered model version with an exploration strategy.")
-    p.add_argument("log", type=Path, help="CSV or JSONL file of logged events")
+    p.add_argument("log", type=Path, help="CSV or JSONL file of logged events (with --spec: "
+                   "CSV, JSONL or Parquet in the spec's columns)")
+    p.add_argument("--spec", type=Path, help="read the log in this policy spec's columns, "
+                   "as `train --spec` does; the target defaults to the spec's policy")
     p.add_argument("--target-column", help="column: target policy's probability of the "
                    "logged action")
     p.add_argument("--registry", type=Path, default=Path("var/registry"))

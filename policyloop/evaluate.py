@@ -11,6 +11,10 @@ with those keys and ``context`` as a list, optionally ``candidates`` as
   ``--version``, ``--strategy``): its probability of each logged action is computed exactly as
   the server would (rows of a ranking policy need ``candidates``).
 
+With ``--spec SPEC`` the log is read as ``policyloop train --spec`` reads it (CSV, JSONL or
+Parquet, in the columns the spec names, every row checked where it enters and a bad one
+dropped with its line and field), and the target defaults to the spec's policy.
+
 DR uses a cross-fitted ridge regression of the reward on the context as its reward model.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +31,7 @@ import numpy as np
 
 from online import ope
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.spec import PolicySpec, load_spec
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,28 @@ def read_events(path: Path, *, target_column: str | None = None,
         propensity=column("propensity"), context=ctx,
         target=column(target_column) if target_column else None,
         candidates=[r.get("candidates") or [] for r in rows] if "candidates" in rows[0] else None)
+
+
+def read_spec_events(path: Path, spec: PolicySpec) -> tuple[LoggedEvents, dict]:
+    """A log in the spec's columns (``policyloop/simulators/logfile.py``), as the events
+    evaluation reads, and the summary of what was read and dropped."""
+    from policyloop.simulators.logfile import read_logs
+
+    data, report = read_logs(path, spec)
+    if data.action_ids is None:  # a fixed action set: the action is its column
+        actions = [spec.actions[int(a)] for a in data.action]
+        candidates = None
+    else:
+        assert data.action_features is not None
+        actions, candidates = [], []
+        for i, ids in enumerate(data.action_ids):
+            actions.append(ids[int(data.action[i])])
+            candidates.append([{"id": c, "features": data.action_features[i, k].tolist()}
+                               for k, c in enumerate(ids)])
+    events = LoggedEvents(action=actions, reward=data.reward, propensity=data.propensity,
+                          context=data.context.astype(np.float32), target=None,
+                          candidates=candidates)
+    return events, report.summary()
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -147,10 +175,21 @@ def format_table(estimates: Sequence[ope.Estimate], alpha: float) -> str:
 
 def evaluate_command(path: Path, *, target_column: str | None, registry: Path | None,
                      policy: str | None, version: int | None, strategy: str,
-                     clip: float | None, alpha: float, as_json: bool) -> int:
-    if (target_column is None) == (policy is None):
+                     clip: float | None, alpha: float, as_json: bool,
+                     spec_path: Path | None = None) -> int:
+    if spec_path is not None:
+        if target_column is not None:
+            raise InvalidArgument("--spec reads the spec's columns; evaluate a registered "
+                                  "policy (--policy, default the spec's) instead of "
+                                  "--target-column")
+        spec = load_spec(spec_path)
+        policy = policy or spec.name
+        events, summary = read_spec_events(path, spec)
+        print(json.dumps({"data": summary}), file=sys.stderr)
+    elif (target_column is None) == (policy is None):
         raise InvalidArgument("give exactly one target: --target-column or --policy")
-    events = read_events(path, target_column=target_column)
+    else:
+        events = read_events(path, target_column=target_column)
     if target_column is not None:
         assert events.target is not None
         target = events.target

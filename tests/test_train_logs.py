@@ -213,3 +213,25 @@ def test_the_data_table_names_the_columns_and_rows_may_have_fewer_candidates(tmp
 def test_simulate_needs_a_target_or_a_file(capsys):
     assert cli.main(["simulate", "--scenario", "routing"]) == 2
     assert "--log-to" in capsys.readouterr().err
+
+
+def test_evaluate_reads_a_log_through_the_spec_and_values_the_policy_trained_on_another(
+        tmp_path, capsys):
+    """A policy trained on one simulated log, valued by evaluate on a fresh one in the same
+    spec's columns: its SNIPS estimate beats what the logging policy earned there (0.19 vs
+    0.12 with these seeds; the truth agrees that the trained policy is better)."""
+    train_log, fresh = tmp_path / "recsys.csv", tmp_path / "fresh.csv"
+    for path, seed in ((train_log, "0"), (fresh, "1")):
+        assert cli.main(["simulate", "--scenario", "recsys", "--log-to", str(path),
+                         "--events", "3000", "--seed", seed]) == 0
+    spec, registry = tmp_path / "recsys.spec.toml", tmp_path / "registry"
+    assert cli.main(["train", "--spec", str(spec), "--data", str(train_log), "--registry",
+                     str(registry), "--epochs", "4", "--policy", "shop"]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(fresh), "--spec", str(spec), "--policy", "shop",
+                     "--registry", str(registry), "--json"]) == 0
+    captured = capsys.readouterr()
+    estimates = {e["estimator"]: e for e in json.loads(captured.out)}
+    assert json.loads(captured.err.strip().splitlines()[-1])["data"]["rows_used"] == 3000
+    logged = float(np.mean([float(r["reward"]) for r in csv.DictReader(fresh.open())]))
+    assert estimates["snips"]["value"] > logged + 0.03, (estimates["snips"], logged)
