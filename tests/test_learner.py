@@ -257,3 +257,27 @@ def test_learner_metrics_report_the_join_and_the_gate(base: Path, tmp_path: Path
     assert promoted + rejected == len(learner.published) > 0
     assert value("policyloop_learner_gate_value",
                  {"policy": "routing", "model": "candidate"}) is not None
+
+
+def test_a_checkpoint_of_the_learner_before_learners_had_their_own_state_still_restores(
+        base: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The layout written before the learner interface: head statistics at the top level and a
+    gate window of embeddings. The statistics and positions come back; the window, which holds
+    what the gate can no longer use, is dropped with a warning and refills."""
+    root = _copy(base, tmp_path / "old")
+    first = Learner(_config(root, max_examples=1500))
+    first.run()
+    first.publish()
+    state = json.loads((root / "ckpt.json").read_text())
+    learner_state = state.pop("learner")
+    state.pop("format")
+    state["heads"], state["q"] = learner_state["heads"], None
+    state["holdout"] = {"limit": 1000, "embeddings": [], "heads": [None, None],
+                        "action": [0, 1], "propensity": [0.125, 0.125], "reward": [1.0, 0.0]}
+    (root / "ckpt.json").write_text(json.dumps(state))
+    with caplog.at_level("WARNING"):
+        restored = Learner(_config(root))
+    np.testing.assert_array_equal(_heads(restored).data_b, _heads(first).data_b)
+    assert restored.positions == first.positions and restored.examples == first.examples
+    assert len(restored._holdout) == 0
+    assert "dropping the 2 held-out events of an older checkpoint format" in caplog.text
