@@ -39,12 +39,19 @@ from dataclasses import replace
 from online.config import LearnConfig
 from online.gate import HOLDOUT_LIMIT, Holdout
 from online.join import Example, RewardJoiner
-from online.learners import Candidate, LinearHeadLearner, OnlineLearner, Serving
+from online.learners import LinearHeadLearner, OnlineLearner, Serving
 from online.linear import LinearHeads
 from online.qlearning import QLearner
 from online.shards import ShardMerge
 from policyloop.bus import interface as bus
-from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, Unavailable
+from policyloop.contract.errors import (
+    ExportParityError,
+    InvalidArgument,
+    ModelRejected,
+    NotFound,
+    PolicyloopError,
+    Unavailable,
+)
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
 from policyloop.registry.interface import ModelVersion, Registry, open_registry
 from policyloop.registry.onnx_model import LoadedModel, choose_providers, load_model, open_model
@@ -354,20 +361,20 @@ class Learner:
             return self._write_stats()
         manifest = self.model.manifest
         examples = self.examples
-        if self.shard[1] > 1:
-            assert self.shards is not None
-            heads, examples = self.shards.merge(self._heads(), self.examples)
-            assert isinstance(self.algorithm, LinearHeadLearner)
-            candidate = self.algorithm.candidate(heads)
-        else:
-            candidate = self.algorithm.candidate()
-        new_manifest = replace(candidate.manifest or manifest, policy=manifest.policy,
-                               parent_version=manifest.version, version=0, created_at="",
-                               sha256="")
-        try:
+        try:  # never publish what serving could not load
+            if self.shard[1] > 1:
+                assert self.shards is not None
+                heads, examples = self.shards.merge(self._heads(), self.examples)
+                assert isinstance(self.algorithm, LinearHeadLearner)
+                candidate = self.algorithm.candidate(heads)
+            else:
+                candidate = self.algorithm.candidate()
+            new_manifest = replace(candidate.manifest or manifest, policy=manifest.policy,
+                                   parent_version=manifest.version, version=0, created_at="",
+                                   sha256="")
             opened = open_model(candidate.model, new_manifest, providers=self._providers)
-        except ModelRejected as exc:  # never publish what serving could not load
-            return self._refused(candidate, exc)
+        except (InvalidArgument, ModelRejected, ExportParityError) as exc:
+            return self._refused(exc)
         evaluation = self._holdout.judge(opened.run, self.model.run, enabled=self.config.gate,
                                          margin=self.config.gate_margin)
         promote = evaluation["promoted"]
@@ -391,10 +398,12 @@ class Learner:
         self.checkpoint()
         return record
 
-    def _refused(self, candidate: Candidate, exc: ModelRejected) -> dict:
-        """A candidate that does not load or scores non-finite values is not published; the
-        learner keeps learning and tries again at the next publish."""
-        log.error("not publishing %s: the candidate fails serving's checks: %s",
+    def _refused(self, exc: PolicyloopError) -> dict:
+        """A candidate that cannot be built (weights beyond float32, a failed export parity
+        check) or fails serving's checks (does not load, scores non-finite values) is not
+        published; the learner keeps learning and tries again at the next publish."""
+        log.error("not publishing %s: the candidate cannot be built or fails serving's "
+                  "checks: %s",
                   self.config.policy, exc, extra={"policy": self.config.policy})
         record = {"version": None, "examples": self.examples, "promoted": False,
                   "refused": str(exc)}

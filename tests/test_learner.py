@@ -281,3 +281,22 @@ def test_a_checkpoint_of_the_learner_before_learners_had_their_own_state_still_r
     assert restored.positions == first.positions and restored.examples == first.examples
     assert len(restored._holdout) == 0
     assert "dropping the 2 held-out events of an older checkpoint format" in caplog.text
+
+
+def test_a_candidate_that_fails_servings_checks_is_not_published(base: Path,
+                                                                 tmp_path: Path) -> None:
+    """Weights beyond float32 (what one absurd reward can cause) cannot make a model serving
+    would load, so the learner publishes nothing, counts it, keeps the version it serves and
+    keeps running, instead of exiting at every publish."""
+    root = _copy(base, tmp_path / "inf")
+    learner = Learner(_config(root, max_examples=500))
+    learner.run()
+    versions = LocalRegistry(root / "registry").versions("routing")
+    _heads(learner).prior_mean[:] = 1e39
+    learner.since_publish = 1
+    record = learner.publish()
+    assert record["version"] is None and record["promoted"] is False
+    assert "must be finite in float32" in record["refused"]
+    assert learner.refused == 1
+    assert LocalRegistry(root / "registry").versions("routing") == versions
+    assert json.loads((root / "ckpt.json").read_text())["refused"] == 1
