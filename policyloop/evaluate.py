@@ -31,6 +31,7 @@ import numpy as np
 
 from online import ope
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.signature import FeatureSchema
 from policyloop.contract.spec import PolicySpec, load_spec
 
 
@@ -117,14 +118,22 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def target_from_model(events: LoggedEvents, registry: Path, policy: str, version: int | None,
-                      strategy: str) -> np.ndarray:
-    """Probability the registered model, explored with ``strategy``, gives each logged action."""
+                      strategy: str, features: FeatureSchema | None = None) -> np.ndarray:
+    """Probability the registered model, explored with ``strategy``, gives each logged action.
+    ``features``: the names and order the events' columns follow (a spec's), which must be the
+    model's."""
     from policyloop.registry.local import LocalRegistry
     from policyloop.registry.onnx_model import choose_providers, load_model
     from serving.exploration import strategy_from_spec
 
     reg = LocalRegistry(registry)
     mv = reg.get(policy, version) if version else reg.current(policy)
+    served = mv.manifest.features
+    if features is not None and features.hash != served.hash:
+        raise InvalidArgument(
+            f"{policy} v{mv.version} reads features {list(served.context + served.action)}, "
+            f"not the spec's {list(features.context + features.action)}: evaluating it on the "
+            "spec's columns would feed it the wrong features")
     model = load_model(mv, expected=None, providers=choose_providers(False))
     explore = strategy_from_spec(strategy)
     rng = np.random.default_rng(0)
@@ -195,7 +204,8 @@ def evaluate_command(path: Path, *, target_column: str | None, registry: Path | 
         target = events.target
     else:
         assert policy is not None and registry is not None
-        target = target_from_model(events, registry, policy, version, strategy)
+        target = target_from_model(events, registry, policy, version, strategy,
+                                   None if spec_path is None else spec.features)
     estimates = evaluate(events, target, clip=clip, alpha=alpha)
     if as_json:
         print(json.dumps([asdict(e) for e in estimates], indent=2))

@@ -155,12 +155,11 @@ class DataPlane:
         self._log = log
         self._metrics = metrics
         self._rng = np.random.default_rng(seed)
-        # Built here for the policies named at start-up, so a bad spec stops the server; a
-        # policy the store discovers later gets its strategy on first use (``_strategy``).
+        # Built here, so a bad spec stops the server. Every configured policy is named at
+        # start-up; one the store discovers later has no table and gets the default strategy.
         self._strategies: dict[str, Strategy] = {
             name: strategy_from_spec(config.policy(name).strategy) for name in store.policies}
-        if store.discovers:
-            strategy_from_spec(config.default_strategy)  # what discovered policies will get
+        self._default_strategy = strategy_from_spec(config.default_strategy)
         # labelled metric children, looked up once (label values are bounded)
         self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
@@ -173,11 +172,7 @@ class DataPlane:
         return self._strategy(policy)
 
     def _strategy(self, policy: str) -> Strategy:
-        strategy = self._strategies.get(policy)
-        if strategy is None:  # a discovered policy; strategies hold no state, so a race is moot
-            strategy = self._strategies.setdefault(
-                policy, strategy_from_spec(self._config.policy(policy).strategy))
-        return strategy
+        return self._strategies.get(policy, self._default_strategy)
 
     def max_candidates(self, policy: str) -> int:
         return self._config.policy(policy).max_candidates

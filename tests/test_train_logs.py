@@ -235,3 +235,27 @@ def test_evaluate_reads_a_log_through_the_spec_and_values_the_policy_trained_on_
     assert json.loads(captured.err.strip().splitlines()[-1])["data"]["rows_used"] == 3000
     logged = float(np.mean([float(r["reward"]) for r in csv.DictReader(fresh.open())]))
     assert estimates["snips"]["value"] > logged + 0.03, (estimates["snips"], logged)
+
+
+def test_evaluate_refuses_a_spec_whose_features_are_not_the_models(tmp_path, capsys):
+    path = tmp_path / "routing.csv"
+    assert cli.main(["simulate", "--scenario", "routing", "--log-to", str(path),
+                     "--events", "300"]) == 0
+    spec, registry = tmp_path / "routing.spec.toml", tmp_path / "registry"
+    assert cli.main(["train", "--spec", str(spec), "--data", str(path), "--registry",
+                     str(registry), "--epochs", "1", "--policy", "router"]) == 0
+    text = spec.read_text()
+    swapped = spec.with_name("swapped.toml")  # the same names, two of them in another order
+    swapped.write_text(text.replace('"topic_billing", "topic_technical"',
+                                    '"topic_technical", "topic_billing"'))
+    assert swapped.read_text() != text
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(path), "--spec", str(swapped), "--policy", "router",
+                     "--registry", str(registry)]) == 2
+    assert "router v1 reads features ['topic_billing', 'topic_technical'" in capsys.readouterr().err
+
+
+def test_a_feature_named_like_a_log_column_is_refused():
+    with pytest.raises(InvalidArgument, match="'reward' is also the log's reward column"):
+        parse_spec('name = "r"\nkind = "actions"\nactions = ["a"]\n'
+                   '[features]\ncontext = ["x", "reward"]\n')

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.kinds import PolicyKind, kind_of
 
 MANIFEST_FORMAT = 1
+# A policy's name, as the registry stores it and requests send it.
+POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 MISSING_FEATURES = ("zero", "error")
 
 

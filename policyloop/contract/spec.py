@@ -43,13 +43,12 @@ from typing import Any
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.kinds import PolicyKind, kind_of
-from policyloop.contract.signature import MISSING_FEATURES, FeatureSchema
+from policyloop.contract.signature import MISSING_FEATURES, POLICY_NAME, FeatureSchema
 
 # the spec's words for the kinds, and the kind each names
 SPEC_KINDS = {"actions": "qnet", "ranking": "scoring"}
 MODEL_TYPES = ("linear",)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
-_POLICY = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _KEYS = {"": {"name", "kind", "actions", "features", "model", "data"},
          "features": {"context", "action", "missing"}, "model": {"type", "interactions"},
          "data": {"action", "reward", "propensity", "candidates"}}
@@ -104,7 +103,7 @@ def parse_spec(text: str) -> PolicySpec:
         raise InvalidArgument(f"not valid TOML: {exc}") from exc
     _known(raw, "")
     name = _string(raw, "name")
-    if not _POLICY.fullmatch(name):
+    if not POLICY_NAME.fullmatch(name):
         raise InvalidArgument(f"name: {name!r} must be 1-64 of a-z 0-9 _ - starting with a "
                               "letter or digit")
     kind_word = _string(raw, "kind")
@@ -145,8 +144,15 @@ def parse_spec(text: str) -> PolicySpec:
     if missing not in MISSING_FEATURES:
         raise InvalidArgument(f"features.missing: {missing!r} is not one of "
                               f"{list(MISSING_FEATURES)}")
+    data = _data(raw.get("data", {}))
+    taken = {getattr(data, column): column for column in ("action", "reward", "propensity",
+                                                          "candidates")}
+    clash = next((name for name in context if name in taken), None)
+    if clash is not None:  # a log file's column would be read as two things
+        raise InvalidArgument(f"features.context: {clash!r} is also the log's "
+                              f"{taken[clash]} column (data.{taken[clash]}); rename one")
     return PolicySpec(name, kind, FeatureSchema(context, action, missing), actions,
-                      ModelSpec(model_type, interactions), _data(raw.get("data", {})))
+                      ModelSpec(model_type, interactions), data)
 
 
 def _data(table: Any) -> DataSpec:

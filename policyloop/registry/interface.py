@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
-from policyloop.contract.signature import Manifest
+from policyloop.contract.signature import POLICY_NAME, Manifest
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -49,7 +49,6 @@ RESERVED_FILES = frozenset({MODEL_FILE, MANIFEST_FILE})
 DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
 MAX_MANIFEST_BYTES = 2**20  # a manifest is a small JSON document
 
-POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Extra files: a plain name, no separators, never starting with a dot (so never "." or "..").
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
