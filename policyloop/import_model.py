@@ -14,7 +14,7 @@ from pathlib import Path
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.spec import load_spec
-from policyloop.registry.interface import open_registry
+from policyloop.create import publish_new_policy
 from policyloop.registry.model_import import import_onnx
 
 
@@ -32,14 +32,8 @@ def import_command(model_path: Path, *, spec_path: Path, registry: Path,
                                prior=prior, training={"source": model_path.name})
     except InvalidArgument as exc:
         raise InvalidArgument(f"{model_path}: {exc}") from exc
-    target = open_registry(registry, kafka=registry_kafka)
-    try:
-        if spec.name in target.policies() and target.versions(spec.name) and not force:
-            raise InvalidArgument(f"policy {spec.name!r} already exists in {registry}; "
-                                  "--force publishes this model as its next version")
-        version = target.publish(spec.name, imported.model, imported.manifest, imported.extras)
-    finally:
-        target.close()
+    version = publish_new_policy(spec.name, imported.model, imported.manifest, imported.extras,
+                                 registry=registry, registry_kafka=registry_kafka, force=force)
     head = imported.manifest.head
     print(json.dumps({"policy": spec.name, "version": version.version, "kind": spec.kind,
                       "embedding_width": head.dim,

@@ -41,7 +41,7 @@ class ModelStore:
                  on_change: Callable[[str, LoadedModel], None] | None = None) -> None:
         self._registry = registry
         # replaced, never changed in place: readers iterate it without the lock
-        self._policies = sorted(policies)
+        self._policies = frozenset(policies)
         self._discover = discover
         self._discovered: set[str] = set()  # in the registry, seen, not loadable yet
         self._vanished: set[str] = set()  # serving, but gone from the registry (logged once)
@@ -51,7 +51,7 @@ class ModelStore:
         self._interval = watch_interval_s
         self._on_change = on_change
         self._models: dict[str, LoadedModel] = {}
-        metrics.declare_policies(self._policies)
+        metrics.declare_policies(sorted(self._policies))
         self._pinned: set[str] = set()
         self._rejected: dict[str, int] = {}  # policy -> last rejected version, not retried
         # Serialises loads, swaps and pins, never taken by readers. The watcher decides and
@@ -62,7 +62,7 @@ class ModelStore:
 
     @property
     def policies(self) -> list[str]:
-        return list(self._policies)
+        return sorted(self._policies)
 
     @property
     def discovers(self) -> bool:
@@ -71,7 +71,7 @@ class ModelStore:
 
     def serves(self, policy: str) -> bool:
         """Whether ``policy`` is served here (loaded, or named and waiting for a version)."""
-        return policy in self._models or policy in self._policies
+        return policy in self._policies  # a discovered one is named once it has loaded
 
     def get(self, policy: str) -> LoadedModel:
         """The version serving now; the caller keeps this reference for the whole request."""
@@ -91,7 +91,7 @@ class ModelStore:
         with ``discover``, of every policy new to the registry. The first rejection (already
         logged and counted) is raised once every policy has been looked at."""
         rejected: ModelRejected | None = None
-        for policy in self._policies:
+        for policy in sorted(self._policies):
             try:
                 with self._lock:
                     self._follow(policy)
@@ -171,7 +171,7 @@ class ModelStore:
                 raise
             self._models[policy] = model  # the swap: one reference assignment
             if policy not in self._policies:  # a discovered policy, named once it can serve
-                self._policies = sorted([*self._policies, policy])
+                self._policies = self._policies | {policy}
         if serving is not None:
             self._metrics.swaps.labels(policy).inc()
         log.info("serving %s v%d on %s", policy, model.version, model.provider,
@@ -223,7 +223,7 @@ class ModelStore:
 
     def start(self) -> None:
         """Load every policy once, then watch the registry in the background."""
-        for policy in self._policies:
+        for policy in sorted(self._policies):
             try:
                 self._load(policy, self._registry.current(policy))
             except (NotFound, ModelRejected) as exc:

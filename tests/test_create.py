@@ -219,3 +219,19 @@ def test_a_spec_policy_refuses_a_request_missing_features_unless_its_spec_fills_
         full = pb.Features(named={"x": 1.0, "y": 0.0, "z": 2.0})
         assert stub.Decide(pb.DecideRequest(policy="strict", context=full), timeout=5).event_id
         assert stub.Decide(pb.DecideRequest(policy="sparse", context=partial), timeout=5).event_id
+
+
+def test_create_refuses_an_existing_policy_unless_forced(tmp_path: Path) -> None:
+    spec = tmp_path / "r.toml"
+    spec.write_text('name = "r"\nkind = "actions"\nactions = ["a", "b"]\n'
+                    '[features]\ncontext = ["x"]\n')
+    command = [*CLI, "create", str(spec), "--registry", str(tmp_path / "reg")]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2
+    assert "policy 'r' already exists" in again.stderr
+    forced = subprocess.run([*command, "--force"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert json.loads(forced.stdout)["version"] == 2
+    assert LocalRegistry(tmp_path / "reg").versions("r") == [1, 2]
