@@ -7,6 +7,7 @@ Sources, later ones winning: defaults here, a TOML file (``--config``), environm
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class ServeConfig:
     grace_period_s: float = setting(10.0, "drain period on SIGTERM, seconds", flag="--grace")
     max_message_bytes: int = setting(4 << 20, "largest gRPC message, bytes")
     max_batch_rows: int = setting(1024, "most rows of one batch request")
+    reward_limit: float = setting(1e6, "largest |value| of a reward (and of each slot reward); "
+                                  "larger ones are refused with INVALID_ARGUMENT")
     # Micro-batching of concurrent Decide calls (serving/batching.py). On by default: the
     # serving benchmark shows it faster at every load.
     micro_batch_size: int = setting(32, "decide up to N concurrent Decide calls together (1 "
@@ -133,6 +136,9 @@ class ServeConfig:
                      "max_model_bytes", "ort_threads", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.reward_limit) and self.reward_limit > 0):
+            raise InvalidArgument(f"reward_limit must be positive and finite, got "
+                                  f"{self.reward_limit}")
         if not 0 < self.micro_batch_wait_ms <= 1000:
             raise InvalidArgument("micro_batch_wait_ms must be in (0, 1000], got "
                                   f"{self.micro_batch_wait_ms}")

@@ -334,6 +334,10 @@ class DataPlane:
         values = [r.value, *r.slot_rewards]
         if not all(np.isfinite(values)):
             raise InvalidArgument(f"reward value/slot_rewards must be finite, got {values[:8]}")
+        limit = self._config.reward_limit
+        if any(abs(v) > limit for v in values):
+            raise InvalidArgument(f"reward value/slot_rewards must be within ±{limit:g} "
+                                  f"(--reward-limit), got {values[:8]}")
         event = RewardEvent(event_id=r.event_id, policy=r.policy, value=float(r.value),
                             slot_rewards=[float(v) for v in r.slot_rewards],
                             timestamp_ms=r.timestamp_ms or int(time.time() * 1000))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from policyloop.contract.errors import InvalidArgument, ResourceExhausted
+from policyloop.contract.errors import InvalidArgument, NotFound, ResourceExhausted, shown
 from policyloop.registry.onnx_model import LoadedModel
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
@@ -95,6 +95,28 @@ def policy_info(plane: DataPlane, policy: str) -> pb.PolicyInfo:
         max_candidates=plane.max_candidates(policy), apprentice=plane.apprentice(policy))
 
 
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+_POLICY_NAME_MAX = 64  # contract.signature.POLICY_NAME
+
+
+def _known_length(policy: str) -> None:
+    """A policy name longer than any valid one is not served; say so without echoing it all."""
+    if len(policy) > _POLICY_NAME_MAX:
+        raise NotFound(f"policy {shown(policy)} is not served here")
+
+
+def _timestamp_ms(request: pb.RewardRequest) -> int:
+    if not request.HasField("timestamp"):
+        return 0
+    ts = request.timestamp
+    if not (_TIMESTAMP_SECONDS[0] <= ts.seconds <= _TIMESTAMP_SECONDS[1]
+            and 0 <= ts.nanos <= 999_999_999):
+        raise InvalidArgument(f"timestamp out of range (seconds {ts.seconds}, nanos "
+                              f"{ts.nanos}): must be 0001-01-01..9999-12-31 UTC")
+    return int(ts.ToMilliseconds())
+
+
 class DecisionServicer(pb_grpc.DecisionServiceServicer):
     def __init__(self, plane: DataPlane, max_batch_rows: int,
                  log: DecisionLog | None = None, batcher: DecideBatcher | None = None) -> None:
@@ -112,6 +134,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
 
     async def Decide(self, request: pb.DecideRequest,
                      context: grpc.aio.ServicerContext) -> pb.DecideResponse:
+        _known_length(request.policy)
         if self._batcher is not None:
             response = decide_response(await self._batcher.decide(decide_input(request)))
         else:
@@ -126,14 +149,16 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             raise InvalidArgument("requests is empty")
         if rows > self._max_batch_rows:
             raise ResourceExhausted(f"requests: {rows} rows, at most {self._max_batch_rows}")
+        for r in request.requests:
+            _known_length(r.policy)
         outputs = self._plane.decide_many([decide_input(r) for r in request.requests])
         await self._durable()
         return pb.DecideBatchResponse(responses=[decide_response(o) for o in outputs])
 
     async def Reward(self, request: pb.RewardRequest,
                      context: grpc.aio.ServicerContext) -> pb.RewardResponse:
-        timestamp_ms = (request.timestamp.ToMilliseconds() if request.HasField("timestamp")
-                        else 0)
+        _known_length(request.policy)
+        timestamp_ms = _timestamp_ms(request)
         event_id = self._plane.reward(RewardInput(
             event_id=request.event_id, value=request.value,
             slot_rewards=list(request.slot_rewards), timestamp_ms=timestamp_ms,
@@ -143,12 +168,14 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
 
     async def Activate(self, request: pb.ActivateRequest,
                        context: grpc.aio.ServicerContext) -> pb.ActivateResponse:
+        _known_length(request.policy)
         event_id = self._plane.activate(request.event_id, request.policy)
         await self._durable()
         return pb.ActivateResponse(event_id=event_id)
 
     async def GetPolicyInfo(self, request: pb.GetPolicyInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.PolicyInfo:
+        _known_length(request.policy)
         return policy_info(self._plane, request.policy)
 
     async def ListPolicies(self, request: pb.ListPoliciesRequest,

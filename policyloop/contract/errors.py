@@ -43,3 +43,12 @@ class ModelRejected(PolicyloopError):
 
 class ExportParityError(PolicyloopError):
     """torch and onnxruntime disagree on an exported model beyond the tolerance."""
+
+
+def shown(value: object, limit: int = 100) -> str:
+    """``value`` as an error message echoes it: its repr, cut to ``limit`` characters plus the
+    full length, so a multi-megabyte caller value gives a short message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} chars)"

@@ -1,0 +1,82 @@
+"""Requests that must be refused at entry (issue #16 findings 1 and 8): an absurd reward, an
+out-of-range timestamp, a huge echoed policy name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from policyloop.contract.errors import InvalidArgument, shown
+from protos import decision_pb2 as pb
+from protos import decision_pb2_grpc as pb_grpc
+from serving.config import ServeConfig, load_serve_config
+from tests.server_harness import ServerThread, channel, make_registry, serve_config
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.DecisionServiceStub]:
+    tmp = tmp_path_factory.mktemp("reliability")
+    make_registry(tmp / "registry")
+    running = ServerThread(serve_config(tmp, reward_limit=1000.0))
+    try:
+        with channel(running.target) as ch:
+            yield pb_grpc.DecisionServiceStub(ch)
+    finally:
+        running.stop()
+
+
+def refused(call, request) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call(request, timeout=5)
+    return info.value
+
+
+@pytest.mark.parametrize("value, slots", [(1e300, []), (-1001.0, []), (1.0, [2.0, 1e300])])
+def test_a_reward_beyond_the_limit_is_refused(stub, value: float, slots: list[float]) -> None:
+    error = refused(stub.Reward, pb.RewardRequest(event_id="e1", value=value,
+                                                  slot_rewards=slots))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reward value" in error.details() and "1000" in error.details()
+    assert "--reward-limit" in error.details()
+
+
+def test_a_reward_within_the_limit_is_accepted(stub) -> None:
+    assert stub.Reward(pb.RewardRequest(event_id="e2", value=-1000.0), timeout=5).event_id
+
+
+@pytest.mark.parametrize("seconds", [10**15, -(10**15), 253_402_300_800])
+def test_a_timestamp_out_of_range_is_invalid_argument(stub, seconds: int) -> None:
+    request = pb.RewardRequest(event_id="e3", value=1.0)
+    request.timestamp.seconds = seconds
+    error = refused(stub.Reward, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timestamp" in error.details()
+
+
+def test_a_huge_policy_name_gives_a_short_message(stub) -> None:
+    name = "p" * 200_000
+    for call, request in [(stub.Reward, pb.RewardRequest(event_id="e4", value=1.0, policy=name)),
+                          (stub.Activate, pb.ActivateRequest(event_id="e4", policy=name)),
+                          (stub.GetPolicyInfo, pb.GetPolicyInfoRequest(policy=name))]:
+        error = refused(call, request)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert len(error.details()) < 300 and "200002 chars" in error.details()
+
+
+def test_shown_cuts_long_values() -> None:
+    assert shown("abc") == "'abc'"
+    assert shown("x" * 500) == "'" + "x" * 99 + "…(502 chars)"
+
+
+@pytest.mark.parametrize("limit", [0.0, -1.0, float("inf"), float("nan")])
+def test_reward_limit_must_be_positive_and_finite(limit: float) -> None:
+    with pytest.raises(InvalidArgument, match="reward_limit"):
+        ServeConfig(reward_limit=limit).validate()
+
+
+def test_reward_limit_is_a_flag_with_a_default(tmp_path: Path) -> None:
+    assert ServeConfig().reward_limit == 1e6
+    assert load_serve_config(None, {"reward_limit": 5.0}, environ={}).reward_limit == 5.0
