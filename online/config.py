@@ -51,10 +51,9 @@ class LearnConfig:
                               "forgetting (--gamma < 1) so targets of older heads fade")
     prior: float = setting(1.0, "ridge prior strength")
     holdout_every: int = setting(5, "hold out one event in this many (by a hash of its id) "
-                                 "for the promotion gate; 0 = none; none with --no-gate")
+                                 "for the promotion gate; 0 = none")
     gate: bool = setting(True, "promote a version only if off-policy evaluation on held-out "
-                         "events does not find it worse (--no-gate: promote every version "
-                         "and train on every event)")
+                         "events does not find it worse (--no-gate: promote every version)")
     gate_margin: float = setting(0.01, "how much lower a candidate's estimated value may be, "
                                  "beyond two standard errors, and still be promoted")
     max_examples: int | None = setting(None, "stop after this many examples (tests, replays)")
@@ -78,12 +77,6 @@ class LearnConfig:
                                        "readiness on /healthz (0 = any port)")
     metrics_host: str = setting("127.0.0.1", "address the metrics port binds (0.0.0.0 in a "
                                 "pod, for the scraper)")
-
-    @property
-    def holdout(self) -> int:
-        """One event in this many is held out from training; 0: none. Without the gate
-        nothing judges on held-out events, so holding them out would only cost learning."""
-        return self.holdout_every if self.gate else 0
 
     def __post_init__(self) -> None:
         for name in ("partitions", "publish_every", "window_ms"):

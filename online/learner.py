@@ -8,10 +8,10 @@ default that refreshes the neural-linear head and its posterior on the fixed bod
 example's embedding with the serving model from the logged context and candidate features, so
 they need no torch.
 
-One example in ``holdout_every`` (none without the gate; chosen by a hash of its event id, so
-the choice does not depend on arrival order) is held out from training for the promotion gate
-(``online/gate.py``); a candidate the gate rejects is still published (not current) with its
-evaluation, for the audit trail.
+One example in ``holdout_every`` (chosen by a hash of its event id, so the choice does not
+depend on arrival order) is held out from training for the promotion gate (``online/gate.py``);
+a candidate the gate rejects is still published (not current) with its evaluation, for the
+audit trail.
 
 State (consumer positions, joiner, the learner's state, held-out window, counters) is checkpointed
 atomically in one file after every publish, then the consumer group's offsets are committed; a
@@ -121,8 +121,8 @@ class Learner:
         self.refused = 0  # candidates that failed serving's checks, not published
         # With forgetting the gate judges on about as much recent data as the head remembers,
         # so after a drift it compares on the new world, not on the old one.
-        horizon = (HOLDOUT_LIMIT if config.gamma >= 1 or not config.holdout
-                   else int(1 / (1 - config.gamma) / config.holdout))
+        horizon = (HOLDOUT_LIMIT if config.gamma >= 1 or not config.holdout_every
+                   else int(1 / (1 - config.gamma) / config.holdout_every))
         self._holdout = Holdout(limit=max(100, min(HOLDOUT_LIMIT, horizon)))
         self._last_publish = time.monotonic()
         self._stopping = False
@@ -338,8 +338,8 @@ class Learner:
         if d.baseline_action is not None:
             return  # apprentice mode: the app chose, its propensity is unknown
         self.examples += 1
-        held_out = bool(self.config.holdout and zlib.crc32(d.event_id.encode())
-                        % self.config.holdout == 0)
+        held_out = bool(self.config.holdout_every and zlib.crc32(d.event_id.encode())
+                        % self.config.holdout_every == 0)
         if held_out:
             model = self.model
             self._holdout.add(model.manifest.policy_kind.logged(d, model.action_positions),

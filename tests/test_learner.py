@@ -122,19 +122,6 @@ def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) ->
     assert registry.get("routing", record["version"]).manifest.evaluation["promoted"] is False
 
 
-def test_without_the_gate_every_event_is_trained_on(base: Path, tmp_path: Path) -> None:
-    gated = Learner(_config(_copy(base, tmp_path / "gated"), gate=True, max_examples=2000))
-    gated.run()
-    ungated = Learner(_config(_copy(base, tmp_path / "ungated"), max_examples=2000))
-    ungated.run()
-    assert isinstance(gated.algorithm, LinearHeadLearner)
-    assert isinstance(ungated.algorithm, LinearHeadLearner)
-    assert len(ungated._holdout) == 0 and ungated.algorithm.learned >= ungated.examples
-    # about one in five held out for the gate
-    assert len(gated._holdout) > 300
-    assert gated.algorithm.learned < ungated.algorithm.learned - 300
-
-
 def _learn_cmd(root: Path) -> list[str]:
     return [sys.executable, "-m", "policyloop.cli", "--log-level", "WARNING", "learn",
             "--registry", str(root / "registry"), "--policy", "routing", "--bus-path",
