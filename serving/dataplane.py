@@ -7,8 +7,10 @@ naming the field and the bad value, before anything is logged.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import getrandbits
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from policyloop.bus import interface as bus
-from policyloop.contract.errors import InvalidArgument, PolicyloopError
+from policyloop.contract.errors import InvalidArgument, PolicyloopError, shown
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
 from policyloop.registry.onnx_model import LoadedModel
 from serving.config import ServeConfig
@@ -28,6 +30,7 @@ from serving.model_store import ModelStore
 
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_SLOTS = 100
+RECENT_EVENT_IDS = 100_000  # caller event ids remembered to report reuse (~10 MB at most)
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,38 @@ def check_event_id(event_id: str, field_name: str = "event_id") -> str:
     return event_id
 
 
+def _in_row(exc: PolicyloopError, row: int) -> PolicyloopError:
+    """``exc`` with its message prefixed by the batch row it is about (same type, so it maps
+    to the same status)."""
+    named = copy.copy(exc)
+    named.args = (f"requests[{row}]: {exc}",)
+    return named
+
+
+class _RecentIds:
+    """The last ``capacity`` caller-given event ids, to count their reuse.
+
+    Reuse across calls is reported, not refused: the client library resends a Decide with an
+    event id and a seed (the same decision, by construction) when its first answer was lost,
+    and that resend must succeed. The learner keeps the first decision of an id either way
+    (``online/join.py``); this counter tells an operator that an app reuses ids."""
+
+    def __init__(self, capacity: int) -> None:
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+        self._capacity = capacity
+
+    def add(self, event_id: str) -> bool:
+        """Remember ``event_id``; True when it was already remembered."""
+        if event_id in self._ids:
+            return True
+        self._ids.add(event_id)
+        self._order.append(event_id)
+        if len(self._order) > self._capacity:
+            self._ids.discard(self._order.popleft())
+        return False
+
+
 class DataPlane:
     """Decisions, rewards and activations for every served policy."""
 
@@ -162,6 +197,7 @@ class DataPlane:
         self._default_strategy = strategy_from_spec(config.default_strategy)
         # labelled metric children, looked up once (label values are bounded)
         self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._recent_ids = _RecentIds(RECENT_EVENT_IDS)
 
     @property
     def store(self) -> ModelStore:
@@ -181,16 +217,31 @@ class DataPlane:
         return self._config.policy(policy).apprentice
 
     def decide(self, request: DecideInput) -> DecideOutput:
-        return self.decide_many([request])[0]
+        return self._score([self._prepare(request)], independent=False)[0]  # type: ignore
 
     def decide_many(self, requests: Sequence[DecideInput]) -> list[DecideOutput]:
         """Decide every row; rows of one policy and candidate count share one model run.
 
         All rows are validated before any is scored or logged, so a bad row fails the whole
-        call and nothing of it is half-logged.
+        call and nothing of it is half-logged; the error names the row (``requests[i]: ...``).
+        Two rows with the same event id are refused: the second would log a decision the
+        learner drops.
         """
-        return self._score([self._prepare(r) for r in requests],  # type: ignore[return-value]
-                           independent=False)
+        prepared: list[_Prepared | PolicyloopError] = []
+        first_row: dict[str, int] = {}
+        for i, r in enumerate(requests):
+            try:
+                p = self._prepare(r)
+            except PolicyloopError as e:
+                raise _in_row(e, i) from None
+            if r.event_id:
+                if r.event_id in first_row:
+                    raise InvalidArgument(
+                        f"requests[{i}]: event_id {shown(r.event_id)} repeats "
+                        f"requests[{first_row[r.event_id]}]'s: event ids must be unique")
+                first_row[r.event_id] = i
+            prepared.append(p)
+        return self._score(prepared, independent=False, rows_named=True)  # type: ignore
 
     def decide_each(self, requests: Sequence[DecideInput]
                     ) -> list[DecideOutput | PolicyloopError]:
@@ -204,10 +255,11 @@ class DataPlane:
                 prepared.append(e)
         return self._score(prepared, independent=True)
 
-    def _score(self, prepared: Sequence[_Prepared | PolicyloopError], *, independent: bool
-               ) -> list[DecideOutput | PolicyloopError]:
+    def _score(self, prepared: Sequence[_Prepared | PolicyloopError], *, independent: bool,
+               rows_named: bool = False) -> list[DecideOutput | PolicyloopError]:
         """Run each group's model once and finish its rows; with ``independent`` a row's
-        error becomes its result, otherwise it ends the call."""
+        error becomes its result, otherwise it ends the call (naming the row when
+        ``rows_named``)."""
         outputs: list = list(prepared)  # every prepared row is replaced by its output below
         groups: dict[tuple[int, int], list[tuple[int, _Prepared]]] = {}
         for i, p in enumerate(prepared):
@@ -229,7 +281,7 @@ class DataPlane:
                     outputs[i] = self._finish(p, scores[j], embedding[j])
                 except PolicyloopError as e:
                     if not independent:
-                        raise
+                        raise _in_row(e, i) if rows_named else e from None
                     outputs[i] = e
         return outputs
 
@@ -318,6 +370,8 @@ class DataPlane:
             baseline_action=p.request.baseline_action or None,
             policy_action=policy_action or None)
         self._log.submit(bus.DECISIONS, event.key, event.to_bytes())
+        if p.request.event_id and self._recent_ids.add(p.event_id):
+            self._metrics.reused_event_ids.labels(policy).inc()
         action = chosen[0].action_id if p.allowed is not None else "candidate"
         children = self._decision_metrics.get((policy, strategy, action))
         if children is None:

@@ -46,6 +46,7 @@ class ServingMetrics:
     in_flight: Gauge
     auth_failures: Counter
     micro_batch_size: Histogram
+    reused_event_ids: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ServingMetrics:
@@ -108,6 +109,11 @@ class ServingMetrics:
                 "decide_micro_batch_size", "Decide calls decided together by the "
                 "micro-batcher (serving/batching.py; only when it is on).", namespace=ns,
                 registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+            reused_event_ids=Counter(
+                "reused_event_ids", "Decisions logged under a caller's event id that this "
+                "server logged a decision for recently (a retried call, or an app reusing ids: "
+                "the learner keeps the first), by policy.", ["policy"], namespace=ns,
+                registry=registry),
         )
 
     def declare_policies(self, policies: Iterable[str]) -> None:
