@@ -329,6 +329,9 @@ class DataPlane:
     def _finish(self, p: _Prepared, scores: np.ndarray,
                 embedding: np.ndarray) -> DecideOutput:
         model = p.model
+        if not (np.isfinite(scores).all() and np.isfinite(embedding).all()):
+            raise InvalidArgument("the model's scores for this request have NaN or infinite "
+                                  "values (features far outside the range it was trained on?)")
         strategy = self._strategy(p.request.policy)
         rng = np.random.default_rng(p.request.seed) if p.request.seed is not None else self._rng
         if p.allowed is not None:  # fixed action set: restrict to the allowed actions

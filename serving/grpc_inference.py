@@ -7,6 +7,7 @@ no decision log (that is what ``Decide`` is for).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import grpc
@@ -67,6 +68,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         inputs = _decode_inputs(request, model)
         scores, embedding = model.run(inputs["context"], inputs.get("action_features"))
         produced = {"scores": scores, "embedding": embedding}
+        for name, output in produced.items():
+            if not np.isfinite(output).all():
+                raise InvalidArgument(
+                    f"the model's {name} output for these inputs has NaN or infinite values "
+                    "(inputs far outside the range it was trained on?); Decide refuses them too")
         wanted = [o.name for o in request.outputs] or list(produced)
         unknown = [n for n in wanted if n not in produced]
         if unknown:
@@ -109,7 +115,7 @@ def _decode_inputs(request: pb.ModelInferRequest, model: LoadedModel) -> dict[st
                 d < 0 or (s >= 0 and d != s) for d, s in zip(shape, spec.shape, strict=True)):
             raise InvalidArgument(f"inputs[{i}] {tensor.name!r}: shape {list(shape)} does not "
                                   f"fit {list(spec.shape)}")
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # Python ints: a product past int64 cannot wrap around
         if count > _MAX_ELEMENTS:
             raise InvalidArgument(f"inputs[{i}] {tensor.name!r}: {count} elements is too many")
         if raw:

@@ -64,15 +64,17 @@ def scoring_model(policy: str = "recsys", context_dim: int = 8, action_dim: int 
 
 
 def qnet_model(policy: str = "routing", context_dim: int = 5, n_actions: int = 3,
-               hidden: int = 4, seed: int = 0) -> tuple[bytes, Manifest]:
-    """scores[b,a] = tanh(ctx@Wc)[b] @ W[:,a] + bias[a]."""
+               hidden: int = 4, seed: int = 0, activation: str = "Tanh"
+               ) -> tuple[bytes, Manifest]:
+    """scores[b,a] = tanh(ctx@Wc)[b] @ W[:,a] + bias[a] (``activation="Identity"``: an
+    unbounded body, whose scores overflow for huge inputs)."""
     rng = np.random.default_rng(seed)
     inits = {"Wc": rng.standard_normal((context_dim, hidden)) / np.sqrt(context_dim),
              "head_w": rng.standard_normal((hidden, n_actions)),
              "head_b": rng.standard_normal(n_actions)}
     nodes = [
         helper.make_node("MatMul", ["context", "Wc"], ["hc"]),
-        helper.make_node("Tanh", ["hc"], ["embedding"]),
+        helper.make_node(activation, ["hc"], ["embedding"]),
         helper.make_node("MatMul", ["embedding", "head_w"], ["s"]),
         helper.make_node("Add", ["s", "head_b"], ["scores"]),
     ]
