@@ -4,10 +4,12 @@ these defaults, a TOML file, ``POLICYLOOP_*`` variables and its flags
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import REWARD_LIMIT
 from policyloop.contract.settings import setting
 
 
@@ -41,6 +43,9 @@ class LearnConfig:
     default_reward: float = setting(0.0, "reward of a decision none arrived for in its window")
     reward_rule: str = setting("first", "several rewards for one decision: the first wins, or "
                                "they add up", choices=("first", "sum"))
+    reward_limit: float = setting(REWARD_LIMIT, "largest |reward| learned from; a larger or "
+                                  "non-finite one on the bus is skipped and counted "
+                                  "(joiner.refused_rewards)")
     publish_every: int = setting(500, "examples per version")
     publish_interval_s: float = setting(30.0, "seconds per version", flag="--publish-interval")
     gamma: float = setting(1.0, "forgetting factor (1 = none)")
@@ -82,6 +87,12 @@ class LearnConfig:
         for name in ("partitions", "publish_every", "window_ms"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.reward_limit) and self.reward_limit > 0):
+            raise InvalidArgument(f"reward_limit must be positive and finite, got "
+                                  f"{self.reward_limit}")
+        if not math.isfinite(self.default_reward) or abs(self.default_reward) > self.reward_limit:
+            raise InvalidArgument(f"default_reward must be finite and within ±reward_limit, got "
+                                  f"{self.default_reward}")
         if not self.publish_interval_s > 0:
             raise InvalidArgument(
                 f"publish_interval_s must be > 0, got {self.publish_interval_s}")

@@ -31,7 +31,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from policyloop.contract.errors import InvalidArgument
-from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
+from policyloop.contract.events import (
+    REWARD_LIMIT,
+    ActivationEvent,
+    DecisionEvent,
+    RewardEvent,
+    usable_reward,
+)
 
 
 @dataclass(frozen=True)
@@ -72,13 +78,16 @@ class JoinStats:
     never_activated: int = 0
     evicted: int = 0
     orphan_rewards: int = 0  # rewards whose decision never came within the window
+    refused_rewards: int = 0  # non-finite or beyond ±reward_limit: never learned from
+    undecodable_records: int = 0  # bus records that are not events: skipped by the learner
 
 
 class RewardJoiner:
     def __init__(self, *, window_ms: int = 60_000, default_reward: float = 0.0,
                  reward_rule: str = "first", max_pending: int = 100_000,
                  remember_emitted: int = 200_000,
-                 sources: tuple[str, ...] = ("decisions", "rewards")) -> None:
+                 sources: tuple[str, ...] = ("decisions", "rewards"),
+                 reward_limit: float = REWARD_LIMIT) -> None:
         if window_ms < 0:
             raise InvalidArgument(f"window_ms must be >= 0, got {window_ms}")
         if reward_rule not in ("first", "sum"):
@@ -88,6 +97,7 @@ class RewardJoiner:
         self.window_ms = window_ms
         self.default_reward = default_reward
         self.reward_rule = reward_rule
+        self.reward_limit = reward_limit
         self.max_pending = max_pending
         self._remember = remember_emitted
         self._open: dict[str, _Open] = {}
@@ -123,6 +133,13 @@ class RewardJoiner:
         return self._advance(source, event.timestamp_ms) + self._evict()
 
     def add_reward(self, event: RewardEvent, source: str = "rewards") -> list[Example]:
+        """Join a reward; one the learner cannot use (a producer other than serving wrote a
+        NaN or an absurd value on the bus) is skipped and counted, never joined, and the sum
+        rule refuses the addition that would carry a total past the limit."""
+        if not usable_reward(event.value, self.reward_limit) or not all(
+                usable_reward(v, self.reward_limit) for v in event.slot_rewards):
+            self.stats.refused_rewards += 1
+            return self._advance(source, event.timestamp_ms)
         if event.event_id in self._emitted:
             self.stats.late_rewards += 1
             return self._advance(source, event.timestamp_ms)
@@ -135,6 +152,9 @@ class RewardJoiner:
             slot.reward = event.value
             slot.reward_ms = event.timestamp_ms
         elif self.reward_rule == "sum":
+            if not usable_reward(slot.reward + event.value, self.reward_limit):
+                self.stats.refused_rewards += 1
+                return self._advance(source, event.timestamp_ms) + self._evict()
             slot.reward += event.value
             slot.reward_ms = event.timestamp_ms
         else:

@@ -35,6 +35,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from online.config import LearnConfig
 from online.gate import HOLDOUT_LIMIT, Holdout
@@ -109,6 +110,7 @@ class Learner:
         self.joiner = RewardJoiner(window_ms=config.window_ms,
                                    default_reward=config.default_reward,
                                    reward_rule=config.reward_rule,
+                                   reward_limit=config.reward_limit,
                                    sources=tuple(f"{topic}:{p}"
                                                  for topic in (bus.DECISIONS, bus.REWARDS)
                                                  for p in self.partitions))
@@ -310,13 +312,28 @@ class Learner:
         they are skipped, so nothing is counted twice. Records of other policies (the topics
         are shared) only move the join's clock: another policy's rewards would otherwise wait
         as orphans and crowd its bounded state. A reward or activation that names no policy
-        is joined by its event id.
+        is joined by its event id. A record that is no event (another program's, a damaged
+        one) is skipped and counted, and the learner goes on: one bad record must not stop
+        every policy's learning behind it.
         """
         tp = (record.topic, record.partition)
         if record.offset < self.positions.get(tp, 0):
             return
         self.positions[tp] = record.offset + 1
         source = f"{record.topic}:{record.partition}"
+        try:
+            examples = self._join(record, source)
+        except InvalidArgument as exc:  # another program's record, or a damaged one
+            self.joiner.stats.undecodable_records += 1
+            if self.joiner.stats.undecodable_records <= _LOGGED_UNDECODABLE:
+                log.warning("skipping %s record at offset %d: %s", source, record.offset, exc,
+                            extra={"policy": self.config.policy})
+            return
+        for example in examples:
+            self.learn(example)
+
+    def _join(self, record: bus.Record, source: str) -> list[Example]:
+        """Decode one record and hand it to the joiner; InvalidArgument if it is no event."""
         mine = self.config.policy
         if record.topic == bus.DECISIONS:
             event = DecisionEvent.from_bytes(record.value)
@@ -330,8 +347,7 @@ class Learner:
             activation = ActivationEvent.from_bytes(record.value)
             examples = (self.joiner.add_activation(activation)
                         if activation.policy in ("", mine) else [])
-        for example in examples:
-            self.learn(example)
+        return examples
 
     def learn(self, example: Example) -> None:
         d = example.decision
@@ -438,7 +454,17 @@ class Learner:
         os.replace(tmp, path)
 
     def _restore(self) -> None:
-        state = json.loads(self.config.checkpoint.read_text())
+        """Resume from the checkpoint; a damaged one (truncated, hand-edited, another
+        program's file) stops the learner with one line that names it, never a traceback and
+        never a silent fresh start that would re-learn what the old state already holds."""
+        path = self.config.checkpoint
+        state = _read_checkpoint(path)
+        try:
+            self._load(state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise InvalidArgument(_damaged(path, f"its state does not load ({exc!r})")) from exc
+
+    def _load(self, state: dict) -> None:
         if tuple(state.get("shard", (0, 1))) != self.shard:
             raise InvalidArgument(
                 f"checkpoint {self.config.checkpoint} belongs to shard "
@@ -471,6 +497,40 @@ class Learner:
         self.joiner.load_state(state["joiner"])
         self._holdout = Holdout.from_state(state["holdout"], warn=lambda message: log.warning(
             message, extra={"policy": self.config.policy}))
+
+
+_LOGGED_UNDECODABLE = 20  # the first ones are logged; all are counted (join events metric)
+
+_CHECKPOINT_KEYS = ("positions", "examples", "since_publish", "latest_reward_ms", "published",
+                    "model_version", "joiner", "holdout")
+
+
+def _damaged(path: Path, problem: str) -> str:
+    return (f"checkpoint {path}: {problem}; move it away (or pass another --checkpoint) to "
+            "start this learner fresh")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's JSON object, or InvalidArgument saying what is wrong with the file."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(_damaged(path, f"cannot be read ({exc})")) from exc
+    if not text.strip():
+        raise InvalidArgument(_damaged(path, "is empty"))
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(_damaged(path, f"is not valid JSON ({exc})")) from exc
+    if not isinstance(state, dict):
+        raise InvalidArgument(_damaged(path, f"holds a JSON {type(state).__name__}, "
+                                             "not a checkpoint object"))
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if "learner" not in state and "heads" not in state:
+        missing.append("learner")
+    if missing:
+        raise InvalidArgument(_damaged(path, f"lacks {', '.join(missing)}"))
+    return state
 
 
 def _learner_state(state: dict) -> dict:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from online.learner import Learner
 
 _JOIN_OUTCOMES = ("rewarded", "defaulted", "late_rewards", "duplicate_rewards",
-                  "duplicate_decisions", "never_activated", "evicted", "orphan_rewards")
+                  "duplicate_decisions", "never_activated", "evicted", "orphan_rewards",
+                  "refused_rewards", "undecodable_records")
 
 
 class LearnerCollector(Collector):

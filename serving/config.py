@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.events import REWARD_LIMIT
 from policyloop.contract.settings import read_file, resolve, setting
 
 
@@ -77,8 +78,8 @@ class ServeConfig:
     grace_period_s: float = setting(10.0, "drain period on SIGTERM, seconds", flag="--grace")
     max_message_bytes: int = setting(4 << 20, "largest gRPC message, bytes")
     max_batch_rows: int = setting(1024, "most rows of one batch request")
-    reward_limit: float = setting(1e6, "largest |value| of a reward (and of each slot reward); "
-                                  "larger ones are refused with INVALID_ARGUMENT")
+    reward_limit: float = setting(REWARD_LIMIT, "largest |value| of a reward (and of each "
+                                  "slot reward); larger ones are refused with INVALID_ARGUMENT")
     # Micro-batching of concurrent Decide calls (serving/batching.py). On by default: the
     # serving benchmark shows it faster at every load.
     micro_batch_size: int = setting(32, "decide up to N concurrent Decide calls together (1 "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,23 @@ def test_sum_rule_adds_rewards_within_the_window() -> None:
     j = RewardJoiner(window_ms=100, reward_rule="sum")
     assert run(j, [decision("e1", 0), reward("e1", 10, 1.0), reward("e1", 20, 2.0)]) == {
         "e1": 3.0}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e7])
+def test_a_reward_the_learner_cannot_use_is_skipped_and_counted(bad: float) -> None:
+    j = RewardJoiner(window_ms=100, default_reward=-1.0)
+    got = run(j, [decision("e1", 0), reward("e1", 10, bad), reward("e1", 20, 2.0),
+                  decision("e2", 30), RewardEvent(event_id="e2", policy="p", value=1.0,
+                                                  slot_rewards=[bad], timestamp_ms=40)])
+    assert got == {"e1": 2.0, "e2": -1.0}  # the later good reward still joins e1
+    assert j.stats.refused_rewards == 2
+
+
+def test_the_sum_rule_refuses_an_addition_past_the_limit() -> None:
+    j = RewardJoiner(window_ms=100, reward_rule="sum", reward_limit=10.0)
+    got = run(j, [decision("e1", 0), reward("e1", 10, 6.0), reward("e1", 20, 6.0),
+                  reward("e1", 30, 3.0)])
+    assert got == {"e1": 9.0} and j.stats.refused_rewards == 1
 
 
 def test_late_rewards_are_never_applied() -> None:
@@ -152,3 +171,14 @@ def test_another_policys_records_move_the_clock_without_opening_anything() -> No
     closed = joiner.observe("rewards:0", 500)
     assert [e.decision.event_id for e in closed] == ["e1"] and closed[0].reward == 0.0
     assert joiner.pending == 0 and joiner.stats.orphan_rewards == 0
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"reward_limit": 0.0}, "reward_limit"), ({"reward_limit": float("inf")}, "reward_limit"),
+    ({"default_reward": float("nan")}, "default_reward"),
+    ({"default_reward": 2e6}, "default_reward")])
+def test_the_learners_reward_settings_are_checked(changes: dict, message: str) -> None:
+    from online.config import LearnConfig
+
+    with pytest.raises(InvalidArgument, match=message):
+        LearnConfig(registry=Path("r"), policy="p", **changes)

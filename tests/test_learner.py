@@ -18,6 +18,7 @@ from online.config import LearnConfig
 from online.learner import Learner
 from online.learners import LinearHeadLearner
 from online.linear import LinearHeads
+from policyloop.bus import interface as bus
 from policyloop.bus.local_log import LocalLog
 from policyloop.registry.local import LocalRegistry
 from policyloop.registry.onnx_head import read_head
@@ -100,6 +101,42 @@ def test_another_policys_events_on_the_shared_topics_are_ignored(base: Path,
     assert vars(shared.joiner.stats) == vars(alone.joiner.stats)  # no orphans, no evictions
     assert shared.examples == alone.examples
     np.testing.assert_array_equal(_heads(shared).data_b, _heads(alone).data_b)
+
+
+def _on_fresh_bus(base: Path, dest: Path, records: list[tuple[str, bytes, bytes]]) -> Path:
+    root = _copy(base, dest)
+    shutil.rmtree(root / "bus")
+    producer = LocalLog(root / "bus", partitions=2).producer()
+    write(producer, records)
+    producer.close()
+    return root
+
+
+@pytest.mark.parametrize(("bad", "counter"), [
+    ("1e300", "refused_rewards"), ("-2e6", "refused_rewards"),
+    ("1e999", "undecodable_records"), ('"lots"', "undecodable_records"),
+    ("0, ]} not json", "undecodable_records")])
+def test_rewards_the_learner_cannot_use_are_skipped_and_counted(base: Path, tmp_path: Path,
+                                                                bad: str, counter: str) -> None:
+    """Another producer on the bus wrote unusable rewards (absurd, so large JSON reads them
+    as infinity, of the wrong type, or no JSON at all) ahead of the real ones: the learner
+    ends exactly where it ends without them, and counts them."""
+    clean = routing_events(1500, seed=7, reward_rate=1.0)
+    poisoned: list[tuple[str, bytes, bytes]] = []
+    for topic, key, value in clean:
+        if topic == bus.REWARDS:
+            body = {**json.loads(value), "value": 12345.5}
+            body["timestamp_ms"] -= 50
+            poisoned.append((topic, key, json.dumps(body).replace("12345.5", bad).encode()))
+        poisoned.append((topic, key, value))
+    alone = Learner(_config(_on_fresh_bus(base, tmp_path / "clean", clean)))
+    alone.run()
+    hit = Learner(_config(_on_fresh_bus(base, tmp_path / "poisoned", poisoned)))
+    hit.run()
+    assert getattr(hit.joiner.stats, counter) == 1500
+    assert vars(hit.joiner.stats) == {**vars(alone.joiner.stats), counter: 1500}
+    np.testing.assert_array_equal(_heads(hit).data_b, _heads(alone).data_b)
+    assert np.isfinite(_heads(hit).data_b).all()
 
 
 def test_a_candidate_worse_by_ope_is_not_promoted(base: Path, tmp_path: Path) -> None:

@@ -280,6 +280,17 @@ def _unb64(text: object, dtype: str, name: str, as_type: type) -> np.ndarray:
     return array
 
 
+REWARD_LIMIT = 1e6
+"""Default bound on |reward| for both ends of the loop: serving refuses a larger reward with
+INVALID_ARGUMENT, and the learner skips (and counts) one that reached the bus another way, so
+one absurd value (a price in cents sent as a click) cannot swamp a model's statistics."""
+
+
+def usable_reward(value: float, limit: float = REWARD_LIMIT) -> bool:
+    """Whether a learner can use ``value``: finite and within ±``limit``."""
+    return math.isfinite(value) and abs(value) <= limit
+
+
 @dataclass(frozen=True)
 class RewardEvent(_JsonEvent):
     """The reward the app observed for a decision; ``slot_rewards`` per slot, may be empty.
