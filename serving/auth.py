@@ -123,13 +123,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         scope = required_scope(method)
         if scope is None:
             return await continuation(handler_call_details)
-        header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if not isinstance(header, str) or not header.startswith("Bearer ") or len(header) < 8:
+        headers = [value for key, value in handler_call_details.invocation_metadata or ()
+                   if key == "authorization"]
+        if len(headers) > 1:  # which one a proxy or the app meant is anyone's guess
+            self._on_failure("duplicate")
+            log.warning("refused %s: %d authorization headers", method, len(headers))
+            return _deny(grpc.StatusCode.UNAUTHENTICATED,
+                         f"authorization: {len(headers)} authorization headers; send exactly "
+                         "one 'authorization: Bearer <token>'")
+        header = headers[0] if headers else ""
+        # the scheme is case-insensitive (RFC 9110 section 11.1); the token is not
+        if (not isinstance(header, str) or header[:7].lower() != "bearer "
+                or len(header) < 8):
             self._on_failure("missing")
             log.warning("refused %s: no bearer token", method)
             return _deny(grpc.StatusCode.UNAUTHENTICATED,
                          "authorization: expected metadata 'authorization: Bearer <token>'")
-        token = self._match(header[len("Bearer "):])
+        token = self._match(header[7:])
         if token is None:
             self._on_failure("invalid")
             log.warning("refused %s: unknown token", method)

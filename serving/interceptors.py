@@ -133,6 +133,10 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
             except PolicyloopError as exc:
                 code, message = status_of(exc), str(exc)
+            except grpc.aio.AbortError:  # the servicer answered with a status (health: an
+                # unknown service is NOT_FOUND): count that status; it is no server fault
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
             except Exception:
                 log.exception("unhandled error in %s", method, extra={
                     "policy": getattr(request, "policy", None) or None,

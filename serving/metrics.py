@@ -103,7 +103,8 @@ class ServingMetrics:
                 registry=registry),
             auth_failures=Counter(
                 "auth_failures", "Calls refused by token authentication, by reason: missing "
-                "(no bearer token), invalid (unknown token), scope (token lacks the scope).",
+                "(no bearer token), invalid (unknown token), scope (token lacks the scope), "
+                "duplicate (more than one authorization header).",
                 ["reason"], namespace=ns, registry=registry),
             micro_batch_size=Histogram(
                 "decide_micro_batch_size", "Decide calls decided together by the "

@@ -79,3 +79,24 @@ def test_reward_limit_must_be_positive_and_finite(limit: float) -> None:
 def test_reward_limit_is_a_flag_with_a_default(tmp_path: Path) -> None:
     assert ServeConfig().reward_limit == 1e6
     assert load_serve_config(None, {"reward_limit": 5.0}, environ={}).reward_limit == 5.0
+
+
+def test_an_unknown_health_service_is_not_found_counted_as_such_not_a_crash(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.server_harness import health_status
+
+    make_registry(tmp_path / "registry")
+    running = ServerThread(serve_config(tmp_path))
+    try:
+        with channel(running.target) as ch, pytest.raises(grpc.RpcError) as info:
+            health_status(ch, "no-such-policy")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        samples = {(s.labels["method"], s.labels["code"]): s.value
+                   for m in running.running.metrics_registry.collect()
+                   if m.name == "policyloop_requests" for s in m.samples
+                   if s.name.endswith("_total")}
+        checks = {code: n for (method, code), n in samples.items() if method.endswith("Check")}
+        assert checks == {"NOT_FOUND": 1.0}, samples
+        assert "unhandled error" not in caplog.text
+    finally:
+        running.stop()

@@ -108,6 +108,25 @@ scopes = ["decide"]
     return path
 
 
+def test_two_authorization_headers_are_refused_and_the_scheme_ignores_case(
+        tmp_path: Path, tokens_file: Path) -> None:
+    make_registry(tmp_path / "registry")
+    with running_server(serve_config(tmp_path, tokens_file=tokens_file)) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.DecisionServiceStub(channel)
+        decide = pb.DecideRequest(policy="routing", context=pb.Features(dense=[0.1] * 5))
+        stub.Decide(decide, timeout=5, metadata=[("authorization", f"bearer {APP_TOKEN}")])
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Decide(decide, timeout=5, metadata=[("authorization", f"Bearer {READ_TOKEN}"),
+                                                     ("authorization", f"Bearer {APP_TOKEN}")])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "2 authorization headers" in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError) as wrong_case:
+            stub.Decide(decide, timeout=5,
+                        metadata=[("authorization", f"Bearer {APP_TOKEN.upper()}")])
+        assert "unknown token" in (wrong_case.value.details() or "")
+
+
 def test_the_traffic_generator_sends_its_token(tmp_path: Path, tokens_file: Path) -> None:
     import asyncio
 
