@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -494,6 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PolicyloopError as exc:
         print(f"policyloop {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file it was given (TLS key, tokens, a path under a regular
+        # file, a full disk): say which and why in one line; the traceback is for --log-level
+        # DEBUG
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"policyloop {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from policyloop.bus.interface import open_producer
+from policyloop.contract.errors import InvalidArgument
 from policyloop.registry.interface import Registry, open_registry
 from policyloop.registry.onnx_model import LoadedModel, choose_providers
 from protos import decision_pb2, decision_pb2_grpc, grpc_inference_pb2, grpc_inference_pb2_grpc
@@ -70,7 +72,32 @@ class RunningServer:
         return delivered
 
 
+def _tls_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = (None if config.tls_client_ca is None
+                 else _read_pem("tls_client_ca", config.tls_client_ca))
+    return grpc.ssl_server_credentials(
+        [(_read_pem("tls_key", config.tls_key), _read_pem("tls_cert", config.tls_cert))],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _read_pem(name: str, path: Path) -> bytes:
+    """A TLS file's bytes, or InvalidArgument naming the setting and the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"{name} {path}: {exc.strerror or exc}") from exc
+    if b"-----BEGIN " not in data:
+        raise InvalidArgument(f"{name} {path}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
 async def start_server(config: ServeConfig, *, seed: int | None = None) -> RunningServer:
+    # the files a start can fail on are read before anything is opened, so a bad one leaves
+    # no spool lock, bus writer or model watcher behind
+    credentials = _tls_credentials(config)
+    tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
     registry = open_registry(config.registry, kafka=config.registry_kafka,
                              topic=config.registry_topic, sync_timeout_s=0.05,
                              max_model_bytes=config.max_model_bytes)
@@ -127,9 +154,9 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if config.tokens_file is not None:
+    if tokens is not None:
         interceptors.append(AuthInterceptor(
-            load_tokens(config.tokens_file),
+            tokens,
             on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()))
     interceptors.append(ServingInterceptor(metrics, store.serves))
     server = grpc.aio.server(interceptors=interceptors,
@@ -152,13 +179,10 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     address = f"{config.host}:{config.port}"
-    if config.tls_cert is not None and config.tls_key is not None:
-        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
-            root_certificates=client_ca, require_client_auth=client_ca is not None)
+    if credentials is not None:
         port = server.add_secure_port(address, credentials)
-        log.info("gRPC with TLS%s", " and client certificates (mTLS)" if client_ca else "")
+        log.info("gRPC with TLS%s", " and client certificates (mTLS)" if config.tls_client_ca
+                 else "")
     else:
         port = server.add_insecure_port(address)
     http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics_registry)

@@ -222,3 +222,30 @@ def test_tls_settings_must_come_in_pairs(tmp_path: Path) -> None:
         serve_config(tmp_path, tls_cert=tmp_path / "c.pem").validate()
     with pytest.raises(InvalidArgument, match="tls_client_ca"):
         serve_config(tmp_path, tls_client_ca=tmp_path / "ca.pem").validate()
+
+
+
+@pytest.mark.parametrize("name", ["tls_cert", "tls_key", "tls_client_ca"])
+def test_a_tls_file_that_is_missing_or_no_pem_is_named_at_start(tmp_path: Path, pki: Path,
+                                                                 name: str) -> None:
+    make_registry(tmp_path / "registry")
+    files = {"tls_cert": pki / "server.pem", "tls_key": pki / "server.key"}
+    (tmp_path / "notes.txt").write_text("not a certificate")
+    for wrong, problem in ((tmp_path / "gone", "No such file"), (tmp_path, "directory"),
+                           (tmp_path / "notes.txt", "not a PEM file")):
+        with pytest.raises(InvalidArgument, match=f"{name} {wrong}: .*{problem}"), \
+                running_server(serve_config(tmp_path, **{**files, name: wrong})):
+            pass
+
+
+def test_serve_says_in_one_line_when_its_bus_path_cannot_be_made(tmp_path: Path) -> None:
+    import sys
+
+    (tmp_path / "afile").write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "policyloop.cli", "serve", "--registry", str(tmp_path / "reg"),
+         "--bus-path", str(tmp_path / "afile" / "bus"), "--port", "0"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"policyloop serve: Not a directory: {tmp_path}/afile/bus")
