@@ -124,6 +124,36 @@ def test_torn_tail_is_skipped_and_the_next_append_repairs_it(tmp_path: Path,
     assert [r.value for r in _drain(fresh, 5)] == [b"v0", b"v1", b"v2", b"v3", b"after"]
 
 
+@pytest.mark.parametrize("damage", ["value byte flipped", "length zeroed"])
+def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
+        tmp_path: Path, damage: str) -> None:
+    log = LocalLog(tmp_path)
+    producer = log.producer()
+    for i in range(10):
+        producer.send("t", f"value-{i}".encode(), key=b"k")
+    producer.close()
+    index = _segment(tmp_path, "t", "idx")
+    (pos, nxt) = (local_log._POS.unpack_from(index.read_bytes(), 8 * i)[0] for i in (4, 5))
+    path = _segment(tmp_path, "t", "log")
+    data = bytearray(path.read_bytes())
+    if damage == "value byte flipped":
+        data[nxt - 1] ^= 0xFF
+    else:
+        data[pos:pos + 4] = bytes(4)
+    path.write_bytes(bytes(data))
+
+    consumer = log.consumer("g", ["t"])
+    records = _drain_all(consumer)
+    assert [(r.offset, _index(r.value)) for r in records] == [
+        (i, i) for i in range(10) if i != 4]
+    assert consumer.damaged_records == 1
+    producer = log.producer()  # the tail is intact: appending goes on at offset 10
+    producer.send("t", b"value-10", key=b"k")
+    producer.flush()
+    (record,) = _drain(consumer, 1)
+    assert record.offset == 10 and log.end_offsets("t") == {0: 11}
+
+
 def test_keys_go_to_crc32_modulo_partitions_and_keyless_records_round_robin(
         tmp_path: Path) -> None:
     """The local log's own partitioner (test_bus_conformance.py pins what both buses share)."""

@@ -17,7 +17,9 @@ only records with an index entry and a complete, CRC-valid frame, and stop befor
 that is not (a crash's torn tail, or a write in progress) without raising; the next poll picks
 up from there. The next append repairs a torn tail first (drops index entries whose frame is
 incomplete, truncates the log after the last good frame), so offsets stay dense: 0, 1, 2, ...
-per partition.
+per partition. A damaged frame with committed records after it (a bad disk, not a crash, which
+only tears the tail) is skipped by readers with an error in the log and counted
+(``LocalConsumer.damaged_records``); the records after it keep their offsets.
 
 Polling from any offset is O(1): one index read gives the byte position. A segment rolls to a
 new file once it holds ``segment_bytes``; with ``retention_bytes`` set, a producer deletes the
@@ -261,6 +263,7 @@ class _Reader:
         self._base = -1
         self._log_fd = -1
         self._idx_fd = -1
+        self.skipped = 0  # damaged records passed over (see read)
 
     def read(self, offset: int, max_records: int,
              ) -> tuple[list[tuple[int, SegmentRecord]], int]:
@@ -290,6 +293,15 @@ class _Reader:
                 (pos,) = _POS.unpack(
                     os.pread(self._idx_fd, _POS.size, (offset - base) * _POS.size))
                 frames = _read_frames(self._log_fd, pos, min(max_records, count - offset + base))
+                if not frames and (offset - base < count - 1 or i + 1 < len(self._bases)):
+                    # a damaged frame with committed records after it: no crash tears a frame
+                    # in the middle, so it is lost on disk. Skip it (offsets stay as they are)
+                    # rather than stall the partition forever.
+                    self.skipped += 1
+                    log.error("%s/%020d.log: record %d is damaged (bad length or CRC); "
+                              "skipping it", self._dir, base, offset)
+                    offset += 1
+                    continue
                 return [(offset + j, f) for j, f in enumerate(frames)], offset + len(frames)
             if i + 1 < len(self._bases):  # a sealed segment: continue in the next one
                 nxt = self._bases[i + 1]
@@ -588,6 +600,11 @@ class LocalConsumer:
     def end_offsets(self, topic: str) -> dict[int, int]:
         """Per partition of ``topic``, the offset the next record will get."""
         return self._log.end_offsets(topic)
+
+    @property
+    def damaged_records(self) -> int:
+        """Records this consumer skipped because their frame is damaged on disk (logged)."""
+        return sum(reader.skipped for reader in self._readers.values())
 
     def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
         """Up to ``max_records`` records, in offset order per partition; waits up to
