@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from policyloop.contract.errors import InvalidArgument, NotFound, ResourceExhausted, shown
+from policyloop.contract.signature import POLICY_NAME_MAX
 from policyloop.registry.onnx_model import LoadedModel
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
@@ -97,12 +98,11 @@ def policy_info(plane: DataPlane, policy: str) -> pb.PolicyInfo:
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z
 _TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
-_POLICY_NAME_MAX = 64  # contract.signature.POLICY_NAME
 
 
 def _known_length(policy: str) -> None:
     """A policy name longer than any valid one is not served; say so without echoing it all."""
-    if len(policy) > _POLICY_NAME_MAX:
+    if len(policy) > POLICY_NAME_MAX:
         raise NotFound(f"policy {shown(policy)} is not served here")
 
 

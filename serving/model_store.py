@@ -19,7 +19,13 @@ import logging
 import threading
 from collections.abc import Callable
 
-from policyloop.contract.errors import ModelRejected, NotFound, PolicyloopError, Unavailable
+from policyloop.contract.errors import (
+    ModelRejected,
+    NotFound,
+    PolicyloopError,
+    Unavailable,
+    shown,
+)
 from policyloop.registry.interface import ModelVersion, Registry
 from policyloop.registry.onnx_model import LoadedModel, load_model
 from serving.metrics import ServingMetrics
@@ -78,7 +84,7 @@ class ModelStore:
         model = self._models.get(policy)
         if model is None:
             if not self.serves(policy):
-                raise NotFound(f"policy {policy!r} is not served here; served: "
+                raise NotFound(f"policy {shown(policy)} is not served here; served: "
                                f"{sorted(self._policies)}")
             raise Unavailable(f"policy {policy!r} has no loadable model version yet")
         return model
@@ -218,7 +224,7 @@ class ModelStore:
 
     def get_known(self, policy: str) -> None:
         if not self.serves(policy):
-            raise NotFound(f"policy {policy!r} is not served here; served: "
+            raise NotFound(f"policy {shown(policy)} is not served here; served: "
                            f"{sorted(self._policies)}")
 
     def start(self) -> None:

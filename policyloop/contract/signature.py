@@ -23,7 +23,8 @@ from policyloop.contract.kinds import PolicyKind, kind_of
 
 MANIFEST_FORMAT = 1
 # A policy's name, as the registry stores it and requests send it.
-POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+POLICY_NAME_MAX = 64
+POLICY_NAME = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{POLICY_NAME_MAX - 1}}}")
 MISSING_FEATURES = ("zero", "error")
 
 
