@@ -124,7 +124,7 @@ def test_torn_tail_is_skipped_and_the_next_append_repairs_it(tmp_path: Path,
     assert [r.value for r in _drain(fresh, 5)] == [b"v0", b"v1", b"v2", b"v3", b"after"]
 
 
-@pytest.mark.parametrize("damage", ["value byte flipped", "length zeroed"])
+@pytest.mark.parametrize("damage", ["value byte flipped", "length zeroed", "two in a row"])
 def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
         tmp_path: Path, damage: str) -> None:
     log = LocalLog(tmp_path)
@@ -138,20 +138,64 @@ def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
     data = bytearray(path.read_bytes())
     if damage == "value byte flipped":
         data[nxt - 1] ^= 0xFF
-    else:
+    elif damage == "length zeroed":
         data[pos:pos + 4] = bytes(4)
+    else:  # records 4 and 5
+        data[pos + 10] ^= 0xFF
+        data[nxt + 10] ^= 0xFF
     path.write_bytes(bytes(data))
 
     consumer = log.consumer("g", ["t"])
     records = _drain_all(consumer)
+    lost = {4, 5} if damage == "two in a row" else {4}
     assert [(r.offset, _index(r.value)) for r in records] == [
-        (i, i) for i in range(10) if i != 4]
-    assert consumer.damaged_records == 1
+        (i, i) for i in range(10) if i not in lost]
+    assert consumer.damaged_records == len(lost)
     producer = log.producer()  # the tail is intact: appending goes on at offset 10
     producer.send("t", b"value-10", key=b"k")
     producer.flush()
     (record,) = _drain(consumer, 1)
     assert record.offset == 10 and log.end_offsets("t") == {0: 11}
+
+
+def test_a_torn_tail_of_several_records_is_not_skipped_so_no_reused_offset_is_missed(
+        tmp_path: Path) -> None:
+    """A machine crash can persist a batch's index entries without its frames: readers must
+    wait for the repair there, not skip past offsets the next append will reuse."""
+    log = LocalLog(tmp_path)
+    producer = log.producer()
+    for i in range(10):
+        producer.send("t", f"value-{i}".encode(), key=b"k")
+    producer.close()
+    index = _segment(tmp_path, "t", "idx")
+    (pos,) = local_log._POS.unpack_from(index.read_bytes(), 8 * 7)
+    os.truncate(_segment(tmp_path, "t", "log"), pos + 5)  # records 7, 8, 9 torn
+    consumer = log.consumer("g", ["t"])
+    assert [_index(r.value) for r in _drain_all(consumer)] == list(range(7))
+    assert consumer.damaged_records == 0
+    producer = log.producer()
+    producer.send("t", b"value-70", key=b"k")
+    producer.flush()
+    (record,) = _drain(consumer, 1)
+    assert (record.offset, record.value) == (7, b"value-70")
+
+
+def test_the_damaged_tail_of_a_sealed_segment_is_skipped(tmp_path: Path) -> None:
+    """Only the newest segment is ever repaired, so damage at the end of an older one is
+    passed over to the next segment."""
+    log = LocalLog(tmp_path, fsync=False, segment_bytes=512)
+    producer = log.producer()
+    for i in range(40):
+        producer.send("t", f"value-{i}".encode(), key=b"k")
+        producer.flush()
+    producer.close()
+    first = sorted((tmp_path / "topics" / "t" / "0").glob("*.log"))[0]
+    kept = first.stat().st_size
+    os.truncate(first, kept - 3)
+    records = _drain_all(log.consumer("g", ["t"]))
+    got = [_index(r.value) for r in records]
+    assert len(got) == 39 and got == sorted(got) and 39 == max(got)
+    assert [r.offset for r in records] == got  # offsets unchanged
 
 
 def test_keys_go_to_crc32_modulo_partitions_and_keyless_records_round_robin(

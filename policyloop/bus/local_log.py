@@ -17,9 +17,10 @@ only records with an index entry and a complete, CRC-valid frame, and stop befor
 that is not (a crash's torn tail, or a write in progress) without raising; the next poll picks
 up from there. The next append repairs a torn tail first (drops index entries whose frame is
 incomplete, truncates the log after the last good frame), so offsets stay dense: 0, 1, 2, ...
-per partition. A damaged frame with committed records after it (a bad disk, not a crash, which
-only tears the tail) is skipped by readers with an error in the log and counted
-(``LocalConsumer.damaged_records``); the records after it keep their offsets.
+per partition. A damaged frame with a good committed record after it (a bad disk, not a crash,
+which only tears the tail) is skipped by readers with an error in the log and counted
+(``LocalConsumer.damaged_records``); the records after it keep their offsets. Damage at the
+tail is left to the repair, so a reader never moves past an offset the repair will reuse.
 
 Polling from any offset is O(1): one index read gives the byte position. A segment rolls to a
 new file once it holds ``segment_bytes``; with ``retention_bytes`` set, a producer deletes the
@@ -293,14 +294,17 @@ class _Reader:
                 (pos,) = _POS.unpack(
                     os.pread(self._idx_fd, _POS.size, (offset - base) * _POS.size))
                 frames = _read_frames(self._log_fd, pos, min(max_records, count - offset + base))
-                if not frames and (offset - base < count - 1 or i + 1 < len(self._bases)):
-                    # a damaged frame with committed records after it: no crash tears a frame
-                    # in the middle, so it is lost on disk. Skip it (offsets stay as they are)
-                    # rather than stall the partition forever.
-                    self.skipped += 1
-                    log.error("%s/%020d.log: record %d is damaged (bad length or CRC); "
-                              "skipping it", self._dir, base, offset)
-                    offset += 1
+                if not frames:
+                    good = self._next_good(offset - base, count, sealed=i + 1 < len(self._bases))
+                    if good is None:  # a torn tail, or one being written: the next append
+                        return [], offset  # repairs it; offsets after it are not yet final
+                    # a damaged frame with a good committed record after it: no crash tears a
+                    # frame in the middle, so the disk lost it. Skip (offsets stay as they are)
+                    # rather than stall the partition for ever.
+                    self.skipped += base + good - offset
+                    log.error("%s/%020d.log: records %d..%d are damaged (bad length or CRC); "
+                              "skipping them", self._dir, base, offset, base + good - 1)
+                    offset = base + good
                     continue
                 return [(offset + j, f) for j, f in enumerate(frames)], offset + len(frames)
             if i + 1 < len(self._bases):  # a sealed segment: continue in the next one
@@ -317,6 +321,16 @@ class _Reader:
                 return [], offset  # full, but the next append has not rolled it yet
             self._bases = bases
         return [], offset
+
+    def _next_good(self, first: int, count: int, sealed: bool) -> int | None:
+        """The segment index of the first good frame after the damaged one at ``first``, or
+        None if none is (a torn tail). A sealed segment is never repaired, so there everything
+        damaged is skipped: the end of its index is the answer."""
+        for j in range(first + 1, count):
+            (pos,) = _POS.unpack(os.pread(self._idx_fd, _POS.size, j * _POS.size))
+            if _frame_end(self._log_fd, pos) is not None:
+                return j
+        return count if sealed else None
 
     def _open(self, base: int) -> None:
         if base == self._base:
