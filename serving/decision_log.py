@@ -292,7 +292,10 @@ class DecisionLog:
         # Durable acknowledgement: records leave the queue in order (delivered, spooled or
         # dropped), so everything up to ``submitted - len(queue)`` is out of memory.
         self._submitted = 0
-        self._waiters: list[tuple[int, int, concurrent.futures.Future[None]]] = []
+        self._waiters: list[tuple[int, int, int, concurrent.futures.Future[None]]] = []
+        # (first, last, why) of records dropped from the spool path, by submission number,
+        # newest last: a durable wait that covers one fails rather than acknowledge a loss
+        self._lost: deque[tuple[int, int, str]] = deque(maxlen=4096)
         if self._spooling:
             log.info("spool %s holds %d bytes from an earlier run; delivering them first",
                      self.spool_dir, self._spool.bytes_on_disk)
@@ -340,31 +343,51 @@ class DecisionLog:
                     if len(self._queue) == 1:  # the thread waits only on an empty queue
                         self._wake.notify()
                     return
-                self._start_spooling()
-            self._spool_items([item])
+                self._start_spooling(submitting=1)
+            self._spool_items([item], first=self._submitted)
 
-    def durable(self) -> concurrent.futures.Future[None] | None:
+    @property
+    def submitted(self) -> int:
+        """How many records were submitted so far: pass it to ``durable`` as ``after``."""
+        with self._lock:
+            return self._submitted
+
+    def durable(self, after: int = 0) -> concurrent.futures.Future[None] | None:
         """A future that resolves once every record submitted so far has left this process's
         memory: confirmed by the bus, or written to the spool file (which a killed process
         leaves behind for the next one). None when that is already so.
 
         A server in durable-ack mode answers only then, so a client that got an answer knows
-        the decision survives a SIGKILL of the server. (Records dropped because the spool
-        budget is exhausted also leave memory; that is counted and logged loudly.)
+        the decision survives a SIGKILL of the server. A record numbered above ``after`` (the
+        caller's, from ``submitted`` before it submitted) that was dropped instead (the bus
+        down and the spool full or unwritable) fails the future with Unavailable, so that call
+        is not acknowledged; records of concurrent callers in that range may fail it too,
+        never the other way round.
         """
         with self._lock:
             target = self._submitted
-            if self._submitted - len(self._queue) >= target:
-                return None
             future: concurrent.futures.Future[None] = concurrent.futures.Future()
-            heapq.heappush(self._waiters, (target, id(future), future))
+            if self._submitted - len(self._queue) >= target:
+                self._settle(future, after, target)
+                return future if future.exception() is not None else None
+            heapq.heappush(self._waiters, (target, after, id(future), future))
             return future
+
+    def _settle(self, future: concurrent.futures.Future[None], after: int, target: int) -> None:
+        lost = [why for first, last, why in self._lost if first <= target and last > after]
+        if lost:
+            future.set_exception(Unavailable(
+                f"the decision log could not keep this call's record ({lost[-1]}): it is not "
+                "durable; retry the call"))
+        else:
+            future.set_result(None)
 
     def _release(self) -> None:
         """Resolve the ``durable`` futures the queue's progress has satisfied."""
         done = self._submitted - len(self._queue)
         while self._waiters and self._waiters[0][0] <= done:
-            heapq.heappop(self._waiters)[2].set_result(None)
+            target, after, _, future = heapq.heappop(self._waiters)
+            self._settle(future, after, target)
 
     def close(self, timeout: float) -> bool:
         """Deliver what is queued and spooled within ``timeout`` seconds, then stop.
@@ -407,17 +430,20 @@ class DecisionLog:
 
     # Everything below runs under self._lock unless it says otherwise.
 
-    def _start_spooling(self) -> None:
-        """Move the queue into the spool (normal -> spooling); its head may be in flight."""
-        written = self._spool_items(list(self._queue))
+    def _start_spooling(self, submitting: int = 0) -> None:
+        """Move the queue into the spool (normal -> spooling); its head may be in flight.
+        ``submitting``: records already counted in ``_submitted`` but not queued."""
+        written = self._spool_items(list(self._queue),
+                                    first=self._submitted - submitting - len(self._queue) + 1)
         self._queue.clear()
         self._inflight_spooled = min(self._inflight, written)
         self._epoch += 1
         self._spooling = True
         self._release()
 
-    def _spool_items(self, items: list[_Item]) -> int:
-        """Append to the spool within the budget; returns how many were written (a prefix)."""
+    def _spool_items(self, items: list[_Item], first: int) -> int:
+        """Append to the spool within the budget; returns how many were written (a prefix).
+        ``first`` is the submission number of ``items[0]``."""
         frames = [encode_routed_record(*item) for item in items]
         room = self._budget - self._spool.bytes_on_disk
         n = 0
@@ -435,6 +461,7 @@ class DecisionLog:
             n = 0
         self._spooled.inc(n)
         if n < len(items):
+            self._lost.append((first + n, first + len(items) - 1, why))
             self._drop(len(items) - n, why, items[-1][1])
         return n
 

@@ -128,22 +128,30 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         self._log = log
         self._batcher = batcher
 
-    async def _durable(self) -> None:
-        if self._log is not None and (future := self._log.durable()) is not None:
+    def _mark(self) -> int:
+        """Where the decision log stands before this call submits anything."""
+        return self._log.submitted if self._log is not None else 0
+
+    async def _durable(self, mark: int) -> None:
+        """With durable acknowledgement, wait until this call's records left memory; fails
+        with UNAVAILABLE if one was dropped instead."""
+        if self._log is not None and (future := self._log.durable(mark)) is not None:
             await asyncio.wrap_future(future)
 
     async def Decide(self, request: pb.DecideRequest,
                      context: grpc.aio.ServicerContext) -> pb.DecideResponse:
+        mark = self._mark()
         _known_length(request.policy)
         if self._batcher is not None:
             response = decide_response(await self._batcher.decide(decide_input(request)))
         else:
             response = decide_response(self._plane.decide(decide_input(request)))
-        await self._durable()
+        await self._durable(mark)
         return response
 
     async def DecideBatch(self, request: pb.DecideBatchRequest,
                           context: grpc.aio.ServicerContext) -> pb.DecideBatchResponse:
+        mark = self._mark()
         rows = len(request.requests)
         if rows == 0:
             raise InvalidArgument("requests is empty")
@@ -152,25 +160,27 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         for r in request.requests:
             _known_length(r.policy)
         outputs = self._plane.decide_many([decide_input(r) for r in request.requests])
-        await self._durable()
+        await self._durable(mark)
         return pb.DecideBatchResponse(responses=[decide_response(o) for o in outputs])
 
     async def Reward(self, request: pb.RewardRequest,
                      context: grpc.aio.ServicerContext) -> pb.RewardResponse:
+        mark = self._mark()
         _known_length(request.policy)
         timestamp_ms = _timestamp_ms(request)
         event_id = self._plane.reward(RewardInput(
             event_id=request.event_id, value=request.value,
             slot_rewards=list(request.slot_rewards), timestamp_ms=timestamp_ms,
             policy=request.policy))
-        await self._durable()
+        await self._durable(mark)
         return pb.RewardResponse(event_id=event_id)
 
     async def Activate(self, request: pb.ActivateRequest,
                        context: grpc.aio.ServicerContext) -> pb.ActivateResponse:
+        mark = self._mark()
         _known_length(request.policy)
         event_id = self._plane.activate(request.event_id, request.policy)
-        await self._durable()
+        await self._durable(mark)
         return pb.ActivateResponse(event_id=event_id)
 
     async def GetPolicyInfo(self, request: pb.GetPolicyInfoRequest,

@@ -298,3 +298,57 @@ def test_durable_resolves_once_every_record_submitted_so_far_left_memory(
         assert _values(bus_log) == [b"one"]
     finally:
         log.close(5)
+
+
+def test_durable_fails_for_a_record_dropped_because_the_spool_is_full(
+        bus_log: LocalLog, tmp_path: Path) -> None:
+    """The bus down and the spool's budget spent: the call whose record was dropped must not be
+    acknowledged; one whose record was spooled is."""
+    producer = SwitchableProducer(bus_log.producer())
+    producer.down = True
+    log, registry = _decision_log(producer, tmp_path / "spool", spool_budget_bytes=1000,
+                                  max_queue=1)
+    try:
+        outcomes = []
+        for key, value in _records(0, 40):
+            mark = log.submitted
+            log.submit(TOPIC, key, value + b"." * 40)
+            future = log.durable(mark)
+            try:
+                if future is not None:
+                    future.result(timeout=5)
+                outcomes.append("ok")
+            except Unavailable as exc:
+                assert "not durable" in str(exc) and "spool budget" in str(exc)
+                outcomes.append("refused")
+        dropped = _count(registry, "dropped")
+        assert dropped > 0 and outcomes.count("refused") == dropped, (outcomes, dropped)
+        assert outcomes.count("ok") == _count(registry, "spooled")
+        assert outcomes[0] == "ok" and outcomes[-1] == "refused"
+    finally:
+        producer.down = False
+        log.close(2.0)
+
+
+def test_durable_fails_when_the_spool_cannot_be_written(bus_log: LocalLog,
+                                                        tmp_path: Path) -> None:
+    producer = SwitchableProducer(bus_log.producer())
+    producer.down = True
+    log, registry = _decision_log(producer, tmp_path / "spool", max_queue=1)
+    try:
+        log._spool.append = _fail_writing  # type: ignore[method-assign]  # a full disk
+        mark = log.submitted
+        for key, value in _records(0, 3):
+            log.submit(TOPIC, key, value)
+        future = log.durable(mark)
+        assert future is not None
+        with pytest.raises(Unavailable, match="cannot write spool"):
+            future.result(timeout=5)
+        assert _count(registry, "dropped") >= 2
+    finally:
+        producer.down = False
+        log.close(2.0)
+
+
+def _fail_writing(frames: object) -> None:
+    raise OSError(28, "No space left on device")
