@@ -159,7 +159,7 @@ def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
 
 
 def test_a_torn_tail_of_several_records_is_not_skipped_so_no_reused_offset_is_missed(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A machine crash can persist a batch's index entries without its frames: readers must
     wait for the repair there, not skip past offsets the next append will reuse."""
     log = LocalLog(tmp_path)
@@ -178,6 +178,7 @@ def test_a_torn_tail_of_several_records_is_not_skipped_so_no_reused_offset_is_mi
     producer.flush()
     (record,) = _drain(consumer, 1)
     assert (record.offset, record.value) == (7, b"value-70")
+    assert "dropping 3 indexed records (offsets 7..9" in caplog.text  # records, not bytes
 
 
 def test_the_damaged_tail_of_a_sealed_segment_is_skipped(tmp_path: Path) -> None:

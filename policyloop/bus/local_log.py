@@ -198,6 +198,7 @@ class _Appender:
         if log_size == self._end and idx_size == self._count * _POS.size:
             return
         n = idx_size // _POS.size
+        indexed = n
         end = 0
         while n:
             (pos,) = _POS.unpack(os.pread(self._idx_fd, _POS.size, (n - 1) * _POS.size))
@@ -208,9 +209,11 @@ class _Appender:
             n -= 1
         if idx_size != n * _POS.size:
             os.ftruncate(self._idx_fd, n * _POS.size)
-        if log_size != end:
-            log.warning("%s/%020d.log: dropping %d bytes of torn tail after offset %d",
-                        self._dir, self._base, log_size - end, self._base + n)
+        if log_size != end or indexed != n:
+            log.warning("%s/%020d.log: repairing a torn tail: dropping %d indexed records "
+                        "(offsets %d..%d, reused by the next appends) and %d bytes",
+                        self._dir, self._base, indexed - n, self._base + n,
+                        self._base + indexed - 1, log_size - end)
             os.ftruncate(self._log_fd, end)
         self._count, self._end = n, end
 
