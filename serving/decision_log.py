@@ -352,7 +352,7 @@ class DecisionLog:
         with self._lock:
             return self._submitted
 
-    def durable(self, after: int = 0) -> concurrent.futures.Future[None] | None:
+    def durable(self, after: int) -> concurrent.futures.Future[None] | None:
         """A future that resolves once every record submitted so far has left this process's
         memory: confirmed by the bus, or written to the spool file (which a killed process
         leaves behind for the next one). None when that is already so.

@@ -291,10 +291,10 @@ def test_durable_resolves_once_every_record_submitted_so_far_left_memory(
     log, _ = _decision_log(bus_log.producer(), tmp_path / "spool", linger_s=0.05)
     try:
         log.submit(TOPIC, b"k", b"one")
-        future = log.durable()
+        future = log.durable(0)
         assert future is not None and not future.done()  # still lingering in memory
         future.result(timeout=5)
-        assert log.durable() is None  # nothing left in memory
+        assert log.durable(log.submitted) is None  # nothing left in memory
         assert _values(bus_log) == [b"one"]
     finally:
         log.close(5)
