@@ -124,16 +124,23 @@ def test_torn_tail_is_skipped_and_the_next_append_repairs_it(tmp_path: Path,
     assert [r.value for r in _drain(fresh, 5)] == [b"v0", b"v1", b"v2", b"v3", b"after"]
 
 
-@pytest.mark.parametrize("damage", ["value byte flipped", "length zeroed", "two in a row"])
-def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
-        tmp_path: Path, damage: str) -> None:
-    log = LocalLog(tmp_path)
+def _ten_records(root: Path) -> tuple[LocalLog, list[int]]:
+    """A log whose topic "t" holds value-0 .. value-9 in one segment, and each record's byte
+    position in it (from the index)."""
+    log = LocalLog(root)
     producer = log.producer()
     for i in range(10):
         producer.send("t", f"value-{i}".encode(), key=b"k")
     producer.close()
-    index = _segment(tmp_path, "t", "idx")
-    (pos, nxt) = (local_log._POS.unpack_from(index.read_bytes(), 8 * i)[0] for i in (4, 5))
+    index = _segment(root, "t", "idx").read_bytes()
+    return log, [p for (p,) in local_log._POS.iter_unpack(index)]
+
+
+@pytest.mark.parametrize("damage", ["value byte flipped", "length zeroed", "two in a row"])
+def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
+        tmp_path: Path, damage: str) -> None:
+    log, positions = _ten_records(tmp_path)
+    pos, nxt = positions[4], positions[5]
     path = _segment(tmp_path, "t", "log")
     data = bytearray(path.read_bytes())
     if damage == "value byte flipped":
@@ -162,14 +169,8 @@ def test_a_torn_tail_of_several_records_is_not_skipped_so_no_reused_offset_is_mi
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A machine crash can persist a batch's index entries without its frames: readers must
     wait for the repair there, not skip past offsets the next append will reuse."""
-    log = LocalLog(tmp_path)
-    producer = log.producer()
-    for i in range(10):
-        producer.send("t", f"value-{i}".encode(), key=b"k")
-    producer.close()
-    index = _segment(tmp_path, "t", "idx")
-    (pos,) = local_log._POS.unpack_from(index.read_bytes(), 8 * 7)
-    os.truncate(_segment(tmp_path, "t", "log"), pos + 5)  # records 7, 8, 9 torn
+    log, positions = _ten_records(tmp_path)
+    os.truncate(_segment(tmp_path, "t", "log"), positions[7] + 5)  # records 7, 8, 9 torn
     consumer = log.consumer("g", ["t"])
     assert [_index(r.value) for r in _drain_all(consumer)] == list(range(7))
     assert consumer.damaged_records == 0
