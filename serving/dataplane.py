@@ -20,7 +20,7 @@ import numpy as np
 
 from policyloop.bus import interface as bus
 from policyloop.contract.errors import InvalidArgument, PolicyloopError, shown
-from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
+from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent, usable_reward
 from policyloop.registry.onnx_model import LoadedModel
 from serving.config import ServeConfig
 from serving.decision_log import DecisionLog
@@ -392,7 +392,7 @@ class DataPlane:
         if not all(np.isfinite(values)):
             raise InvalidArgument(f"reward value/slot_rewards must be finite, got {values[:8]}")
         limit = self._config.reward_limit
-        if any(abs(v) > limit for v in values):
+        if not all(usable_reward(v, limit) for v in values):
             raise InvalidArgument(f"reward value/slot_rewards must be within ±{limit:g} "
                                   f"(--reward-limit), got {values[:8]}")
         event = RewardEvent(event_id=r.event_id, policy=r.policy, value=float(r.value),

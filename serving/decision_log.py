@@ -374,13 +374,15 @@ class DecisionLog:
             return future
 
     def _settle(self, future: concurrent.futures.Future[None], after: int, target: int) -> None:
-        lost = [why for first, last, why in self._lost if first <= target and last > after]
-        if lost:
-            future.set_exception(Unavailable(
-                f"the decision log could not keep this call's record ({lost[-1]}): it is not "
-                "durable; retry the call"))
-        else:
-            future.set_result(None)
+        for first, last, why in reversed(self._lost):  # numbers only grow: newest first
+            if last <= after:
+                break
+            if first <= target:
+                future.set_exception(Unavailable(
+                    f"the decision log could not keep this call's record ({why}): it is not "
+                    "durable; retry the call"))
+                return
+        future.set_result(None)
 
     def _release(self) -> None:
         """Resolve the ``durable`` futures the queue's progress has satisfied."""
