@@ -54,7 +54,7 @@ from policyloop.contract.errors import (
     Unavailable,
 )
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent
-from policyloop.registry.interface import ModelVersion, Registry, open_registry
+from policyloop.registry.interface import ModelVersion, Registry, open_intact, open_registry
 from policyloop.registry.onnx_model import LoadedModel, choose_providers, load_model, open_model
 
 # Builds the learner for a loop, from the version serving at start and the loop's config.
@@ -95,7 +95,7 @@ class Learner:
         self.registry: Registry = open_registry(config.registry, kafka=config.registry_kafka,
                                                 topic=config.registry_topic)
         self._providers = choose_providers(False)
-        self.serving = self._open(self.registry.current(config.policy))
+        self.serving = self._open_intact()
         self.algorithm: OnlineLearner = (learner or default_learner)(self.serving, config)
         if config.shard_count > 1 and not isinstance(self.algorithm, LinearHeadLearner):
             raise InvalidArgument(f"{type(self.algorithm).__name__} cannot be sharded: only the "
@@ -135,6 +135,17 @@ class Learner:
         self.unassigned: set[str] = set()
         if config.checkpoint.exists():
             self._restore()
+
+    def _open_intact(self) -> Serving:
+        """The current version, or the newest intact one before it when the current one is
+        damaged (the registry's rule, ``open_intact``), said loudly: candidates then build
+        on that version, and the first promotion moves ``CURRENT`` past the damage."""
+        serving, damage = open_intact(self.registry, self.config.policy, self._open)
+        if damage is not None:
+            log.error("the registry's current version of %s is damaged (%s); learning on v%d, "
+                      "the newest intact version before it", self.config.policy, damage,
+                      serving.model.version, extra={"policy": self.config.policy})
+        return serving
 
     def _open(self, version: ModelVersion, expected: LoadedModel | None = None) -> Serving:
         return Serving(load_model(version, providers=self._providers,
@@ -485,14 +496,16 @@ class Learner:
         self.refused = int(state.get("refused", 0))
         self.published = state["published"]
         try:
-            version = self.registry.get(self.config.policy, state["model_version"])
-        except NotFound:  # retention removed it: a shard that never publishes keeps an old one
-            version = self.registry.current(self.config.policy)
-            log.warning("checkpointed %s v%d is gone from the registry; embedding with the "
-                        "current v%d (the same body)", self.config.policy,
-                        state["model_version"], version.version,
+            self.serving = self._open(self.registry.get(self.config.policy,
+                                                        state["model_version"]))
+        except (NotFound, ModelRejected) as exc:
+            # retention removed it (a shard that never publishes keeps an old one), or it is
+            # damaged: embed with the version start-up chose (the same body)
+            log.warning("checkpointed %s v%d %s; embedding with v%d (the same body)",
+                        self.config.policy, state["model_version"],
+                        "is gone from the registry" if isinstance(exc, NotFound)
+                        else f"is damaged ({exc})", self.serving.model.version,
                         extra={"policy": self.config.policy})
-        self.serving = self._open(version)
         self.algorithm.load_state(learner_state, self.serving)
         self.joiner.load_state(state["joiner"])
         self._holdout = Holdout.from_state(state["holdout"], warn=lambda message: log.warning(

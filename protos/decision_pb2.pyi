@@ -147,7 +147,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("policy", "model_version", "pinned", "strategy", "kind", "context_features", "action_features", "actions", "feature_schema_hash", "inputs", "outputs", "max_candidates", "apprentice")
+    __slots__ = ("policy", "model_version", "pinned", "strategy", "kind", "context_features", "action_features", "actions", "feature_schema_hash", "inputs", "outputs", "max_candidates", "apprentice", "damage")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class PolicyInfo(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     APPRENTICE_FIELD_NUMBER: _ClassVar[int]
+    DAMAGE_FIELD_NUMBER: _ClassVar[int]
     policy: str
     model_version: int
     pinned: bool
@@ -174,7 +175,8 @@ class PolicyInfo(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     max_candidates: int
     apprentice: bool
-    def __init__(self, policy: _Optional[str] = ..., model_version: _Optional[int] = ..., pinned: _Optional[bool] = ..., strategy: _Optional[str] = ..., kind: _Optional[str] = ..., context_features: _Optional[_Iterable[str]] = ..., action_features: _Optional[_Iterable[str]] = ..., actions: _Optional[_Iterable[str]] = ..., feature_schema_hash: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_candidates: _Optional[int] = ..., apprentice: _Optional[bool] = ...) -> None: ...
+    damage: str
+    def __init__(self, policy: _Optional[str] = ..., model_version: _Optional[int] = ..., pinned: _Optional[bool] = ..., strategy: _Optional[str] = ..., kind: _Optional[str] = ..., context_features: _Optional[_Iterable[str]] = ..., action_features: _Optional[_Iterable[str]] = ..., actions: _Optional[_Iterable[str]] = ..., feature_schema_hash: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_candidates: _Optional[int] = ..., apprentice: _Optional[bool] = ..., damage: _Optional[str] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()

@@ -93,7 +93,8 @@ def policy_info(plane: DataPlane, policy: str) -> pb.PolicyInfo:
         actions=m.actions, feature_schema_hash=m.features.hash,
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in m.inputs],
         outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in m.outputs],
-        max_candidates=plane.max_candidates(policy), apprentice=plane.apprentice(policy))
+        max_candidates=plane.max_candidates(policy), apprentice=plane.apprentice(policy),
+        damage=plane.store.damage(policy))
 
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z
@@ -194,8 +195,9 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         for policy in self._plane.store.policies:
             try:
                 infos.append(policy_info(self._plane, policy))
-            except Exception:  # a policy without a loaded model is listed by name only
-                infos.append(pb.PolicyInfo(policy=policy))
+            except Exception:  # a policy without a loaded model: its name and its damage
+                infos.append(pb.PolicyInfo(policy=policy,
+                                           damage=self._plane.store.damage(policy)))
         return pb.ListPoliciesResponse(policies=infos)
 
 

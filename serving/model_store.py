@@ -26,7 +26,7 @@ from policyloop.contract.errors import (
     Unavailable,
     shown,
 )
-from policyloop.registry.interface import ModelVersion, Registry
+from policyloop.registry.interface import ModelVersion, Registry, open_intact
 from policyloop.registry.onnx_model import LoadedModel, load_model
 from serving.metrics import ServingMetrics
 
@@ -60,6 +60,7 @@ class ModelStore:
         metrics.declare_policies(sorted(self._policies))
         self._pinned: set[str] = set()
         self._rejected: dict[str, int] = {}  # policy -> last rejected version, not retried
+        self._damage: dict[str, str] = {}  # policy -> why its current version is not served
         # Serialises loads, swaps and pins, never taken by readers. The watcher decides and
         # loads under it too, so a pin cannot land between its "not pinned" check and its swap.
         self._lock = threading.RLock()
@@ -148,6 +149,13 @@ class ModelStore:
                             "still serving v%d", policy, serving.version,
                             extra={"policy": policy, "model_version": serving.version})
             return
+        except ModelRejected as exc:  # CURRENT or its manifest unreadable: logged once
+            damage = f"current version: {exc}"
+            if self._damage.get(policy) != damage:
+                self._damage[policy] = damage
+                log.error("registry read failed for %s: %s", policy, exc,
+                          extra={"policy": policy})
+            return
         except PolicyloopError as exc:
             log.warning("registry read failed for %s: %s", policy, exc,
                         extra={"policy": policy})
@@ -162,20 +170,41 @@ class ModelStore:
 
     def _load(self, policy: str, version: ModelVersion) -> LoadedModel:
         with self._lock:
-            serving = self._models.get(policy)
             try:
-                model = load_model(version, expected=serving.manifest if serving else None,
-                                   providers=self._providers, threads=self._threads)
+                model = self._open(policy, version)
             except ModelRejected as exc:
                 self._rejected[policy] = version.version
-                reason = exc.reason
-                self._metrics.rejected_loads.labels(policy, reason).inc()
-                log.error("rejected model %s v%d (%s): %s; %s", policy, version.version,
-                          reason, exc, f"still serving v{serving.version}" if serving
-                          else "no version of it is served",
-                          extra={"policy": policy, "model_version": version.version})
+                self._damage[policy] = f"v{version.version}: {exc}"
                 raise
-            self._models[policy] = model  # the swap: one reference assignment
+            self._install(policy, model)
+            self._damage.pop(policy, None)
+        return model
+
+    def damage(self, policy: str) -> str:
+        """Why this replica does not serve the registry's current version of ``policy`` (a
+        version that failed its checks: "v7: <what>"), or "" when it does."""
+        return self._damage.get(policy, "")
+
+    def _open(self, policy: str, version: ModelVersion) -> LoadedModel:
+        """Load and check ``version``; a rejection is logged, counted and raised."""
+        serving = self._models.get(policy)
+        try:
+            return load_model(version, expected=serving.manifest if serving else None,
+                              providers=self._providers, threads=self._threads)
+        except ModelRejected as exc:
+            reason = exc.reason
+            self._metrics.rejected_loads.labels(policy, reason).inc()
+            log.error("rejected model %s v%d (%s): %s; %s", policy, version.version,
+                      reason, exc, f"still serving v{serving.version}" if serving
+                      else "no version of it is served",
+                      extra={"policy": policy, "model_version": version.version})
+            raise
+
+    def _install(self, policy: str, model: LoadedModel) -> None:
+        """The swap (one reference assignment), then metrics, log and ``on_change``."""
+        with self._lock:
+            serving = self._models.get(policy)
+            self._models[policy] = model
             if policy not in self._policies:  # a discovered policy, named once it can serve
                 self._policies = self._policies | {policy}
         if serving is not None:
@@ -190,7 +219,6 @@ class ModelStore:
             "pinned": str(policy in self._pinned).lower()})
         if self._on_change is not None:
             self._on_change(policy, model)
-        return model
 
     def pin(self, policy: str, version: int) -> LoadedModel:
         """Serve exactly ``version`` and stop following the registry until unpinned."""
@@ -209,7 +237,9 @@ class ModelStore:
         self.refresh()
 
     def rollback(self, policy: str, version: int | None) -> LoadedModel:
-        """Make an earlier version current in the registry and serve it now."""
+        """Make an earlier version current in the registry and serve it now. The version is
+        loaded and checked first: one that fails is refused (ModelRejected) and neither
+        ``CURRENT`` nor what is served moves."""
         self.get_known(policy)
         serving = self._models.get(policy)
         if version is None or version == 0:
@@ -218,9 +248,13 @@ class ModelStore:
             if not earlier:
                 raise NotFound(f"policy {policy!r} has no version before the serving one")
             version = earlier[-1]
-        target = self._registry.set_current(policy, version)
-        self._rejected.pop(policy, None)
-        return self._load(policy, target)
+        with self._lock:
+            model = self._open(policy, self._registry.get(policy, version))
+            self._registry.set_current(policy, version)
+            self._rejected.pop(policy, None)
+            self._damage.pop(policy, None)
+            self._install(policy, model)
+        return model
 
     def get_known(self, policy: str) -> None:
         if not self.serves(policy):
@@ -230,13 +264,35 @@ class ModelStore:
     def start(self) -> None:
         """Load every policy once, then watch the registry in the background."""
         for policy in sorted(self._policies):
-            try:
-                self._load(policy, self._registry.current(policy))
-            except (NotFound, ModelRejected) as exc:
-                log.error("policy %s not ready at start-up: %s", policy, exc,
-                          extra={"policy": policy})
+            with self._lock:
+                self._start(policy)
         self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
         self._thread.start()
+
+    def _start(self, policy: str) -> None:
+        """Serve the current version of ``policy``, or the newest intact one before it when
+        the current one is damaged (the rule: ``open_intact``), saying so loudly."""
+        try:
+            model, damage = open_intact(self._registry, policy,
+                                        lambda version: self._open(policy, version))
+        except (NotFound, ModelRejected) as exc:
+            if isinstance(exc, ModelRejected):
+                self._damage[policy] = f"no intact version: {exc}"
+            log.error("policy %s not ready at start-up: %s", policy, exc,
+                      extra={"policy": policy})
+            return
+        self._install(policy, model)
+        if damage is None:
+            return
+        try:  # the damaged current version is not retried until CURRENT moves on
+            self._rejected[policy] = self._registry.current(policy).version
+        except PolicyloopError:
+            pass  # CURRENT itself unreadable: the watcher keeps reporting it
+        self._damage[policy] = f"current version: {damage}"
+        log.error("policy %s: the registry's current version is damaged (%s); serving v%d, "
+                  "the newest intact version before it, until CURRENT moves on (roll back, "
+                  "or a new version is promoted)", policy, damage, model.version,
+                  extra={"policy": policy, "model_version": model.version})
 
     def _watch(self) -> None:
         while not self._stop.wait(self._interval):

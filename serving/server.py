@@ -116,8 +116,11 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
 
-    def ready() -> bool:  # every policy named has a model (true with none)
-        return all(_loaded(store, p) for p in store.policies)
+    def ready() -> bool:
+        """Every policy named has a model (true with none), except those found damaged with
+        no intact version: they are NOT_SERVING on their own and never take the others
+        down."""
+        return all(_loaded(store, p) or store.damage(p) for p in store.policies)
 
     def on_change(policy: str, model: LoadedModel) -> None:
         async def update() -> None:

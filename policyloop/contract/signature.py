@@ -98,6 +98,9 @@ class Manifest:
     parent_version: int | None = None
     created_at: str = ""
     sha256: str = ""  # of model.onnx, set by the registry at publish
+    # sha256 of each extra file (head.npz...), set by the registry at publish; a version
+    # published before this field existed has none, and its extra files go unchecked
+    file_sha256: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
@@ -136,6 +139,7 @@ class Manifest:
                 parent_version=raw.get("parent_version"),
                 created_at=raw.get("created_at", ""),
                 sha256=raw.get("sha256", ""),
+                file_sha256={str(k): str(v) for k, v in raw.get("file_sha256", {}).items()},
                 training=dict(raw.get("training", {})),
                 evaluation=dict(raw.get("evaluation", {})),
                 format=int(raw.get("format", MANIFEST_FORMAT)),

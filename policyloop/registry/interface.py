@@ -22,8 +22,9 @@ Publishing checks, in this order (nothing is stored when one fails):
   at most ``MAX_MANIFEST_BYTES`` (ResourceExhausted): a registry file is read whole.
 
 The registry fills in the manifest's ``version`` (the policy's highest plus one), ``sha256``
-(of the model), ``created_at`` (when empty) and ``parent_version`` (when None: the version
-current at publish time).
+(of the model), ``file_sha256`` (of each extra file), ``created_at`` (when empty) and
+``parent_version`` (when None: the version current at publish time). ``CURRENT`` only ever
+moves to a version whose files match those digests (``ModelVersion.verify``).
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from policyloop.contract.errors import InvalidArgument, ModelRejected, NotFound, ResourceExhausted
 from policyloop.contract.signature import POLICY_NAME, Manifest
+
+T = TypeVar("T")
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -115,7 +118,9 @@ class Publication:
                             else self.manifest.parent_version),
             created_at=self.manifest.created_at or datetime.now(UTC).isoformat(
                 timespec="milliseconds"),
-            sha256=hashlib.sha256(self.model).hexdigest())
+            sha256=hashlib.sha256(self.model).hexdigest(),
+            file_sha256={name: hashlib.sha256(data).hexdigest()
+                         for name, data in sorted(self.files.items())})
         size = len(stored.to_json().encode())
         if size > MAX_MANIFEST_BYTES:
             raise ResourceExhausted(f"manifest of policy {self.policy!r} is {size} bytes, over "
@@ -208,15 +213,33 @@ class ModelVersion:
         return data
 
     def read_file(self, name: str) -> bytes:
-        """An extra file published with this version, e.g. ``head.npz``."""
+        """An extra file published with this version, e.g. ``head.npz``, checked against the
+        manifest's ``file_sha256`` (ModelRejected "checksum" when altered)."""
         check_file_name(name)
         path = self.path / name
+        expected = self.manifest.file_sha256.get(name)
         if not path.exists():
+            if expected is not None:
+                raise ModelRejected(f"file {name!r} of policy {self.policy!r} version "
+                                    f"{self.version} is missing", "checksum")
             raise NotFound(
                 f"policy {self.policy!r} version {self.version} has no file {name!r}")
-        return read_bounded(path, self._root,
+        data = read_bounded(path, self._root,
                             f"file {name!r} of policy {self.policy!r} version {self.version}",
                             self.max_bytes)
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise ModelRejected(
+                f"file {name!r} of policy {self.policy!r} version {self.version} does not "
+                "match the sha256 in its manifest", "checksum")
+        return data
+
+    def verify(self) -> None:
+        """Read the model and every extra file the manifest lists and check their sha256;
+        ModelRejected naming the first one that is missing or altered. A registry runs this
+        before it points ``CURRENT`` at a version."""
+        self.read_model()
+        for name in self.manifest.file_sha256:
+            self.read_file(name)
 
 
 class Registry(Protocol):
@@ -245,6 +268,37 @@ class Registry(Protocol):
 
     def close(self) -> None:
         """Release connections (a Kafka-backed registry's clients; nothing for a folder)."""
+
+
+def open_intact(registry: Registry, policy: str,
+                open_version: Callable[[ModelVersion], T]) -> tuple[T, ModelRejected | None]:
+    """``open_version`` of the current version of ``policy`` or, when that is damaged, of the
+    newest intact version before it, with the damage (None when the current one opened).
+
+    The rule a server or learner follows at start-up, so one damaged version never leaves a
+    policy unserved while an intact one is on disk: the versions older than the damaged
+    current one (every version when ``CURRENT`` itself cannot be read), newest first, except
+    those the learner's gate refused (``evaluation.promoted`` false: never served). ``CURRENT``
+    is left as it is, for an operator to roll back or for the next promotion to replace.
+    The first damage is raised when no version opens; NotFound when there is no current
+    version at all."""
+    current: ModelVersion | None = None
+    try:
+        current = registry.current(policy)
+        return open_version(current), None
+    except ModelRejected as exc:  # CURRENT, its manifest or its files
+        damage = exc
+    for version in reversed(registry.versions(policy)):
+        if current is not None and version >= current.version:
+            continue
+        try:
+            older = registry.get(policy, version)
+            if older.manifest.evaluation.get("promoted", True) is False:
+                continue
+            return open_version(older), damage
+        except (ModelRejected, NotFound):
+            continue  # damaged too (its own load logged it), or removed meanwhile
+    raise damage
 
 
 def open_registry(path: str | Path, *, kafka: str = "", topic: str = "models",

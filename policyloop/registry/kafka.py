@@ -143,6 +143,7 @@ class KafkaRegistry:
     def set_current(self, policy: str, version: int) -> ModelVersion:
         self.sync()
         target = self.cache.get(policy, version)
+        target.verify()  # as LocalRegistry: never point CURRENT at a damaged version
         producer = self._producer_once()
         producer.send(self.topic, str(version).encode(), f"{policy}/{_CURRENT}".encode())
         producer.flush()

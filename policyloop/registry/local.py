@@ -173,6 +173,11 @@ class LocalRegistry:
         if manifest.version < 1 or hashlib.sha256(model).hexdigest() != manifest.sha256:
             raise ModelRejected(f"cannot install {policy} v{manifest.version}: no version "
                                 "number or the model does not match its sha256")
+        for name, data in (files or {}).items():
+            expected = manifest.file_sha256.get(name)
+            if expected is not None and hashlib.sha256(bytes(data)).hexdigest() != expected:
+                raise ModelRejected(f"cannot install {policy} v{manifest.version}: file "
+                                    f"{name!r} does not match its sha256")
         try:
             model, extras = check_contents(policy, model, files, self.max_model_bytes)
         except ResourceExhausted as exc:
@@ -201,13 +206,17 @@ class LocalRegistry:
             raise
         _fsync_dir(policy_dir / "versions")
         if make_current:
+            # read back what the disk holds: CURRENT never names a version that fails to verify
+            self.get(policy, stored.version).verify()
             self._write_current(policy, stored.version)
         self._apply_retention(policy)
 
     def set_current(self, policy: str, version: int) -> ModelVersion:
-        """Point ``CURRENT`` at an existing version (rollback or promotion)."""
+        """Point ``CURRENT`` at an existing version (rollback or promotion); a version whose
+        files fail ``verify`` is refused with ModelRejected and ``CURRENT`` stays."""
         with self._locked(policy):
             target = self.get(policy, version)
+            target.verify()
             self._write_current(policy, version)
         return target
 
@@ -225,6 +234,7 @@ class LocalRegistry:
                 raise NotFound(f"policy {policy!r} has no version before {now} in "
                                f"registry {self.root}")
             target = self.get(policy, earlier[-1])
+            target.verify()
             self._write_current(policy, target.version)
         return target
 

@@ -155,7 +155,7 @@ def policy_info(message: pb.PolicyInfo) -> PolicyInfo:
         max_candidates=message.max_candidates, apprentice=message.apprentice,
         pinned=message.pinned, feature_schema_hash=message.feature_schema_hash,
         inputs=tuple(_tensor(t) for t in message.inputs),
-        outputs=tuple(_tensor(t) for t in message.outputs))
+        outputs=tuple(_tensor(t) for t in message.outputs), damage=message.damage)
 
 
 def _tensor(message: Any) -> TensorSpec:

@@ -98,7 +98,9 @@ class PolicyInfo:
     ``kind`` is ``"scoring"`` (ranks the candidates you send, each with ``action_features``)
     or ``"qnet"`` (a fixed set of ``actions``). ``context_features`` are the context's names in
     schema order, which is also the order of a dense context. In ``list_policies`` a policy
-    with no model loaded yet has only its name (``model_version`` 0).
+    with no model loaded yet has only its name (``model_version`` 0). ``damage`` says why
+    the server does not serve the registry's current version (it failed its checks and an
+    older intact one serves, or none does); empty when it does.
     """
 
     policy: str
@@ -114,3 +116,4 @@ class PolicyInfo:
     feature_schema_hash: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    damage: str = ""
