@@ -121,6 +121,7 @@ class Learner:
         self.latest_reward_ms = 0  # event time of the newest reward learned from
         self.published: list[dict] = []
         self.refused = 0  # candidates that failed serving's checks, not published
+        self.position_resets = 0  # checkpointed positions past the bus's end (_reset_past_end)
         # With forgetting the gate judges on about as much recent data as the head remembers,
         # so after a drift it compares on the new world, not on the old one.
         horizon = (HOLDOUT_LIMIT if config.gamma >= 1 or not config.holdout_every
@@ -256,12 +257,30 @@ class Learner:
         if now - self._drained_checked < DRAINED_CHECK_S:
             return self._was_drained
         self._drained_checked = now
-        self._was_drained = all(
-            self.positions.get((topic, partition), 0) >= end
-            for topic in (bus.DECISIONS, bus.REWARDS)
-            for partition, end in consumer.end_offsets(topic).items()
-            if partition % self.shard[1] == self.shard[0])
+        ends = {(topic, partition): end for topic in self.topics
+                for partition, end in consumer.end_offsets(topic).items()
+                if partition % self.shard[1] == self.shard[0]}
+        self._reset_past_end(consumer, ends)
+        self._was_drained = all(self.positions.get(tp, 0) >= end for tp, end in ends.items()
+                                if tp[0] in (bus.DECISIONS, bus.REWARDS))
         return self._was_drained
+
+    def _reset_past_end(self, consumer: bus.Consumer, ends: dict[tuple[str, int], int]) -> None:
+        """A position past a partition's end was taken on another log (the bus deleted and
+        recreated, or restored from an older copy: neither bus reuses an offset), and keeping
+        it would skip every record up to it. The rule, as the buses' own: read the partition
+        again from its earliest record, logged and counted (``position_resets``)."""
+        for tp, end in sorted(ends.items()):
+            position = self.positions.get(tp, 0)
+            if position <= end:
+                continue
+            log.error("%s:%d: position %d is past the end of the bus (%d): it was taken on "
+                      "another log; reading the partition from its earliest record", tp[0],
+                      tp[1], position, end, extra={"policy": self.config.policy})
+            self.positions[tp] = 0
+            self.position_resets += 1
+            if tp in consumer.assignment():
+                consumer.seek(tp, 0)
 
     def _commit(self, consumer: bus.Consumer) -> None:
         """Commit the group's offsets; the checkpoint is the truth, so a failed commit (e.g.

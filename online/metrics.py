@@ -87,6 +87,12 @@ class LearnerCollector(Collector):
                                       labels=["policy"])
         incumbent.add_metric([policy], learner.model.version)
         yield incumbent
+        resets = CounterMetricFamily("policyloop_learner_position_resets",
+                                     "Positions found past a partition's end (taken on another "
+                                     "log) and moved back to its earliest record.",
+                                     labels=["policy"])
+        resets.add_metric([policy], learner.position_resets)
+        yield resets
         assigned = GaugeMetricFamily("policyloop_learner_assigned_partitions",
                                      "Partitions of each subscribed topic this learner holds "
                                      "(0 for a topic that exists: it learns nothing from it).",

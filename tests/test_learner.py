@@ -18,6 +18,7 @@ from online.config import LearnConfig
 from online.learner import Learner
 from online.learners import LinearHeadLearner
 from online.linear import LinearHeads
+from online.metrics import LearnerCollector
 from policyloop.bus import interface as bus
 from policyloop.bus.local_log import LocalLog
 from policyloop.registry.local import LocalRegistry
@@ -110,6 +111,34 @@ def _on_fresh_bus(base: Path, dest: Path, records: list[tuple[str, bytes, bytes]
     write(producer, records)
     producer.close()
     return root
+
+
+def test_a_checkpoint_past_the_end_of_a_recreated_bus_reads_it_from_the_start(
+        base: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The bus was deleted and recreated under a learner's checkpoint: its positions (about
+    2,000 per partition) lie past the new ends (about 400). Kept, they would skip every new
+    record; by the rule they are reported and reset to the earliest record (finding 4)."""
+    root = _copy(base, tmp_path / "run")
+    first = Learner(_config(root))
+    first.run()
+    first.finish()  # publishes the rest and checkpoints
+    later = routing_events(800, seed=5, start_ms=1_000_000 + 10 * 4000 + 60_000)
+    shutil.rmtree(root / "bus")
+    producer = LocalLog(root / "bus", partitions=2).producer()
+    write(producer, later)
+    producer.close()
+    fresh = Learner(_config(_on_fresh_bus(base, tmp_path / "fresh", later)))
+    fresh.run()
+    restarted = Learner(_config(root))
+    assert restarted.examples == first.examples
+    restarted.run()
+    assert restarted.position_resets == 4  # decisions and rewards, two partitions each
+    gained = restarted.examples - first.examples  # one example per decision at most
+    assert 800 >= gained >= fresh.examples > 700, (gained, fresh.examples)
+    assert caplog.text.count("past the end of the bus") == 4
+    metrics = LearnerCollector(restarted)
+    (resets,) = [m for m in metrics.collect() if m.name == "policyloop_learner_position_resets"]
+    assert resets.samples[0].value == 4
 
 
 @pytest.mark.parametrize(("bad", "counter"), [

@@ -118,10 +118,16 @@ def test_torn_tail_is_skipped_and_the_next_append_repairs_it(tmp_path: Path,
     producer.send("t", b"after", key=b"k")
     producer.flush()
     (record,) = consumer.poll(timeout=1.0)
-    assert (record.offset, record.value) == (4, b"after")
-    assert log.end_offsets("t") == {0: 5}
+    # a committed record (its index entry whole) keeps its offset even though its frame is
+    # lost; an entry cut short never committed, so its offset was never handed out
+    committed = damage != "index cut mid-entry"
+    after = 5 if committed else 4
+    assert (record.offset, record.value) == (after, b"after")
+    assert consumer.damaged_records == int(committed)
+    assert log.end_offsets("t") == {0: after + 1}
     fresh = log.consumer("fresh", ["t"])
-    assert [r.value for r in _drain(fresh, 5)] == [b"v0", b"v1", b"v2", b"v3", b"after"]
+    assert [(r.offset, r.value) for r in _drain(fresh, 5)] == [
+        (0, b"v0"), (1, b"v1"), (2, b"v2"), (3, b"v3"), (after, b"after")]
 
 
 def _ten_records(root: Path) -> tuple[LocalLog, list[int]]:
@@ -165,21 +171,46 @@ def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
     assert record.offset == 10 and log.end_offsets("t") == {0: 11}
 
 
-def test_a_torn_tail_of_several_records_is_not_skipped_so_no_reused_offset_is_missed(
+def test_offsets_of_a_torn_tail_are_never_reused_so_a_consumer_past_them_misses_nothing(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A machine crash can persist a batch's index entries without its frames: readers must
-    wait for the repair there, not skip past offsets the next append will reuse."""
+    """A machine crash can lose the frames of records a consumer already read (from the page
+    cache) while their index entries persist. The repair must not hand their offsets out
+    again: the consumer's committed position (10) lies past them, and it would skip the new
+    records that reused 7, 8, 9 (issue 16, finding 4)."""
     log, positions = _ten_records(tmp_path)
+    before = log.consumer("before", ["t"])
+    assert len(_drain_all(before)) == 10
+    before.commit({("t", 0): 10})
     os.truncate(_segment(tmp_path, "t", "log"), positions[7] + 5)  # records 7, 8, 9 torn
     consumer = log.consumer("g", ["t"])
     assert [_index(r.value) for r in _drain_all(consumer)] == list(range(7))
-    assert consumer.damaged_records == 0
+    assert consumer.damaged_records == 0  # at the tail: waits for the repair, skips nothing
     producer = log.producer()
     producer.send("t", b"value-70", key=b"k")
     producer.flush()
     (record,) = _drain(consumer, 1)
-    assert (record.offset, record.value) == (7, b"value-70")
-    assert "dropping 3 indexed records (offsets 7..9" in caplog.text  # records, not bytes
+    assert (record.offset, record.value) == (10, b"value-70")
+    assert consumer.damaged_records == 3  # now sealed in the old segment: skipped, counted
+    assert "3 committed records lost (offsets 7..9, not reused)" in caplog.text
+    resumed = log.consumer("before", ["t"])  # from its committed position, 10
+    assert [(r.offset, r.value) for r in _drain(resumed, 1)] == [(10, b"value-70")]
+    assert log.end_offsets("t") == {0: 11}
+
+
+def test_a_position_past_the_end_is_reported_and_reads_from_the_earliest_record(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A group's position kept from another log (this one deleted and recreated): by the
+    documented rule it reads this log from the start instead of waiting for ever."""
+    log, _ = _ten_records(tmp_path)
+    log.consumer("old", ["t"]).commit({("t", 0): 50})
+    consumer = log.consumer("old", ["t"])
+    assert [r.offset for r in _drain_all(consumer)] == list(range(10))
+    assert consumer.position_resets == 1 and consumer.position(("t", 0)) == 10
+    assert "position 50 is past the end 10" in caplog.text
+    at_end = log.consumer("at-end", ["t"])
+    at_end.commit({("t", 0): 10})
+    at_end = log.consumer("at-end", ["t"])
+    assert _drain_all(at_end) == [] and at_end.position_resets == 0  # the end is no reset
 
 
 def test_the_damaged_tail_of_a_sealed_segment_is_skipped(tmp_path: Path) -> None:

@@ -15,12 +15,21 @@ the frame, then its index entry, under an exclusive ``fcntl.flock`` on the parti
 file, so any number of processes may produce. The index is the commit point: readers return
 only records with an index entry and a complete, CRC-valid frame, and stop before the first
 that is not (a crash's torn tail, or a write in progress) without raising; the next poll picks
-up from there. The next append repairs a torn tail first (drops index entries whose frame is
-incomplete, truncates the log after the last good frame), so offsets stay dense: 0, 1, 2, ...
-per partition. A damaged frame with a good committed record after it (a bad disk, not a crash,
-which only tears the tail) is skipped by readers with an error in the log and counted
-(``LocalConsumer.damaged_records``); the records after it keep their offsets. Damage at the
-tail is left to the repair, so a reader never moves past an offset the repair will reuse.
+up from there. The next append repairs a torn tail first. Bytes after the last committed
+record (a frame whose index entry was never written, or an entry cut short) are cut off. Index
+entries whose frames a machine crash did not persist stay where they are, and appends go on in
+a new segment starting after them: an offset is never handed out twice, so a consumer that
+moved past one never misses the record that would have reused it. Offsets are 0, 1, 2, ... per
+partition, with a gap only where records were lost. A damaged frame with a good committed
+record after it (a bad disk), or in a segment that is no longer the newest (a repaired tail),
+is skipped by readers with an error in the log and counted
+(``LocalConsumer.damaged_records``); the records after it keep their offsets.
+
+Since offsets are never reused, a position past a partition's end (a group or a checkpoint
+kept from a log that was deleted and recreated, or restored from an older copy) names no
+record this log will ever hold: the reader logs an error, counts it
+(``LocalConsumer.position_resets``) and reads the partition from its earliest record, as
+Kafka does with ``auto.offset.reset=earliest``.
 
 Polling from any offset is O(1): one index read gives the byte position. A segment rolls to a
 new file once it holds ``segment_bytes``; with ``retention_bytes`` set, a producer deletes the
@@ -197,9 +206,10 @@ class _Appender:
         idx_size = os.fstat(self._idx_fd).st_size
         if log_size == self._end and idx_size == self._count * _POS.size:
             return
-        n = idx_size // _POS.size
-        indexed = n
-        end = 0
+        indexed = idx_size // _POS.size
+        if idx_size != indexed * _POS.size:  # an entry cut short: that record never committed
+            os.ftruncate(self._idx_fd, indexed * _POS.size)
+        n, end = indexed, 0
         while n:
             (pos,) = _POS.unpack(os.pread(self._idx_fd, _POS.size, (n - 1) * _POS.size))
             frame_end = _frame_end(self._log_fd, pos)
@@ -207,13 +217,22 @@ class _Appender:
                 end = frame_end
                 break
             n -= 1
-        if idx_size != n * _POS.size:
-            os.ftruncate(self._idx_fd, n * _POS.size)
-        if log_size != end or indexed != n:
-            log.warning("%s/%020d.log: repairing a torn tail: dropping %d indexed records "
-                        "(offsets %d..%d, reused by the next appends) and %d bytes",
-                        self._dir, self._base, indexed - n, self._base + n,
-                        self._base + indexed - 1, log_size - end)
+        if indexed != n:
+            # Committed records whose frames a crash did not persist. Their index entries
+            # stay, so their offsets are never handed out again (a consumer may have moved
+            # past them); readers skip them as damaged once appends go on in a new segment.
+            log.error("%s/%020d.log: repairing a torn tail: %d committed records lost "
+                      "(offsets %d..%d, not reused); appends go on in a new segment at %d",
+                      self._dir, self._base, indexed - n, self._base + n,
+                      self._base + indexed - 1, self._base + indexed)
+            self._count = indexed
+            self._roll()
+            self._catch_up()  # another appender may have rolled there first: learn its tail
+            return
+        if log_size != end:
+            log.warning("%s/%020d.log: dropping %d bytes after the last committed record "
+                        "(a write cut short before its index entry; no committed record lost)",
+                        self._dir, self._base, log_size - end)
             os.ftruncate(self._log_fd, end)
         self._count, self._end = n, end
 
@@ -268,6 +287,7 @@ class _Reader:
         self._log_fd = -1
         self._idx_fd = -1
         self.skipped = 0  # damaged records passed over (see read)
+        self.resets = 0  # positions past the end moved to the earliest record (see read)
 
     def read(self, offset: int, max_records: int,
              ) -> tuple[list[tuple[int, SegmentRecord]], int]:
@@ -298,7 +318,8 @@ class _Reader:
                     os.pread(self._idx_fd, _POS.size, (offset - base) * _POS.size))
                 frames = _read_frames(self._log_fd, pos, min(max_records, count - offset + base))
                 if not frames:
-                    good = self._next_good(offset - base, count, sealed=i + 1 < len(self._bases))
+                    sealed = i + 1 < len(self._bases) or self._rolled(base + count)
+                    good = self._next_good(offset - base, count, sealed)
                     if good is None:  # a torn tail, or one being written: the next append
                         return [], offset  # repairs it; offsets after it are not yet final
                     # a damaged frame with a good committed record after it: no crash tears a
@@ -317,13 +338,33 @@ class _Reader:
                                 base + count, nxt - 1, nxt)
                 offset = max(offset, nxt)
                 continue
-            if os.fstat(self._log_fd).st_size < self._segment_bytes:
-                return [], offset  # the active segment, nothing new yet
-            bases = _segment_bases(self._dir)
-            if bases == self._bases:
-                return [], offset  # full, but the next append has not rolled it yet
-            self._bases = bases
+            if (self._rolled(base + count)  # sealed since we listed: a roll or a repair
+                    or os.fstat(self._log_fd).st_size >= self._segment_bytes):
+                bases = _segment_bases(self._dir)
+                if bases == self._bases:
+                    return [], offset  # full, but the next append has not rolled it yet
+                self._bases = bases  # (the next segment may be gone too: retention)
+                continue
+            if offset > base + count:
+                # Offsets are never reused, so a position past the end was taken on another
+                # log (one deleted and recreated, or restored from an older copy): the rule,
+                # as Kafka's auto.offset.reset=earliest, is to read this log from its start.
+                self._bases = _segment_bases(self._dir)
+                if not self._bases:
+                    return [], offset
+                self.resets += 1
+                log.error("%s: position %d is past the end %d (a position from another log); "
+                          "reading from the earliest record %d", self._dir, offset,
+                          base + count, self._bases[0])
+                offset = self._bases[0]
+                continue
+            return [], offset  # the active segment, nothing new yet
         return [], offset
+
+    def _rolled(self, base: int) -> bool:
+        """Whether a segment starting at ``base`` exists: the one after a segment of
+        ``base - <its base>`` records, created by a roll or by the repair of a torn tail."""
+        return os.path.exists(self._dir / f"{base:020d}.idx")
 
     def _next_good(self, first: int, count: int, sealed: bool) -> int | None:
         """The segment index of the first good frame after the damaged one at ``first``, or
@@ -622,6 +663,12 @@ class LocalConsumer:
     def damaged_records(self) -> int:
         """Records this consumer skipped because their frame is damaged on disk (logged)."""
         return sum(reader.skipped for reader in self._readers.values())
+
+    @property
+    def position_resets(self) -> int:
+        """Positions past a partition's end that this consumer moved to its earliest record
+        (logged; the rule in the module docstring)."""
+        return sum(reader.resets for reader in self._readers.values())
 
     def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Record]:
         """Up to ``max_records`` records, in offset order per partition; waits up to
