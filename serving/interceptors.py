@@ -1,9 +1,11 @@
 """One place where domain errors become gRPC status codes, and where every call is counted.
 
 Unknown errors become INTERNAL with a generic message and a full log entry: a stack trace is
-for the operator, not for the caller. (The concurrency limit is grpc's own
-``maximum_concurrent_rpcs``, set in ``serving/server.py``: beyond it calls get
-RESOURCE_EXHAUSTED at once instead of queueing without bound.)
+for the operator, not for the caller. The concurrency limit (``max_concurrency``) is kept here
+too: a call beyond it gets RESOURCE_EXHAUSTED at once, with a message saying why, and is counted
+like any other call (grpc's own limiter answers a bare "Concurrent RPC limit exceeded!" and
+counts nothing; ``serving/server.py`` keeps it only as a backstop above ours, for the streaming
+calls this interceptor passes through).
 """
 
 from __future__ import annotations
@@ -84,13 +86,18 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 class ServingInterceptor(grpc.aio.ServerInterceptor):
-    """Status mapping, per-call metrics and the deadline check."""
+    """Status mapping, per-call metrics, the concurrency limit and the deadline check."""
 
-    def __init__(self, metrics: ServingMetrics, served: Callable[[str], bool]) -> None:
+    def __init__(self, metrics: ServingMetrics, served: Callable[[str], bool],
+                 max_concurrency: int) -> None:
         """``served(name)``: whether a policy is served, asked at each call (the model store
-        may discover policies while the server runs)."""
+        may discover policies while the server runs). ``max_concurrency``: the most unary
+        calls handled at once; the count is a plain int, as every call runs on the one event
+        loop."""
         self._metrics = metrics
         self._served = served
+        self._max_concurrency = max_concurrency
+        self._active = 0
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -122,7 +129,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             message = ""
             metrics.in_flight.inc()
+            self._active += 1
             try:
+                if self._active > self._max_concurrency:
+                    raise ResourceExhausted(
+                        f"the server is handling {self._max_concurrency} calls, its "
+                        "max_concurrency: retry with backoff")
                 if isinstance(request, _Malformed):
                     raise InvalidArgument(f"request body is not a valid {request.type_name} "
                                           f"message: {request.error}")
@@ -144,6 +156,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
             finally:
                 metrics.in_flight.dec()
+                self._active -= 1
                 policy = _policy_label(request, self._served)
                 child = children.get((policy, code))
                 if child is None:

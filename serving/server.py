@@ -161,9 +161,11 @@ async def start_server(config: ServeConfig, *, seed: int | None = None) -> Runni
         interceptors.append(AuthInterceptor(
             tokens,
             on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()))
-    interceptors.append(ServingInterceptor(metrics, store.serves))
-    server = grpc.aio.server(interceptors=interceptors,
-                             options=options, maximum_concurrent_rpcs=config.max_concurrency)
+    interceptors.append(ServingInterceptor(metrics, store.serves, config.max_concurrency))
+    # the interceptor enforces max_concurrency on unary calls (counted, with a clear message);
+    # grpc's limiter sits above it only to bound streams (health Watch, reflection) as well
+    server = grpc.aio.server(interceptors=interceptors, options=options,
+                             maximum_concurrent_rpcs=2 * config.max_concurrency)
     batcher = (DecideBatcher(plane, config.micro_batch_size, config.micro_batch_wait_ms / 1000,
                              metrics.micro_batch_size)
                if config.micro_batch_size > 1 else None)

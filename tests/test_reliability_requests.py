@@ -1,9 +1,11 @@
 """Requests that must be refused at entry (issue #16 findings 1 and 8): an absurd reward, an
-out-of-range timestamp, a huge echoed policy name."""
+out-of-range timestamp, a huge echoed policy name, calls beyond ``max_concurrency``."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -14,6 +16,7 @@ from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.config import ServeConfig, load_serve_config
 from tests.server_harness import ServerThread, channel, make_registry, serve_config
+from tests.test_server import recsys_request
 
 
 @pytest.fixture(scope="module")
@@ -98,5 +101,41 @@ def test_an_unknown_health_service_is_not_found_counted_as_such_not_a_crash(
         checks = {code: n for (method, code), n in samples.items() if method.endswith("Check")}
         assert checks == {"NOT_FOUND": 1.0}, samples
         assert "unhandled error" not in caplog.text
+    finally:
+        running.stop()
+
+
+def test_calls_beyond_max_concurrency_are_resource_exhausted_and_counted(tmp_path: Path) -> None:
+    """Two calls are held in flight by a micro-batch that waits a second for company; the
+    four sent meanwhile are refused at once, say why, and appear in the request counter."""
+    make_registry(tmp_path / "registry")
+    running = ServerThread(serve_config(tmp_path, max_concurrency=2, micro_batch_size=100,
+                                        micro_batch_wait_ms=1000))
+    try:
+        with channel(running.target) as ch:
+            stub = pb_grpc.DecisionServiceStub(ch)
+
+            def decide(seed: int) -> tuple[grpc.StatusCode, str]:
+                try:
+                    stub.Decide(recsys_request(seed=seed), timeout=10)
+                except grpc.RpcError as exc:
+                    return exc.code(), exc.details() or ""
+                return grpc.StatusCode.OK, ""
+
+            with ThreadPoolExecutor(2) as held:
+                first = [held.submit(decide, seed) for seed in (1, 2)]
+                until = time.monotonic() + 5
+                while (running.running.metrics_registry.get_sample_value(
+                        "policyloop_requests_in_flight") != 2 and time.monotonic() < until):
+                    time.sleep(0.005)
+                late = [decide(seed) for seed in range(3, 7)]
+                answers = [f.result() for f in first]
+        assert answers == [(grpc.StatusCode.OK, "")] * 2
+        assert [code for code, _ in late] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
+        assert all("max_concurrency" in details for _, details in late), late
+        counted = {s.labels["code"]: s.value for m in running.running.metrics_registry.collect()
+                   if m.name == "policyloop_requests" for s in m.samples
+                   if s.name.endswith("_total") and s.labels["method"] == "Decide"}
+        assert counted == {"OK": 2.0, "RESOURCE_EXHAUSTED": 4.0}
     finally:
         running.stop()
