@@ -171,6 +171,32 @@ def test_a_damaged_record_mid_log_is_skipped_counted_and_the_rest_read(
     assert record.offset == 10 and log.end_offsets("t") == {0: 11}
 
 
+def test_an_index_entry_pointing_at_another_record_never_hands_that_record_out_twice(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Frames carry no offset, so the index alone would believe an entry damaged into the
+    position of record 3: a reader from the start follows the frames instead; one that seeks
+    to the entry waits rather than take record 3 again; the next append mends the entry
+    (found by tests/test_local_log_corruption.py)."""
+    log, positions = _ten_records(tmp_path)
+    index = _segment(tmp_path, "t", "idx")
+    data = bytearray(index.read_bytes())
+    data[9 * 8:10 * 8] = local_log._POS.pack(positions[3])
+    index.write_bytes(bytes(data))
+    assert [(r.offset, _index(r.value)) for r in _drain_all(log.consumer("g", ["t"]))] == [
+        (i, i) for i in range(10)]
+    seeker = log.consumer("seek", ["t"])
+    seeker.commit({("t", 0): 9})
+    seeker = log.consumer("seek", ["t"])
+    assert _drain_all(seeker) == []
+    producer = log.producer()
+    producer.send("t", b"value-10", key=b"k")
+    producer.flush()
+    assert [(r.offset, r.value) for r in _drain(seeker, 2)] == [(9, b"value-9"),
+                                                                (10, b"value-10")]
+    assert "the entry of offset 9 was damaged" in caplog.text
+    assert local_log._POS.unpack(index.read_bytes()[72:80]) == (positions[9],)
+
+
 def test_offsets_of_a_torn_tail_are_never_reused_so_a_consumer_past_them_misses_nothing(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A machine crash can lose the frames of records a consumer already read (from the page

@@ -25,13 +25,20 @@ record after it (a bad disk), or in a segment that is no longer the newest (a re
 is skipped by readers with an error in the log and counted
 (``LocalConsumer.damaged_records``); the records after it keep their offsets.
 
+Frames carry no offset: the ``n``-th frame of a segment is the record ``base + n``, and the
+frames are the truth. A reader reads on by following them; an index entry it seeks to is
+believed only when a neighbour agrees (its frame ends where the next entry begins), so a
+damaged entry never hands a record out under a second offset; the next append mends an entry
+near the tail that disagrees with the frames (logged) instead of taking it for a torn write.
+
 Since offsets are never reused, a position past a partition's end (a group or a checkpoint
 kept from a log that was deleted and recreated, or restored from an older copy) names no
 record this log will ever hold: the reader logs an error, counts it
 (``LocalConsumer.position_resets``) and reads the partition from its earliest record, as
 Kafka does with ``auto.offset.reset=earliest``.
 
-Polling from any offset is O(1): one index read gives the byte position. A segment rolls to a
+Seeking to any offset is O(1): its index entry, once a neighbour agrees, gives the byte
+position. A segment rolls to a
 new file once it holds ``segment_bytes``; with ``retention_bytes`` set, a producer deletes the
 partition's oldest whole segments after a roll while the partition holds more than that.
 Offsets stay global; a consumer positioned before the oldest kept record moves up to it.
@@ -82,6 +89,7 @@ from policyloop.contract.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 _POS = struct.Struct(">Q")  # index entry: byte position of a frame in its segment
+_FAR = 1 << 62  # no segment is this long: an index entry past it is damaged (pread's off_t)
 _MAX_BUFFERED_BYTES = 4 << 20
 _READ_CHUNK = 1 << 20
 _IDLE_SLEEP_S = 0.02
@@ -97,6 +105,8 @@ def _frame_end(fd: int, pos: int) -> int | None:
     """The file position after the good frame at byte ``pos``; None if torn or corrupt.
 
     Reads the prefix first, so a corrupt length is refused before its bytes are read."""
+    if pos >= _FAR:
+        return None
     head = os.pread(fd, PREFIX.size, pos)
     verdict, end = check_frame(head, 0, SEGMENT_MAX_BODY)
     if verdict is Verdict.CORRUPT or len(head) < PREFIX.size:
@@ -105,14 +115,45 @@ def _frame_end(fd: int, pos: int) -> int | None:
     return pos + ends[0] if records else None
 
 
-def _read_frames(fd: int, pos: int, n: int) -> list[SegmentRecord]:
-    """Up to ``n`` consecutive good records from byte ``pos`` on."""
+def _read_frames(fd: int, pos: int, n: int) -> tuple[list[SegmentRecord], int]:
+    """Up to ``n`` consecutive good records from byte ``pos`` on, and the byte after them."""
+    if pos >= _FAR:
+        return [], pos
     buf = os.pread(fd, _READ_CHUNK, pos)
-    records, _, verdict = decode_segment_records(buf, 0, n)
+    records, ends, verdict = decode_segment_records(buf, 0, n)
     if not records and verdict is Verdict.INCOMPLETE and len(buf) == _READ_CHUNK:
         _, end = check_frame(buf, 0, SEGMENT_MAX_BODY)  # a frame larger than one chunk
-        records, _, _ = decode_segment_records(os.pread(fd, end, pos), 0, 1)
-    return records
+        records, ends, _ = decode_segment_records(os.pread(fd, end, pos), 0, 1)
+    return records, pos + (ends[-1] if ends else 0)
+
+
+def _entry(idx_fd: int, j: int) -> int:
+    """Index entry ``j``: the byte position of the segment's ``j``-th record."""
+    (pos,) = _POS.unpack(os.pread(idx_fd, _POS.size, j * _POS.size))
+    return pos
+
+
+def _vouched(log_fd: int, idx_fd: int, j: int, count: int) -> int | None:
+    """The end of record ``j``'s frame when its index entry is confirmed, else None.
+
+    Frames do not carry their offsets, so a damaged entry that happens to point at another
+    good frame would hand that record out under a second offset. An entry is believed only
+    when a neighbour agrees: the frame it points at ends where entry ``j + 1`` begins, or, for
+    the last one, it is the segment's first byte or where the frame before it ends (or at
+    least after that frame's start, when that frame is damaged too)."""
+    pos = _entry(idx_fd, j)
+    end = _frame_end(log_fd, pos)
+    if end is None:
+        return None
+    if j + 1 < count:
+        return end if _entry(idx_fd, j + 1) == end else None
+    if j == 0:
+        return end if pos == 0 else None
+    before = _entry(idx_fd, j - 1)
+    if pos <= before:
+        return None
+    before_end = _frame_end(log_fd, before)
+    return end if before_end is None or before_end == pos else None
 
 
 def _segment_bases(directory: Path) -> list[int]:
@@ -211,12 +252,21 @@ class _Appender:
             os.ftruncate(self._idx_fd, indexed * _POS.size)
         n, end = indexed, 0
         while n:
-            (pos,) = _POS.unpack(os.pread(self._idx_fd, _POS.size, (n - 1) * _POS.size))
-            frame_end = _frame_end(self._log_fd, pos)
+            frame_end = _vouched(self._log_fd, self._idx_fd, n - 1, indexed)
             if frame_end is not None:
                 end = frame_end
                 break
             n -= 1
+        while n < indexed:  # the frames are the truth: an entry that disagrees is mended
+            frame_end = _frame_end(self._log_fd, end)
+            if frame_end is None:
+                break
+            if (entry := _entry(self._idx_fd, n)) != end:
+                log.warning("%s/%020d.idx: the entry of offset %d was damaged (byte %d, the "
+                            "record is at %d); mended", self._dir, self._base, self._base + n,
+                            entry, end)
+                _pwrite_all(self._idx_fd, _POS.pack(end), n * _POS.size)
+            n, end = n + 1, frame_end
         if indexed != n:
             # Committed records whose frames a crash did not persist. Their index entries
             # stay, so their offsets are never handed out again (a consumer may have moved
@@ -287,6 +337,9 @@ class _Reader:
         self._log_fd = -1
         self._idx_fd = -1
         self.skipped = 0  # damaged records passed over (see read)
+        # (base, offset, byte): where the record after the last one read starts, known from the
+        # frames themselves, so reading on in a segment needs no index entry (see _vouched)
+        self._chain = (-1, -1, 0)
         self.resets = 0  # positions past the end moved to the earliest record (see read)
 
     def read(self, offset: int, max_records: int,
@@ -314,10 +367,18 @@ class _Reader:
                 continue
             count = os.fstat(self._idx_fd).st_size // _POS.size
             if offset - base < count:
-                (pos,) = _POS.unpack(
-                    os.pread(self._idx_fd, _POS.size, (offset - base) * _POS.size))
-                frames = _read_frames(self._log_fd, pos, min(max_records, count - offset + base))
-                if not frames:
+                j = offset - base
+                if self._chain[:2] == (base, offset):
+                    pos = self._chain[2]
+                elif j == 0:
+                    pos = 0
+                else:  # a seek: believe the entry only if a neighbour agrees
+                    vouched = _vouched(self._log_fd, self._idx_fd, j, count) is not None
+                    pos = _entry(self._idx_fd, j) if vouched else _FAR
+                frames, after = _read_frames(self._log_fd, pos, min(max_records, count - j))
+                if frames:
+                    self._chain = (base, offset + len(frames), after)
+                else:
                     sealed = i + 1 < len(self._bases) or self._rolled(base + count)
                     good = self._next_good(offset - base, count, sealed)
                     if good is None:  # a torn tail, or one being written: the next append
@@ -371,8 +432,7 @@ class _Reader:
         None if none is (a torn tail). A sealed segment is never repaired, so there everything
         damaged is skipped: the end of its index is the answer."""
         for j in range(first + 1, count):
-            (pos,) = _POS.unpack(os.pread(self._idx_fd, _POS.size, j * _POS.size))
-            if _frame_end(self._log_fd, pos) is not None:
+            if _vouched(self._log_fd, self._idx_fd, j, count) is not None:
                 return j
         return count if sealed else None
 
