@@ -58,6 +58,7 @@ _MIN_BACKOFF_S = 0.05
 
 _Item = RoutedRecord  # (topic, key, value)
 _RECOVER_RECORDS = 10_000  # records decoded at a time while checking a segment
+_CURSOR_BYTES = 64  # the cursor file's fixed size: its JSON, padded with spaces
 
 
 def _event_fields(key: bytes | None) -> dict[str, str]:
@@ -78,6 +79,8 @@ class _Spool:
         self._sizes: dict[int, int] = {}  # segment id -> bytes
         self.bytes_on_disk = 0  # sum of _sizes, kept as an int so metrics can read it any time
         self._cursor = (0, 0)
+        self._cursor_fd = -1  # the cursor file, rewritten in place (see _store_cursor)
+        self._cursor_failing = False
         self._fd = -1  # open for appends: the newest segment
         self._dirty = False
         self._unsynced: list[int] = []  # dup'ed fds of rolled segments awaiting fsync
@@ -94,8 +97,12 @@ class _Spool:
             self._roll()
         data = b"".join(frames)
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:  # a full disk: cut what part of a frame got written, so records
+            os.ftruncate(self._fd, self._sizes[max(self._sizes)])  # appended later stay
+            raise  # readable after it
         self._sizes[max(self._sizes)] += len(data)
         self.bytes_on_disk += len(data)
         self._dirty = True
@@ -137,9 +144,28 @@ class _Spool:
         for seg in [s for s in self._sizes if s < cursor[0]]:
             self._path(seg).unlink(missing_ok=True)
             self.bytes_on_disk -= self._sizes.pop(seg)
-        tmp = self._dir / "cursor.tmp"
-        tmp.write_text(json.dumps({"segment": cursor[0], "position": cursor[1]}))
-        os.replace(tmp, self._dir / "cursor")
+        self._store_cursor()
+
+    def _store_cursor(self) -> None:
+        """Write the cursor in place in a file of fixed size: overwriting bytes a file already
+        has needs no free block (on filesystems that overwrite in place), so a full disk does
+        not stop delivery, as a new temporary file would. A failure is logged, not raised:
+        records go on being delivered, and a restart would deliver again at most what was
+        delivered since (a torn write reads as unreadable: the same, from the start)."""
+        text = json.dumps({"segment": self._cursor[0], "position": self._cursor[1]}).encode()
+        try:
+            if self._cursor_fd < 0:
+                self._cursor_fd = os.open(self._dir / "cursor", os.O_RDWR | os.O_CREAT, 0o644)
+            os.pwrite(self._cursor_fd, text.ljust(_CURSOR_BYTES), 0)
+        except OSError as e:
+            if not self._cursor_failing:
+                log.error("spool %s: cannot record the delivery cursor (%s); a restart would "
+                          "deliver again what was delivered since", self._dir, e)
+            self._cursor_failing = True
+            return
+        if self._cursor_failing:
+            log.warning("spool %s: the delivery cursor is recorded again", self._dir)
+        self._cursor_failing = False
 
     def skip(self, n: int) -> None:
         """Mark the next ``n`` records delivered (they were delivered from memory)."""
@@ -155,11 +181,11 @@ class _Spool:
         self._close_fd()
         for seg in list(self._sizes):
             self._path(seg).unlink(missing_ok=True)
-        (self._dir / "cursor").unlink(missing_ok=True)
         next_id = max(self._sizes, default=-1) + 1
         self._sizes.clear()
         self.bytes_on_disk = 0
         self._cursor = (next_id, 0)
+        self._store_cursor()
 
     def take_sync(self) -> list[int]:
         """Dup'ed fds to fsync outside the owner's lock (the caller closes them)."""
@@ -174,6 +200,9 @@ class _Spool:
             os.fsync(fd)
             os.close(fd)
         self._close_fd()
+        if self._cursor_fd >= 0:
+            os.close(self._cursor_fd)
+            self._cursor_fd = -1
 
     def _path(self, seg: int) -> Path:
         return self._dir / f"spool-{seg:012d}.log"
@@ -228,6 +257,8 @@ class _Spool:
         self._cursor = cursor
         if not self.pending():
             self.clear()
+        else:
+            self._store_cursor()  # at full size now, while the disk likely has room
 
 
 class DecisionLog:

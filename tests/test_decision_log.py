@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,65 @@ def test_durable_fails_when_the_spool_cannot_be_written(bus_log: LocalLog,
 
 def _fail_writing(frames: object) -> None:
     raise OSError(28, "No space left on device")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a disk that really fills (mounting needs root; CI runs as root)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_on_a_full_disk_every_acknowledged_record_reaches_the_bus_once(
+        bus_log: LocalLog, small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16, finding 3 on a real full disk (not a mocked write): the bus down, the spool
+    on a 64 KiB tmpfs with its budget far from reached. Calls whose records fit are
+    acknowledged, the rest refused with the disk's error; space freed, five more are
+    acknowledged; once the bus is back, exactly the acknowledged records are on it, each once,
+    and no delivery step failed (the cursor is rewritten in place, needing no free block)."""
+    producer = SwitchableProducer(bus_log.producer())
+    producer.down = True
+    log, registry = _decision_log(producer, small_disk / "spool", max_queue=1)
+    ballast = small_disk / "ballast"
+    ballast.write_bytes(bytes(16 << 10))
+    acknowledged, refused = [], []
+
+    def submit(i: int) -> None:
+        key = f"event-{i}".encode()
+        mark = log.submitted
+        log.submit(TOPIC, key, key + b"." * 1000)
+        future = log.durable(mark)
+        try:
+            if future is not None:
+                future.result(timeout=5)
+            acknowledged.append(key)
+        except Unavailable as exc:
+            assert "No space left on device" in str(exc), exc
+            refused.append(key)
+
+    try:
+        for i in range(200):  # about 200 KiB into 64 KiB
+            submit(i)
+        assert acknowledged and len(refused) > 100, (len(acknowledged), len(refused))
+        assert _count(registry, "dropped") == len(refused)
+        ballast.unlink()  # room again: appends go on after the write the full disk cut short
+        for i in range(200, 205):
+            submit(i)
+        assert acknowledged[-5:] == [f"event-{i}".encode() for i in range(200, 205)]
+        producer.down = False
+        _wait(lambda: _count(registry, "delivered") >= len(acknowledged), timeout=20)
+    finally:
+        producer.down = False
+        log.close(5.0)  # False: not every record submitted was delivered (some refused)
+    assert _count(registry, "delivered") == len(acknowledged)
+    assert not list((small_disk / "spool").glob("spool-*.log")), "spool left undelivered"
+    assert [v[:v.index(b".")] for v in _values(bus_log)] == acknowledged
+    assert "delivery failed unexpectedly" not in caplog.text
