@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import signal
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,21 @@ def _tls_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
         return None
     client_ca = (None if config.tls_client_ca is None
                  else _read_pem("tls_client_ca", config.tls_client_ca))
-    return grpc.ssl_server_credentials(
-        [(_read_pem("tls_key", config.tls_key), _read_pem("tls_cert", config.tls_cert))],
-        root_certificates=client_ca, require_client_auth=client_ca is not None)
+    key, cert = _read_pem("tls_key", config.tls_key), _read_pem("tls_cert", config.tls_cert)
+    _check_pair(config.tls_cert, config.tls_key)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def _check_pair(cert: Path, key: Path) -> None:
+    """grpc reports a key that does not belong to its certificate (or one it cannot parse)
+    only as "Failed to bind to address" when the port is added; OpenSSL, asked first, says
+    what is wrong."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise InvalidArgument(f"tls_cert {cert} and tls_key {key} are not a usable pair: "
+                              f"{exc.reason or exc}") from exc
 
 
 def _read_pem(name: str, path: Path) -> bytes:

@@ -238,6 +238,16 @@ def test_a_tls_file_that_is_missing_or_no_pem_is_named_at_start(tmp_path: Path, 
             pass
 
 
+def test_a_key_that_is_not_the_certificates_is_named_at_start(tmp_path: Path, pki: Path) -> None:
+    """grpc itself would say only "Failed to bind to address" (issue 16, finding 9)."""
+    make_registry(tmp_path / "registry")
+    config = serve_config(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "client.key")
+    with pytest.raises(InvalidArgument, match=f"tls_cert {pki}/server.pem and tls_key "
+                                              f"{pki}/client.key are not a usable pair: "
+                                              "KEY_VALUES_MISMATCH"), running_server(config):
+        pass
+
+
 def test_serve_says_in_one_line_when_its_bus_path_cannot_be_made(tmp_path: Path) -> None:
     import sys
 
