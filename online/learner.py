@@ -122,6 +122,7 @@ class Learner:
         self.published: list[dict] = []
         self.refused = 0  # candidates that failed serving's checks, not published
         self.position_resets = 0  # checkpointed positions past the bus's end (_reset_past_end)
+        self.damaged_records = 0  # records the bus passed over as damaged (this run's consumer)
         # With forgetting the gate judges on about as much recent data as the head remembers,
         # so after a drift it compares on the new world, not on the old one.
         horizon = (HOLDOUT_LIMIT if config.gamma >= 1 or not config.holdout_every
@@ -178,6 +179,7 @@ class Learner:
             drained_since: float | None = None  # the bus has been drained since then
             while not self._done():
                 records = consumer.poll(max_records=500, timeout=0.2)
+                self.damaged_records = consumer.damaged_records
                 self.assigned = _partitions_by_topic(consumer.assignment(), self.topics)
                 self.unassigned = consumer.unassigned_topics()
                 # The local log assigns topics as they appear and reads them from the start, so

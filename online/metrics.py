@@ -93,6 +93,12 @@ class LearnerCollector(Collector):
                                      labels=["policy"])
         resets.add_metric([policy], learner.position_resets)
         yield resets
+        damaged = CounterMetricFamily("policyloop_learner_damaged_records",
+                                      "Records the bus passed over because they are damaged "
+                                      "on disk (each logged by the local log; 0 on Kafka).",
+                                      labels=["policy"])
+        damaged.add_metric([policy], learner.damaged_records)
+        yield damaged
         assigned = GaugeMetricFamily("policyloop_learner_assigned_partitions",
                                      "Partitions of each subscribed topic this learner holds "
                                      "(0 for a topic that exists: it learns nothing from it).",

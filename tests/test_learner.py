@@ -20,6 +20,7 @@ from online.learners import LinearHeadLearner
 from online.linear import LinearHeads
 from online.metrics import LearnerCollector
 from policyloop.bus import interface as bus
+from policyloop.bus import local_log
 from policyloop.bus.local_log import LocalLog
 from policyloop.registry.local import LocalRegistry
 from policyloop.registry.onnx_head import read_head
@@ -139,6 +140,25 @@ def test_a_checkpoint_past_the_end_of_a_recreated_bus_reads_it_from_the_start(
     metrics = LearnerCollector(restarted)
     (resets,) = [m for m in metrics.collect() if m.name == "policyloop_learner_position_resets"]
     assert resets.samples[0].value == 4
+
+
+def test_records_the_bus_passes_over_as_damaged_are_counted_in_a_metric(
+        base: Path, tmp_path: Path) -> None:
+    """A byte flipped inside one decision on disk: the local log skips it (logged), and the
+    learner shows it in ``policyloop_learner_damaged_records`` instead of losing it silently."""
+    root = _copy(base, tmp_path / "run")
+    partition = root / "bus" / "topics" / bus.DECISIONS / "0"
+    (segment,) = partition.glob("*.log")
+    positions = [p for (p,) in local_log._POS.iter_unpack(segment.with_suffix(".idx").read_bytes())]
+    data = bytearray(segment.read_bytes())
+    data[positions[100] + 30] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    learner = Learner(_config(root))
+    learner.run()
+    assert learner.damaged_records == 1
+    (damaged,) = [m for m in LearnerCollector(learner).collect()
+                  if m.name == "policyloop_learner_damaged_records"]
+    assert damaged.samples[0].value == 1
 
 
 @pytest.mark.parametrize(("bad", "counter"), [

@@ -120,6 +120,11 @@ class Consumer(Protocol):
     def end_offsets(self, topic: str) -> dict[int, int]:
         """Per partition, the offset the next record will get (for lag and 'caught up')."""
 
+    @property
+    def damaged_records(self) -> int:
+        """Records passed over because they are damaged where the bus stores them (the bus
+        logs each); counted so that silent loss shows in a metric."""
+
     def close(self) -> None: ...
 
 

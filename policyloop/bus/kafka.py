@@ -310,6 +310,12 @@ class KafkaConsumerAdapter:
                        b"" if r.value is None else r.value, r.timestamp)
                 for tp in sorted(batches) for r in batches[tp]]
 
+    @property
+    def damaged_records(self) -> int:
+        """Always 0: the broker and kafka-python check each batch's CRC themselves, and a
+        corrupt one is an error, never skipped here."""
+        return 0
+
     def unassigned_topics(self) -> set[str]:
         """Subscribed topics that exist (their partitions are in this client's metadata) of
         which this consumer holds no partition; with ``shard``, those the next ``poll`` has yet
