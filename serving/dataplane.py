@@ -21,6 +21,7 @@ import numpy as np
 from policyloop.bus import interface as bus
 from policyloop.contract.errors import InvalidArgument, PolicyloopError, shown
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent, usable_reward
+from policyloop.contract.signature import Categorical
 from policyloop.registry.onnx_model import LoadedModel
 from serving.config import ServeConfig
 from serving.decision_log import DecisionLog
@@ -35,10 +36,12 @@ RECENT_EVENT_IDS = 100_000  # caller event ids remembered to report reuse (~10 M
 
 @dataclass(frozen=True)
 class Features:
-    """A feature vector as sent: dense values in schema order and/or values by name."""
+    """A feature vector as sent: dense values in schema order, or values by name (numbers,
+    and the strings of categorical features)."""
 
     dense: Sequence[float] = ()
     named: Mapping[str, float] = field(default_factory=dict)
+    categorical: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,29 +88,50 @@ class RewardInput:
 
 
 def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
-            what: str, missing: str = "zero") -> np.ndarray:
+            what: str, missing: str = "zero",
+            categorical: Mapping[str, tuple[Categorical, int]] | None = None) -> np.ndarray:
     """float32[len(names)] from dense or named values; names not given are zero, or refused
-    when the policy's ``missing`` rule is "error"."""
+    when the policy's ``missing`` rule is "error". ``categorical``: the side's string-valued
+    features (``LoadedModel.categorical_at``), each setting one column of its block."""
+    categorical = categorical or {}
     if len(features.dense):
         if len(features.dense) != len(names):
             raise InvalidArgument(f"{what}.dense has {len(features.dense)} values, the policy "
                                   f"expects {len(names)}")
         vec = np.asarray(features.dense, dtype=np.float32)
-        if features.named:
+        if features.named or features.categorical:
             raise InvalidArgument(f"{what}: give dense or named values, not both")
     else:
         vec = np.zeros(len(names), dtype=np.float32)
         for name, value in features.named.items():
             position = index.get(name)
             if position is None:
-                raise InvalidArgument(f"{what}.named has unknown feature {name!r}")
+                if name in categorical:
+                    raise InvalidArgument(f"{what}.named: {shown(name)} is categorical: send "
+                                          f"its value as a string in {what}.categorical")
+                raise InvalidArgument(f"{what}.named has unknown feature {shown(name)}")
             vec[position] = value
-        if missing == "error" and len(features.named) < len(names):
-            absent = [n for n in names if n not in features.named]
-            raise InvalidArgument(
-                f"{what}.named lacks {len(absent)} of the policy's {len(names)} features "
-                f"({', '.join(map(repr, absent[:5]))}{', ...' if len(absent) > 5 else ''}): "
-                "this policy refuses missing features (its spec's features.missing)")
+        for name, text in features.categorical.items():
+            entry = categorical.get(name)
+            if entry is None:
+                problem = ("is numeric: send it in named" if name in index
+                           else "is no categorical feature of the policy")
+                raise InvalidArgument(f"{what}.categorical: {shown(name)} {problem}")
+            cat, start = entry
+            column = cat.column(text)
+            if column is not None:  # outside the vocabulary: no column (the docstring's why)
+                vec[start + column] = 1.0
+        given = len(features.named) + len(features.categorical)
+        if missing == "error" and (categorical or given < len(names)):
+            owned = {column for cat, _ in categorical.values() for column in cat.columns}
+            absent = ([n for n in names if n not in owned and n not in features.named]
+                      + [n for n in categorical if n not in features.categorical])
+            if absent:
+                expected = len(names) - len(owned) + len(categorical)
+                raise InvalidArgument(
+                    f"{what}.named lacks {len(absent)} of the policy's {expected} features "
+                    f"({', '.join(map(repr, absent[:5]))}{', ...' if len(absent) > 5 else ''})"
+                    ": this policy refuses missing features (its spec's features.missing)")
     if not np.isfinite(vec).all():
         bad = int(np.flatnonzero(~np.isfinite(vec))[0])
         raise InvalidArgument(f"{what} value {bad} ({names[bad]}) is {vec[bad]}: features "
@@ -116,7 +140,8 @@ def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
 
 
 def _matrix(rows: Sequence[Features] | np.ndarray, names: Sequence[str],
-            index: Mapping[str, int], missing: str = "zero") -> np.ndarray:
+            index: Mapping[str, int], missing: str = "zero",
+            categorical: Mapping[str, tuple[Categorical, int]] | None = None) -> np.ndarray:
     """float32[K, len(names)] of per-candidate features.
 
     The common case, every row dense and of the right length, is converted in one call: on the
@@ -133,12 +158,12 @@ def _matrix(rows: Sequence[Features] | np.ndarray, names: Sequence[str],
             raise InvalidArgument(f"candidates[{k}].features value {bad} ({names[bad]}) is "
                                   f"{rows[k, bad]}: features must be finite")
         return rows
-    if all(len(f.dense) == width and not f.named for f in rows):
+    if all(len(f.dense) == width and not f.named and not f.categorical for f in rows):
         matrix = np.array([f.dense for f in rows], dtype=np.float32)
         if np.isfinite(matrix).all():
             return matrix
-    return np.stack([_vector(f, names, index, f"candidates[{k}].features", missing)
-                     for k, f in enumerate(rows)])
+    return np.stack([_vector(f, names, index, f"candidates[{k}].features", missing,
+                             categorical) for k, f in enumerate(rows)])
 
 
 def check_event_id(event_id: str, field_name: str = "event_id") -> str:
@@ -290,7 +315,7 @@ class DataPlane:
         manifest = model.manifest
         event_id = check_event_id(r.event_id) if r.event_id else f"{getrandbits(128):032x}"
         context = _vector(r.context, manifest.features.context, model.context_index, "context",
-                          manifest.features.missing)
+                          manifest.features.missing, model.categorical_at["context"])
         ids = list(r.candidate_ids)
         limit = self._config.policy(r.policy).max_candidates
         if len(ids) > limit:
@@ -305,11 +330,12 @@ class DataPlane:
         elif isinstance(features, np.ndarray):
             with_features = max(len(features), 1)  # a dense matrix is per-action features
         else:
-            with_features = sum(1 for f in features if len(f.dense) or f.named)
+            with_features = sum(1 for f in features
+                                if len(f.dense) or f.named or f.categorical)
         ids, allowed = kind.candidates(ids, with_features, manifest.actions,
                                        model.action_positions)
         action_features = (_matrix(features, manifest.features.action, model.action_index,
-                                   manifest.features.missing)
+                                   manifest.features.missing, model.categorical_at["action"])
                            if kind.per_action_features else None)
         slots = r.slots or 1
         if slots > len(ids) or slots > MAX_SLOTS:

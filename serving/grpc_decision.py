@@ -23,7 +23,8 @@ from serving.decision_log import DecisionLog
 
 
 def _features(message: pb.Features) -> Features:
-    return Features(dense=message.dense, named=dict(message.named) if message.named else {})
+    return Features(dense=message.dense, named=dict(message.named) if message.named else {},
+                    categorical=dict(message.categorical) if message.categorical else {})
 
 
 def dense_rows(rows: Sequence[pb.Features]) -> np.ndarray | None:
@@ -94,7 +95,9 @@ def policy_info(plane: DataPlane, policy: str) -> pb.PolicyInfo:
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in m.inputs],
         outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in m.outputs],
         max_candidates=plane.max_candidates(policy), apprentice=plane.apprentice(policy),
-        damage=plane.store.damage(policy))
+        damage=plane.store.damage(policy),
+        categorical=[pb.CategoricalFeature(name=c.name, vocabulary=c.vocabulary,
+                                           buckets=c.buckets) for c in m.features.categorical])
 
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z

@@ -158,9 +158,11 @@ def test_policy_info_tells_the_features_and_actions(client: Client) -> None:
     (lambda c: c.policy_info("missing"), NotFound, "missing"),
     (lambda c: c.reward("e-1", float("nan")), InvalidArgument, "must be finite"),
     (lambda c: c.decide_batch([]), InvalidArgument, "requests is empty"),
-    # refused before anything is sent, in the same words
     (lambda c: c.decide("routing", {"ticket_0": "high"}), InvalidArgument,
-     "context['ticket_0'] is 'high': feature values must be numbers"),
+     "context.categorical: 'ticket_0' is numeric: send it in named"),
+    # refused before anything is sent, in the same words
+    (lambda c: c.decide("routing", {"ticket_0": [1.0]}), InvalidArgument,
+     "context['ticket_0'] is [1.0]: feature values must be numbers"),
     (lambda c: c.decide("recsys", USER, [("item-0", [0.1, "x"])]), InvalidArgument,
      "candidates[0].features[1] is 'x'"),
     (lambda c: c.decide("recsys", USER, [{"name": "item-0"}]), InvalidArgument,

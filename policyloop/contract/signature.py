@@ -12,9 +12,11 @@ can replace it without torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,8 +40,46 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Categorical:
+    """A feature whose values are strings, and the model columns it becomes, so that a user
+    never one-hots by hand: with a ``vocabulary``, one column per value (named
+    ``<name>=<value>``), and a value outside it sets none (Vowpal Wabbit, too, learns nothing
+    from a feature it was never shown); with ``buckets``, that many hashed columns
+    (``<name>#<i>``, i = CRC32 of the UTF-8 value modulo ``buckets``), open to any value.
+
+    >>> plan = Categorical("plan", vocabulary=("free", "pro"))
+    >>> plan.columns, plan.column("pro"), plan.column("gold")
+    (('plan=free', 'plan=pro'), 1, None)
+    >>> Categorical("country", buckets=4).column("US")
+    0
+    """
+
+    name: str
+    vocabulary: tuple[str, ...] = ()
+    buckets: int = 0
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        if self.buckets:
+            return tuple(f"{self.name}#{i}" for i in range(self.buckets))
+        return tuple(f"{self.name}={value}" for value in self.vocabulary)
+
+    @functools.cached_property
+    def _positions(self) -> dict[str, int]:
+        return {value: i for i, value in enumerate(self.vocabulary)}
+
+    def column(self, value: str) -> int | None:
+        """The position, within ``columns``, of the one column ``value`` sets; None when a
+        vocabulary does not hold it."""
+        if self.buckets:
+            return zlib.crc32(value.encode()) % self.buckets
+        return self._positions.get(value)
+
+
+@dataclass(frozen=True)
 class FeatureSchema:
-    """Names, in order, of the context features and of the per-action features."""
+    """Names, in order, of the context features and of the per-action features: the model's
+    columns. A categorical feature (``categorical``) stands there as its block of columns."""
 
     context: tuple[str, ...]
     action: tuple[str, ...] = ()
@@ -47,11 +87,32 @@ class FeatureSchema:
     # groups, sparse counts), "error" refuses it, naming what is missing. Not in the hash: it
     # is how requests are read, not what the model computes.
     missing: str = "zero"
+    # string-valued features; their columns (so their vocabularies) are in the hash
+    categorical: tuple[Categorical, ...] = ()
 
     def __post_init__(self) -> None:
         if self.missing not in MISSING_FEATURES:
             raise InvalidArgument(f"features.missing: {self.missing!r} is not one of "
                                   f"{list(MISSING_FEATURES)}")
+
+    def fields(self, side: str) -> tuple[tuple[str, Categorical | None], ...]:
+        """The features a request or a log row names on ``side`` ("context" or "action"), in
+        column order: a numeric one by its column, a categorical one once, for its block.
+
+        >>> FeatureSchema(("age", "plan=free", "plan=pro"),
+        ...               categorical=(Categorical("plan", ("free", "pro")),)).fields("context")
+        (('age', None), ('plan', Categorical(name='plan', vocabulary=('free', 'pro'), buckets=0)))
+        """
+        columns = self.context if side == "context" else self.action
+        owner = {column: c for c in self.categorical for column in c.columns}
+        out: list[tuple[str, Categorical | None]] = []
+        for column in columns:
+            cat = owner.get(column)
+            if cat is None:
+                out.append((column, None))
+            elif not out or out[-1][1] is not cat:
+                out.append((cat.name, cat))
+        return tuple(out)
 
     @property
     def hash(self) -> str:
@@ -127,6 +188,10 @@ class Manifest:
                     context=tuple(raw["features"]["context"]),
                     action=tuple(raw["features"].get("action", ())),
                     missing=raw["features"].get("missing", "zero"),
+                    categorical=tuple(
+                        Categorical(c["name"], tuple(c.get("vocabulary", ())),
+                                    int(c.get("buckets", 0)))
+                        for c in raw["features"].get("categorical", ())),
                 ),
                 inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
                              for t in raw["inputs"]),

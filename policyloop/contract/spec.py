@@ -14,6 +14,11 @@ built-in simulators are examples of such specs). Keys, with what they mean::
     missing = "error"               # a request naming only some features is refused;
                                     # "zero": the others are 0 (one-hot groups, counts)
 
+    [features.categorical]          # optional: features whose values are strings
+    plan = ["free", "pro", "team"]  # a vocabulary: a column per value ("plan=free", ...);
+                                    # another value sets none
+    country = { hash = 64 }         # or 64 hashed columns ("country#0" ...), any value
+
     [model]
     type = "linear"                 # a linear model: learns from the first reward
     interactions = true             # ranking: also context x candidate products (VW's -q)
@@ -25,7 +30,10 @@ built-in simulators are examples of such specs). Keys, with what they mean::
     candidates = "candidates"       # ranking: [{"id": ..., "features": {name: value}}, ...]
                                     # (the context features: a column each, by its name)
 
-Numeric features only for now. Every error names the key and the bad value.
+A feature named in ``[features.categorical]`` (it must be one of ``context`` or ``action``) is
+sent as a string (a request's ``categorical`` map, a log file's text) and becomes its block of
+columns in the model (``policyloop.contract.signature.Categorical``); the others are numbers.
+Every error names the key and the bad value.
 
 >>> spec = parse_spec('name = "r"\\nkind = "actions"\\nactions = ["a", "b"]\\n'
 ...                   '[features]\\ncontext = ["x", "y"]\\n')
@@ -41,16 +49,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument, shown
 from policyloop.contract.kinds import PolicyKind, kind_of
-from policyloop.contract.signature import MISSING_FEATURES, POLICY_NAME, FeatureSchema
+from policyloop.contract.signature import (
+    MISSING_FEATURES,
+    POLICY_NAME,
+    Categorical,
+    FeatureSchema,
+)
 
 # the spec's words for the kinds, and the kind each names
 SPEC_KINDS = {"actions": "qnet", "ranking": "scoring"}
 MODEL_TYPES = ("linear",)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
+MAX_CATEGORIES = 65_536  # columns one categorical feature may become (vocabulary or buckets)
 _KEYS = {"": {"name", "kind", "actions", "features", "model", "data"},
-         "features": {"context", "action", "missing"}, "model": {"type", "interactions"},
+         "features": {"context", "action", "missing", "categorical"},
+         "model": {"type", "interactions"},
          "data": {"action", "reward", "propensity", "candidates"}}
 
 
@@ -151,8 +166,48 @@ def parse_spec(text: str) -> PolicySpec:
     if clash is not None:  # a log file's column would be read as two things
         raise InvalidArgument(f"features.context: {clash!r} is also the log's "
                               f"{taken[clash]} column (data.{taken[clash]}); rename one")
-    return PolicySpec(name, kind, FeatureSchema(context, action, missing), actions,
-                      ModelSpec(model_type, interactions), data)
+    categorical = _categorical(features.get("categorical", {}), context + action)
+    by_name = {c.name: c for c in categorical}
+
+    def columns(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(column for n in names
+                     for column in (by_name[n].columns if n in by_name else (n,)))
+
+    schema = FeatureSchema(columns(context), columns(action), missing, categorical)
+    return PolicySpec(name, kind, schema, actions, ModelSpec(model_type, interactions), data)
+
+
+def _categorical(table: Any, names: tuple[str, ...]) -> tuple[Categorical, ...]:
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"features.categorical: must be a table, got {table!r}")
+    out = []
+    for name, encoding in table.items():
+        where = f"features.categorical.{name}"
+        if name not in names:
+            raise InvalidArgument(f"{where}: {name!r} is not in features.context or "
+                                  "features.action")
+        if isinstance(encoding, list):
+            if not encoding or not all(isinstance(v, str) and v for v in encoding):
+                raise InvalidArgument(f"{where}: a vocabulary is a non-empty list of non-empty "
+                                      f"strings, got {shown(encoding)}")
+            if len(set(encoding)) != len(encoding):
+                twice = next(v for v in encoding if encoding.count(v) > 1)
+                raise InvalidArgument(f"{where}: {shown(twice)} appears twice")
+            if len(encoding) > MAX_CATEGORIES:
+                raise InvalidArgument(f"{where}: {len(encoding)} values, at most "
+                                      f"{MAX_CATEGORIES} (hash them: {{ hash = N }})")
+            out.append(Categorical(name, vocabulary=tuple(encoding)))
+        elif isinstance(encoding, dict) and set(encoding) == {"hash"}:
+            buckets = encoding["hash"]
+            if (isinstance(buckets, bool) or not isinstance(buckets, int)
+                    or not 1 <= buckets <= MAX_CATEGORIES):
+                raise InvalidArgument(f"{where}.hash: the number of hashed columns, an int in "
+                                      f"[1, {MAX_CATEGORIES}], got {shown(buckets)}")
+            out.append(Categorical(name, buckets=buckets))
+        else:
+            raise InvalidArgument(f"{where}: a list of values or {{ hash = N }} is required, "
+                                  f"got {shown(encoding)}")
+    return tuple(out)
 
 
 def _data(table: Any) -> DataSpec:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from policyloop.contract.errors import ModelRejected, NotFound, PolicyloopError
 from policyloop.contract.posterior import LinearPosterior
-from policyloop.contract.signature import Manifest
+from policyloop.contract.signature import Categorical, Manifest
 from policyloop.registry.interface import ModelVersion
 
 _ORT_DTYPES = {"tensor(float)": "float32"}
@@ -42,6 +42,17 @@ class LoadedModel:
     def action_index(self) -> dict[str, int]:
         """Per-action feature name -> position."""
         return {name: i for i, name in enumerate(self.manifest.features.action)}
+
+    @cached_property
+    def categorical_at(self) -> dict[str, dict[str, tuple[Categorical, int]]]:
+        """Per side ("context", "action"): categorical feature name -> (its encoding, the
+        position of its first column), for requests that send strings."""
+        features = self.manifest.features
+        out: dict[str, dict[str, tuple[Categorical, int]]] = {}
+        for side, index in (("context", self.context_index), ("action", self.action_index)):
+            out[side] = {c.name: (c, index[c.columns[0]]) for c in features.categorical
+                         if c.columns[0] in index}
+        return out
 
     @cached_property
     def action_positions(self) -> dict[str, int]:

@@ -4,7 +4,9 @@ Formats, by suffix: ``.csv`` (a header line; a ranking row's candidates as JSON 
 cell), ``.jsonl`` (one JSON object a line) and ``.parquet`` (pyarrow, in the ``train`` extra;
 candidates a list column of ``{id, features}`` structs, or JSON text). The columns are named by
 the spec (``policyloop/contract/spec.py``): its ``[data]`` table's action, reward, propensity and
-candidates (ranking), and one column per context feature by its name. A ranking row's
+candidates (ranking), and one column per context feature by its name: a number, or for a
+categorical feature (the spec's ``[features.categorical]``) its value as text, which becomes
+its block of columns as in serving. A ranking row's
 candidates are ``[{"id": "item-7", "features": {"price": 9.9, ...}}, ...]``, every candidate
 with every feature of ``[features] action``; the action is the chosen candidate's id. A fixed
 action set's action is one of the spec's action ids.
@@ -41,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument, shown
+from policyloop.contract.signature import Categorical
 from policyloop.contract.spec import PolicySpec, parse_spec
 from policyloop.simulators.logged import Env, LoggedBandit, collect_logs
 
@@ -83,7 +86,9 @@ def read_logs(path: Path, spec: PolicySpec) -> tuple[LoggedBandit, ReadReport]:
     if not rows:
         raise InvalidArgument(f"{path}: no rows")
     data = spec.data
-    required = [data.action, data.reward, data.propensity, *spec.features.context]
+    context_fields = spec.features.fields("context")
+    action_fields = spec.features.fields("action")
+    required = [data.action, data.reward, data.propensity, *(n for n, _ in context_fields)]
     ranking = spec.policy_kind.per_action_features
     if ranking:
         required.append(data.candidates)
@@ -104,7 +109,7 @@ def read_logs(path: Path, spec: PolicySpec) -> tuple[LoggedBandit, ReadReport]:
         try:
             if "\0" in row:
                 raise _BadRow("line", row["\0"])
-            x = [_number(row.get(name), name) for name in spec.features.context]
+            x = _encode(row, context_fields, "")
             r = _number(row.get(data.reward), data.reward)
             p = _number(row.get(data.propensity), data.propensity)
             if not 0 < p <= 1:
@@ -114,7 +119,7 @@ def read_logs(path: Path, spec: PolicySpec) -> tuple[LoggedBandit, ReadReport]:
                 raise _BadRow(data.action, "missing")
             if ranking:
                 row_ids, feats = _candidates(row.get(data.candidates), data.candidates,
-                                             spec.features.action)
+                                             action_fields)
                 if str(chosen) not in row_ids:
                     raise _BadRow(data.action, f"{chosen!r} is not among the row's candidate "
                                   "ids")
@@ -228,7 +233,28 @@ def _number(value: Any, name: str) -> float:
     return number
 
 
-def _candidates(value: Any, name: str, features: tuple[str, ...]
+def _encode(values: dict[str, Any], fields: tuple[tuple[str, Categorical | None], ...],
+            where: str) -> list[float]:
+    """The model's columns from a row's (or a candidate's) values by feature name."""
+    out: list[float] = []
+    for name, cat in fields:
+        if cat is None:
+            out.append(_number(values.get(name), f"{where}{name}"))
+            continue
+        value = values.get(name)
+        if value is None or value == "":
+            raise _BadRow(f"{where}{name}", "missing")
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise _BadRow(f"{where}{name}", f"{shown(value)} is not a category (a string)")
+        block = [0.0] * len(cat.columns)
+        column = cat.column(str(value))
+        if column is not None:  # outside the vocabulary: no column, as serving does
+            block[column] = 1.0
+        out += block
+    return out
+
+
+def _candidates(value: Any, name: str, features: tuple[tuple[str, Categorical | None], ...]
                 ) -> tuple[list[str], list[list[float]]]:
     """A ranking row's candidate ids and their features [k][Da], in the spec's order."""
     if value is None or value == "":
@@ -252,7 +278,7 @@ def _candidates(value: Any, name: str, features: tuple[str, ...]
         if not isinstance(feats, dict):
             raise _BadRow(f"{where}.features", "an object of features is required")
         ids.append(str(cand["id"]))
-        rows.append([_number(feats.get(f), f"{where}.features.{f}") for f in features])
+        rows.append(_encode(feats, features, f"{where}.features."))
     if len(set(ids)) != len(ids):
         raise _BadRow(name, "a candidate id appears twice")
     return ids, rows

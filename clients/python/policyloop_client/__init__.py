@@ -25,10 +25,10 @@ from policyloop_client.errors import (
     Unavailable,
 )
 from policyloop_client.retry import Retry
-from policyloop_client.types import Decision, PolicyInfo, Request, Slot, TensorSpec
+from policyloop_client.types import Categorical, Decision, PolicyInfo, Request, Slot, TensorSpec
 
 __all__ = [
-    "AsyncClient", "Client", "Decision", "DeadlineExceeded", "FailedPrecondition",
+    "AsyncClient", "Categorical", "Client", "Decision", "DeadlineExceeded", "FailedPrecondition",
     "InvalidArgument", "NotFound", "PermissionDenied", "PolicyInfo", "PolicyloopClientError",
     "Request", "ResourceExhausted", "Retry", "Slot", "TensorSpec", "Unauthenticated",
     "Unavailable",

@@ -16,6 +16,7 @@ from policyloop_client._proto import decision_pb2 as pb
 from policyloop_client.errors import InvalidArgument
 from policyloop_client.types import (
     Candidate,
+    Categorical,
     Decision,
     Features,
     PolicyInfo,
@@ -32,10 +33,13 @@ def _refused(method: str, message: str) -> InvalidArgument:
 
 
 def features(values: Features, what: str, method: str) -> pb.Features:
-    """A dict becomes named values, any other sequence dense values in schema order.
+    """A dict becomes named values (a string: a categorical feature's value), any other
+    sequence dense values in schema order.
 
     >>> features({"age": 31, "mobile": True}, "context", "Decide").named["age"]
     31.0
+    >>> features({"age": 31, "plan": "pro"}, "context", "Decide").categorical["plan"]
+    'pro'
     >>> features(["x"], "context", "Decide")
     Traceback (most recent call last):
     ...
@@ -43,13 +47,21 @@ def features(values: Features, what: str, method: str) -> pb.Features:
 feature values must be numbers
     """
     if isinstance(values, Mapping):
+        named: dict[Any, Any] = {}
+        categorical: dict[Any, str] = {}
+        for name, value in values.items():
+            if isinstance(value, str):
+                categorical[name] = value
+            else:
+                named[name] = value
         try:
-            return pb.Features(named=values)
+            return pb.Features(named=named, categorical=categorical)
         except (TypeError, ValueError):
-            for name, value in values.items():
+            for name in [*named, *categorical]:
                 if not isinstance(name, str):
                     raise _refused(method, f"{what}: feature name {name!r} must be a "
                                    "string") from None
+            for name, value in named.items():
                 try:
                     pb.Features(named={name: value})
                 except (TypeError, ValueError):
@@ -155,7 +167,9 @@ def policy_info(message: pb.PolicyInfo) -> PolicyInfo:
         max_candidates=message.max_candidates, apprentice=message.apprentice,
         pinned=message.pinned, feature_schema_hash=message.feature_schema_hash,
         inputs=tuple(_tensor(t) for t in message.inputs),
-        outputs=tuple(_tensor(t) for t in message.outputs), damage=message.damage)
+        outputs=tuple(_tensor(t) for t in message.outputs), damage=message.damage,
+        categorical=tuple(Categorical(c.name, tuple(c.vocabulary), c.buckets)
+                          for c in message.categorical))
 
 
 def _tensor(message: Any) -> TensorSpec:

@@ -2,7 +2,8 @@
 
 Features are a dict of named numbers (names from ``PolicyInfo.context_features`` /
 ``action_features``; an unknown name is refused; names left out are zero, or refused when the
-policy's spec says ``features.missing = "error"``) or a sequence of
+policy's spec says ``features.missing = "error"``), where a categorical feature of the spec
+takes its value as a string (``{"plan": "pro"}``), or a sequence of
 numbers in the policy's schema order (a list, a tuple, a numpy array). Candidates are action ids
 (fixed-action policies; they restrict the choice to those actions) or, for ranking policies,
 each id with its own features, as ``{"id": ..., "features": ...}`` or an ``(id, features)``
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-Features: TypeAlias = Mapping[str, float] | Sequence[float]
+Features: TypeAlias = Mapping[str, float | str] | Sequence[float]
 Candidate: TypeAlias = str | tuple[str, Features] | Mapping[str, Any]
 
 
@@ -92,13 +93,25 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Categorical:
+    """A string-valued feature: its ``vocabulary`` (a column per value), or ``buckets``
+    hashed columns when it has none."""
+
+    name: str
+    vocabulary: tuple[str, ...]
+    buckets: int
+
+
+@dataclass(frozen=True)
 class PolicyInfo:
     """What a served policy expects.
 
     ``kind`` is ``"scoring"`` (ranks the candidates you send, each with ``action_features``)
     or ``"qnet"`` (a fixed set of ``actions``). ``context_features`` are the context's names in
-    schema order, which is also the order of a dense context. In ``list_policies`` a policy
-    with no model loaded yet has only its name (``model_version`` 0). ``damage`` says why
+    schema order, which is also the order of a dense context; a categorical feature
+    (``categorical``) stands there as its columns, and is sent by its name with a string. In
+    ``list_policies`` a policy with no model loaded yet has only its name (``model_version``
+    0). ``damage`` says why
     the server does not serve the registry's current version (it failed its checks and an
     older intact one serves, or none does); empty when it does.
     """
@@ -117,3 +130,4 @@ class PolicyInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     damage: str = ""
+    categorical: tuple[Categorical, ...] = ()

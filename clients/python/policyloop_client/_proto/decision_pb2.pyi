@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Features(_message.Message):
-    __slots__ = ("dense", "named")
+    __slots__ = ("dense", "named", "categorical")
     class NamedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -18,11 +18,20 @@ class Features(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CategoricalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DENSE_FIELD_NUMBER: _ClassVar[int]
     NAMED_FIELD_NUMBER: _ClassVar[int]
+    CATEGORICAL_FIELD_NUMBER: _ClassVar[int]
     dense: _containers.RepeatedScalarFieldContainer[float]
     named: _containers.ScalarMap[str, float]
-    def __init__(self, dense: _Optional[_Iterable[float]] = ..., named: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    categorical: _containers.ScalarMap[str, str]
+    def __init__(self, dense: _Optional[_Iterable[float]] = ..., named: _Optional[_Mapping[str, float]] = ..., categorical: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("id", "features")
@@ -147,7 +156,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("policy", "model_version", "pinned", "strategy", "kind", "context_features", "action_features", "actions", "feature_schema_hash", "inputs", "outputs", "max_candidates", "apprentice", "damage")
+    __slots__ = ("policy", "model_version", "pinned", "strategy", "kind", "context_features", "action_features", "actions", "feature_schema_hash", "inputs", "outputs", "max_candidates", "apprentice", "damage", "categorical")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +171,7 @@ class PolicyInfo(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     APPRENTICE_FIELD_NUMBER: _ClassVar[int]
     DAMAGE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORICAL_FIELD_NUMBER: _ClassVar[int]
     policy: str
     model_version: int
     pinned: bool
@@ -176,7 +186,18 @@ class PolicyInfo(_message.Message):
     max_candidates: int
     apprentice: bool
     damage: str
-    def __init__(self, policy: _Optional[str] = ..., model_version: _Optional[int] = ..., pinned: _Optional[bool] = ..., strategy: _Optional[str] = ..., kind: _Optional[str] = ..., context_features: _Optional[_Iterable[str]] = ..., action_features: _Optional[_Iterable[str]] = ..., actions: _Optional[_Iterable[str]] = ..., feature_schema_hash: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_candidates: _Optional[int] = ..., apprentice: _Optional[bool] = ..., damage: _Optional[str] = ...) -> None: ...
+    categorical: _containers.RepeatedCompositeFieldContainer[CategoricalFeature]
+    def __init__(self, policy: _Optional[str] = ..., model_version: _Optional[int] = ..., pinned: _Optional[bool] = ..., strategy: _Optional[str] = ..., kind: _Optional[str] = ..., context_features: _Optional[_Iterable[str]] = ..., action_features: _Optional[_Iterable[str]] = ..., actions: _Optional[_Iterable[str]] = ..., feature_schema_hash: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_candidates: _Optional[int] = ..., apprentice: _Optional[bool] = ..., damage: _Optional[str] = ..., categorical: _Optional[_Iterable[_Union[CategoricalFeature, _Mapping]]] = ...) -> None: ...
+
+class CategoricalFeature(_message.Message):
+    __slots__ = ("name", "vocabulary", "buckets")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vocabulary: _containers.RepeatedScalarFieldContainer[str]
+    buckets: int
+    def __init__(self, name: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., buckets: _Optional[int] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()
