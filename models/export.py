@@ -28,7 +28,7 @@ from models.policies import PolicyNetwork
 from policyloop.contract.errors import ExportParityError, InvalidArgument
 from policyloop.contract.kinds import PolicyKind
 from policyloop.contract.posterior import LinearPosterior
-from policyloop.contract.signature import HeadSpec, Manifest, TensorSpec
+from policyloop.contract.signature import HeadSpec, Manifest, PolicyDefaults, TensorSpec
 from policyloop.registry.interface import ModelVersion, Registry, open_registry
 from policyloop.simulators.logged import LoggedBandit, collect_logs
 from policyloop.simulators.recsys import RecsysEnv
@@ -188,7 +188,8 @@ def initial_posterior(model: PolicyNetwork, source: Source, *, seed: int,
 
 def export_onnx(model: PolicyNetwork, source: Source, *, policy: str,
                 training: dict[str, Any], parent_version: int | None = None,
-                seed: int = 0) -> tuple[bytes, Manifest]:
+                seed: int = 0, defaults: PolicyDefaults | None = None,
+                ) -> tuple[bytes, Manifest]:
     """Export, check parity (also on the first rows of ``logged_data(source)``), and describe
     the model with the data's feature names and actions; raises ExportParityError."""
     model.eval()
@@ -207,6 +208,7 @@ def export_onnx(model: PolicyNetwork, source: Source, *, policy: str,
     manifest = Manifest(
         policy=policy, kind=cfg.kind, features=schema, inputs=inputs, outputs=outputs,
         head=head, opset=OPSET, actions=actions, parent_version=parent_version,
+        defaults=defaults or PolicyDefaults(),
         training={**training, "parity_max_abs_diff": worst, "network": cfg.to_dict()})
     log.info("exported %s: parity max |diff| %.2e", policy, worst)
     return data, manifest
@@ -214,11 +216,14 @@ def export_onnx(model: PolicyNetwork, source: Source, *, policy: str,
 
 def export_and_register(model: PolicyNetwork, source: Source, registry: Registry,
                         *, policy: str, training: dict[str, Any],
-                        seed: int = 0) -> ModelVersion:
+                        seed: int = 0, defaults: PolicyDefaults | None = None,
+                        ) -> ModelVersion:
     """Export with the parity check and publish with the head's posterior, both on the rows of
-    ``source``: the data trained on, or (a simulator) its logs."""
+    ``source``: the data trained on, or (a simulator) its logs. ``defaults``: the spec's
+    exploration and reward contract, carried by the version."""
     logs = logged_data(source, seed=seed + 2)
-    data, manifest = export_onnx(model, logs, policy=policy, training=training, seed=seed)
+    data, manifest = export_onnx(model, logs, policy=policy, training=training, seed=seed,
+                                 defaults=defaults)
     posterior = initial_posterior(model, logs, seed=seed + 2)
     return registry.publish(policy, data, manifest, {"head.npz": posterior.to_npz_bytes()})
 

@@ -29,7 +29,7 @@ from models import policies
 from models.policies import PolicyNetwork
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.settings import setting
-from policyloop.contract.signature import FeatureSchema
+from policyloop.contract.signature import FeatureSchema, PolicyDefaults
 from policyloop.simulators.logged import (
     HEURISTIC_DESCRIPTION,
     LOGGING_POLICIES,
@@ -292,9 +292,13 @@ def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str | None
         if checkpoint is not None:
             raise InvalidArgument("--checkpoint: not available with --data yet (export "
                                   "reads a simulator's checkpoint)")
+        from policyloop.contract.spec import load_spec
+
         model, source, summary = train_on_file(cfg, spec, data)
         name = policy or summary["spec_name"]
+        defaults = load_spec(spec).defaults
     else:
+        defaults = PolicyDefaults()
         result = train_offline(cfg)
         model, source, summary, name = result.model, result.env, result.summary, (
             policy or cfg.scenario)
@@ -309,7 +313,7 @@ def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str | None
         target = open_registry(registry, kafka=registry_kafka)
         try:
             version = export_and_register(model, source, target, policy=name,
-                                          training=summary, seed=cfg.seed)
+                                          training=summary, seed=cfg.seed, defaults=defaults)
         finally:
             target.close()
         report.update(policy=name, version=version.version, registry=str(registry),

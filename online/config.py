@@ -11,6 +11,12 @@ from pathlib import Path
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.events import REWARD_LIMIT
 from policyloop.contract.settings import setting
+from policyloop.contract.signature import PolicyDefaults
+
+# the reward contract of a policy whose spec names none
+WINDOW_MS = 30_000
+DEFAULT_REWARD = 0.0
+REWARD_RULE = "first"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,10 +45,16 @@ class LearnConfig:
                                "statistics; at most the topics' partitions")
     checkpoint: Path = setting(Path("var/learner/checkpoint.json"),
                                "the learner's state file (each shard its own)")
-    window_ms: int = setting(30_000, "reward window, milliseconds")
-    default_reward: float = setting(0.0, "reward of a decision none arrived for in its window")
-    reward_rule: str = setting("first", "several rewards for one decision: the first wins, or "
-                               "they add up", choices=("first", "sum"))
+    # The reward contract: unset, the policy spec's [reward] table, else the defaults below
+    # (resolved by the learner from the version it starts on: ``reward_contract``).
+    window_ms: int | None = setting(None, "reward window, milliseconds; unset: the policy "
+                                    f"spec's [reward] window_s, else {WINDOW_MS}")
+    default_reward: float | None = setting(None, "reward of a decision none arrived for in "
+                                           "its window; unset: the spec's [reward] default, "
+                                           f"else {DEFAULT_REWARD}")
+    reward_rule: str | None = setting(None, "several rewards for one decision: the first wins, "
+                                      "or they add up; unset: the spec's [reward] rule, else "
+                                      f"{REWARD_RULE}", choices=("first", "sum"))
     reward_limit: float = setting(REWARD_LIMIT, "largest |reward| learned from; a larger or "
                                   "non-finite one on the bus is skipped and counted "
                                   "(joiner.refused_rewards)")
@@ -83,14 +95,29 @@ class LearnConfig:
     metrics_host: str = setting("127.0.0.1", "address the metrics port binds (0.0.0.0 in a "
                                 "pod, for the scraper)")
 
+    def reward_contract(self, spec: PolicyDefaults) -> tuple[int, float, str]:
+        """(window_ms, default_reward, reward_rule): each as set here, else as the policy's
+        spec says, else the module's default; the spec's default reward must also fit
+        ``reward_limit``."""
+        default = self.default_reward
+        if default is None:
+            default = DEFAULT_REWARD if spec.default_reward is None else spec.default_reward
+            if abs(default) > self.reward_limit:
+                raise InvalidArgument(f"the spec's [reward] default {default} is beyond "
+                                      f"reward_limit {self.reward_limit}")
+        window = self.window_ms if self.window_ms is not None else spec.window_ms
+        return (WINDOW_MS if window is None else window, default,
+                self.reward_rule or spec.reward_rule or REWARD_RULE)
+
     def __post_init__(self) -> None:
         for name in ("partitions", "publish_every", "window_ms"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.reward_limit) and self.reward_limit > 0):
             raise InvalidArgument(f"reward_limit must be positive and finite, got "
                                   f"{self.reward_limit}")
-        if not math.isfinite(self.default_reward) or abs(self.default_reward) > self.reward_limit:
+        if self.default_reward is not None and (not math.isfinite(self.default_reward)
+                                                or abs(self.default_reward) > self.reward_limit):
             raise InvalidArgument(f"default_reward must be finite and within ±reward_limit, got "
                                   f"{self.default_reward}")
         if not self.publish_interval_s > 0:

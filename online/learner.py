@@ -107,9 +107,10 @@ class Learner:
             raise InvalidArgument(f"shard {config.shard_index}/{config.shard_count} owns none "
                                   f"of the {config.partitions} partitions: use at most "
                                   f"{config.partitions} shards")
-        self.joiner = RewardJoiner(window_ms=config.window_ms,
-                                   default_reward=config.default_reward,
-                                   reward_rule=config.reward_rule,
+        window_ms, default_reward, reward_rule = config.reward_contract(
+            self.serving.model.manifest.defaults)
+        self.joiner = RewardJoiner(window_ms=window_ms, default_reward=default_reward,
+                                   reward_rule=reward_rule,
                                    reward_limit=config.reward_limit,
                                    sources=tuple(f"{topic}:{p}"
                                                  for topic in (bus.DECISIONS, bus.REWARDS)

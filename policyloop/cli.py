@@ -69,14 +69,15 @@ def _export(args: argparse.Namespace) -> int:
 
 def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeConfig:
     """``serve``'s config: its settings, then the policies ``--policy`` names, each with its
-    strategy or else ``default_strategy``, in apprentice mode if ``--apprentice`` names it."""
+    strategy (none: its spec's, else ``default_strategy``), in apprentice mode if
+    ``--apprentice`` names it."""
     from serving.config import PolicyConfig, ServeConfig, load_serve_config
 
     flags = {f.name: getattr(args, f.name) for f in settings.settings(ServeConfig)}
     config = load_serve_config(args.config, flags, environ)
     if args.policy:
         config = replace(config, policies={
-            name: PolicyConfig(strategy=spec or config.default_strategy,
+            name: PolicyConfig(strategy=spec,
                                apprentice=name in (args.apprentice or []))
             for name, _, spec in (p.partition("=") for p in args.policy)})
     return config
@@ -197,8 +198,11 @@ def _learn(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: learner.stop())
     try:
+        joiner = learner.joiner
         learner.run(on_ready=lambda: print(
-            f"policyloop learn: consuming policy={config.policy}", flush=True))
+            f"policyloop learn: consuming policy={config.policy} window_ms={joiner.window_ms} "
+            f"default_reward={joiner.default_reward:g} reward_rule={joiner.reward_rule}",
+            flush=True))
         learner.finish()
     finally:
         learner.close()

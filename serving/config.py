@@ -21,9 +21,10 @@ from policyloop.contract.settings import read_file, resolve, setting
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """How one named policy is served."""
+    """How one named policy is served. ``strategy`` empty: the one its version's spec names
+    (``[exploration]``), else the server's ``default_strategy``."""
 
-    strategy: str = "epsilon_greedy:0.1"
+    strategy: str = ""
     apprentice: bool = False
     max_candidates: int = 1000
 
@@ -55,7 +56,8 @@ class ServeConfig:
         choices=MODEL_CONTROL_MODES)
     default_strategy: str = setting("epsilon_greedy:0.1", "exploration strategy of a policy "
                                     "named without one or served from the registry without "
-                                    "a [policies.NAME] table", flag="--strategy")
+                                    "a [policies.NAME] table, when its spec names none "
+                                    "([exploration] strategy)", flag="--strategy")
     bus: str = setting("local", "event bus: the embedded durable log under --bus-path, or "
                        "Kafka", choices=("local", "kafka"))
     bus_path: Path = setting(Path("var/bus"), "embedded event log folder (bus local)")
@@ -103,9 +105,9 @@ class ServeConfig:
                                        "(decide, reward, admin)")
 
     def policy(self, name: str) -> PolicyConfig:
-        """How ``name`` is served: its ``[policies.NAME]`` table, or the defaults (strategy
-        ``default_strategy``) for a policy without one, e.g. one served from the registry."""
-        return self.policies.get(name) or PolicyConfig(strategy=self.default_strategy)
+        """How ``name`` is served: its ``[policies.NAME]`` table, or the defaults for a policy
+        without one, e.g. one served from the registry (strategy: ``DataPlane.strategy``)."""
+        return self.policies.get(name) or PolicyConfig()
 
     @property
     def discovers_policies(self) -> bool:

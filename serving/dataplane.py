@@ -8,6 +8,7 @@ naming the field and the bad value, before anything is logged.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from serving.decision_log import DecisionLog
 from serving.exploration import Decision, Strategy, strategy_from_spec
 from serving.metrics import ServingMetrics
 from serving.model_store import ModelStore
+
+log = logging.getLogger(__name__)
 
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_SLOTS = 100
@@ -215,11 +218,13 @@ class DataPlane:
         self._log = log
         self._metrics = metrics
         self._rng = np.random.default_rng(seed)
-        # Built here, so a bad spec stops the server. Every configured policy is named at
-        # start-up; one the store discovers later has no table and gets the default strategy.
+        # Built here, so a bad spec stops the server: the strategies configured by name. A
+        # policy without one gets its version's spec default, else the server's default.
         self._strategies: dict[str, Strategy] = {
-            name: strategy_from_spec(config.policy(name).strategy) for name in store.policies}
+            name: strategy_from_spec(policy.strategy)
+            for name, policy in config.policies.items() if policy.strategy}
         self._default_strategy = strategy_from_spec(config.default_strategy)
+        self._spec_strategies: dict[str, Strategy] = {}  # by a manifest's strategy spec
         # labelled metric children, looked up once (label values are bounded)
         self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._recent_ids = _RecentIds(RECENT_EVENT_IDS)
@@ -230,10 +235,32 @@ class DataPlane:
 
     def strategy(self, policy: str) -> Strategy:
         self._store.get_known(policy)
-        return self._strategy(policy)
+        try:
+            model: LoadedModel | None = self._store.get(policy)
+        except PolicyloopError:  # no version loaded: what it would get without a spec
+            model = None
+        return self._strategy(policy, model)
 
-    def _strategy(self, policy: str) -> Strategy:
-        return self._strategies.get(policy, self._default_strategy)
+    def _strategy(self, policy: str, model: LoadedModel | None) -> Strategy:
+        """The configured strategy, else the one the version's spec names, else the default
+        (a spec's strategy was checked when the spec was read; one that no longer parses is
+        logged once and the default used)."""
+        explicit = self._strategies.get(policy)
+        if explicit is not None:
+            return explicit
+        spec = model.manifest.defaults.strategy if model is not None else ""
+        if not spec:
+            return self._default_strategy
+        strategy = self._spec_strategies.get(spec)
+        if strategy is None:
+            try:
+                strategy = strategy_from_spec(spec)
+            except InvalidArgument as exc:
+                log.error("%s: the spec's strategy is unusable (%s); using %s", policy, exc,
+                          self._default_strategy.name)
+                strategy = self._default_strategy
+            self._spec_strategies[spec] = strategy
+        return strategy
 
     def max_candidates(self, policy: str) -> int:
         return self._config.policy(policy).max_candidates
@@ -358,7 +385,7 @@ class DataPlane:
         if not (np.isfinite(scores).all() and np.isfinite(embedding).all()):
             raise InvalidArgument("the model's scores for this request have NaN or infinite "
                                   "values (features far outside the range it was trained on?)")
-        strategy = self._strategy(p.request.policy)
+        strategy = self._strategy(p.request.policy, model)
         rng = np.random.default_rng(p.request.seed) if p.request.seed is not None else self._rng
         if p.allowed is not None:  # fixed action set: restrict to the allowed actions
             scores = scores[p.allowed]

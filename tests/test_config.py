@@ -21,7 +21,7 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert config.kafka_bootstrap == "env:2"  # environment beats file
     assert config.grace_period_s == 3.0 and config.host == ServeConfig().host
     assert config.policy("recsys") == PolicyConfig(strategy="softmax:0.5", apprentice=True)
-    assert config.policy("other").strategy == config.default_strategy
+    assert config.policy("other").strategy == ""  # the spec's, else default_strategy
 
 
 @pytest.mark.parametrize("text, overrides, message", [

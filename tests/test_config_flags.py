@@ -114,7 +114,8 @@ def test_help_shows_every_default_and_variable(command: str) -> None:
         else:
             assert f"(default: {shown(default)}; {settings.env_of(f)})" in text, f.name
     if command == "learn":
-        assert "--window-ms WINDOW_MS reward window, milliseconds (default: 30000;" in text
+        assert ("--window-ms WINDOW_MS reward window, milliseconds; unset: the policy spec's "
+                "[reward] window_s, else 30000 (default: unset;") in text
         assert "--shard I/N" in text and "(default: 0/1;" in text
 
 
@@ -164,8 +165,10 @@ def test_serve_reads_every_setting_from_the_environment(tmp_path: Path) -> None:
                                     "--micro-batch", "1", "--durable-ack"), environ)
     assert config.port == 6000 and not config.use_gpu and config.max_concurrency == 16
     assert config.micro_batch_size == 1 and config.durable_ack and config.tls_cert is None
-    # A policy named without a strategy gets the default_strategy the sources settled on.
-    assert config.policies == {"recsys": PolicyConfig(strategy="softmax:0.5"),
+    # A policy named without a strategy has none here: when served, its spec's, else the
+    # default_strategy the sources settled on
+    assert config.default_strategy == "softmax:0.5"
+    assert config.policies == {"recsys": PolicyConfig(strategy=""),
                                "routing": PolicyConfig(strategy="greedy", apprentice=True)}
 
 

@@ -144,6 +144,19 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
+class PolicyDefaults:
+    """What a policy's spec says about serving and learning it (its ``[exploration]`` and
+    ``[reward]`` tables), carried by every version so that each replica and each learner reads
+    the same: the strategy ``serve`` uses unless told one, and the reward contract ``learn``
+    joins with unless told one. Empty or None: the server's or the learner's own default."""
+
+    strategy: str = ""  # a serving/exploration.py strategy spec, e.g. "thompson"
+    window_ms: int | None = None
+    default_reward: float | None = None
+    reward_rule: str = ""  # "first" or "sum"
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything about one model version except the weights."""
 
@@ -164,6 +177,7 @@ class Manifest:
     file_sha256: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    defaults: PolicyDefaults = PolicyDefaults()
     format: int = MANIFEST_FORMAT
 
     def __post_init__(self) -> None:
@@ -207,6 +221,7 @@ class Manifest:
                 file_sha256={str(k): str(v) for k, v in raw.get("file_sha256", {}).items()},
                 training=dict(raw.get("training", {})),
                 evaluation=dict(raw.get("evaluation", {})),
+                defaults=PolicyDefaults(**raw.get("defaults", {})),
                 format=int(raw.get("format", MANIFEST_FORMAT)),
             )
         except InvalidArgument as exc:

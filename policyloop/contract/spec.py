@@ -23,6 +23,17 @@ built-in simulators are examples of such specs). Keys, with what they mean::
     type = "linear"                 # a linear model: learns from the first reward
     interactions = true             # ranking: also context x candidate products (VW's -q)
 
+    [exploration]                   # optional: serve's default for this policy
+    strategy = "thompson"           # any strategy of serving/exploration.py; a server's
+                                    # --policy NAME=STRATEGY overrides it
+
+    [reward]                        # optional: the reward contract learn joins with
+    window_s = 30                   # how long a decision waits for its reward (seconds)
+    default = 0.0                   # the reward of a decision none arrived for
+    rule = "first"                  # several rewards: "first" counts, or "sum" adds them
+                                    # (learn's --window-ms, --default-reward, --reward-rule
+                                    # override them)
+
     [data]                          # optional: the columns of `policyloop train --data FILE`
     action = "action"               # the logged action's id (ranking: a candidate's id)
     reward = "reward"               # the observed reward
@@ -43,6 +54,7 @@ Every error names the key and the bad value.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -50,20 +62,25 @@ from pathlib import Path
 from typing import Any
 
 from policyloop.contract.errors import InvalidArgument, shown
+from policyloop.contract.events import REWARD_LIMIT
 from policyloop.contract.kinds import PolicyKind, kind_of
 from policyloop.contract.signature import (
     MISSING_FEATURES,
     POLICY_NAME,
     Categorical,
     FeatureSchema,
+    PolicyDefaults,
 )
 
 # the spec's words for the kinds, and the kind each names
 SPEC_KINDS = {"actions": "qnet", "ranking": "scoring"}
 MODEL_TYPES = ("linear",)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
+MAX_WINDOW_S = 7 * 24 * 3600  # a reward window of at most a week
+REWARD_RULES = ("first", "sum")
 MAX_CATEGORIES = 65_536  # columns one categorical feature may become (vocabulary or buckets)
-_KEYS = {"": {"name", "kind", "actions", "features", "model", "data"},
+_KEYS = {"": {"name", "kind", "actions", "features", "model", "data", "exploration", "reward"},
+         "exploration": {"strategy"}, "reward": {"window_s", "default", "rule"},
          "features": {"context", "action", "missing", "categorical"},
          "model": {"type", "interactions"},
          "data": {"action", "reward", "propensity", "candidates"}}
@@ -93,6 +110,7 @@ class PolicySpec:
     actions: tuple[str, ...] = ()
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
+    defaults: PolicyDefaults = PolicyDefaults()
 
     @property
     def policy_kind(self) -> PolicyKind:
@@ -174,7 +192,43 @@ def parse_spec(text: str) -> PolicySpec:
                      for column in (by_name[n].columns if n in by_name else (n,)))
 
     schema = FeatureSchema(columns(context), columns(action), missing, categorical)
-    return PolicySpec(name, kind, schema, actions, ModelSpec(model_type, interactions), data)
+    return PolicySpec(name, kind, schema, actions, ModelSpec(model_type, interactions), data,
+                      _defaults(raw.get("exploration", {}), raw.get("reward", {})))
+
+
+def _defaults(exploration: Any, reward: Any) -> PolicyDefaults:
+    for key, table in (("exploration", exploration), ("reward", reward)):
+        if not isinstance(table, dict):
+            raise InvalidArgument(f"{key}: must be a table, got {shown(table)}")
+        _known(table, key)
+    strategy = exploration.get("strategy", "")
+    if "strategy" in exploration:
+        from serving.exploration import strategy_from_spec  # the grammar lives with the code
+
+        if not isinstance(strategy, str):
+            raise InvalidArgument(f"exploration.strategy: a string is required, got "
+                                  f"{shown(strategy)}")
+        try:
+            strategy_from_spec(strategy)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"exploration.strategy: {exc}") from exc
+    window_ms = None
+    if "window_s" in reward:
+        window = reward["window_s"]
+        if (isinstance(window, bool) or not isinstance(window, int | float)
+                or not 0.001 <= window <= MAX_WINDOW_S):
+            raise InvalidArgument(f"reward.window_s: seconds in [0.001, {MAX_WINDOW_S}], got "
+                                  f"{shown(window)}")
+        window_ms = round(window * 1000)
+    default = reward.get("default")
+    if default is not None and (isinstance(default, bool) or not isinstance(default, int | float)
+                                or not math.isfinite(default) or abs(default) > REWARD_LIMIT):
+        raise InvalidArgument(f"reward.default: a finite number within ±{REWARD_LIMIT:g}, got "
+                              f"{shown(default)}")
+    rule = reward.get("rule", "")
+    if "rule" in reward and rule not in REWARD_RULES:
+        raise InvalidArgument(f"reward.rule: {shown(rule)} is not one of {list(REWARD_RULES)}")
+    return PolicyDefaults(strategy, window_ms, None if default is None else float(default), rule)
 
 
 def _categorical(table: Any, names: tuple[str, ...]) -> tuple[Categorical, ...]:

@@ -52,7 +52,7 @@ def cold_start(spec: PolicySpec, *, prior: float = 1.0) -> tuple[bytes, Manifest
     manifest = Manifest(
         policy=spec.name, kind=spec.kind, features=spec.features, inputs=inputs,
         outputs=outputs, head=HeadSpec(weight="head_w", bias="head_b", dim=h, transposed=True),
-        opset=OPSET, actions=spec.actions,
+        opset=OPSET, actions=spec.actions, defaults=spec.defaults,
         training={"cold_start": True, "model": spec.model.type,
                   "interactions": spec.model.interactions, "prior": prior})
     return graph, manifest, prior_posterior(np.zeros((rows, h)), np.zeros(rows), prior=prior)

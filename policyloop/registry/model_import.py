@@ -113,7 +113,7 @@ def import_onnx(data: bytes, spec: PolicySpec, *, head_weight: str = "", head_bi
         outputs=out_specs, head=head or HeadSpec(weight="", bias="", dim=h),
         opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                   default=0),
-        actions=spec.actions,
+        actions=spec.actions, defaults=spec.defaults,
         training={**(training or {}), "imported": True, "prior": prior,
                   **({"no_head": reason} if head is None else {})})
     posterior = None

@@ -1,0 +1,92 @@
+"""A spec's ``[exploration]`` and ``[reward]`` tables (issue 14): every version carries them,
+``serve`` explores as the spec says unless told otherwise, ``learn`` joins rewards by the
+spec's contract unless told otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from online.config import LearnConfig
+from online.learner import Learner
+from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.signature import Manifest, PolicyDefaults
+from policyloop.contract.spec import parse_spec
+from policyloop.registry.cold_start import cold_start
+from policyloop.registry.local import LocalRegistry
+from protos import decision_pb2 as pb
+from protos import decision_pb2_grpc as pb_grpc
+from serving.config import PolicyConfig
+from tests.server_harness import channel, running_server, serve_config
+
+BASE = 'kind = "actions"\nactions = ["a", "b"]\n[features]\ncontext = ["x"]\n'
+CONTRACT = ('[exploration]\nstrategy = "thompson"\n'
+            '[reward]\nwindow_s = 2.5\ndefault = -1\nrule = "sum"\n')
+
+
+def _publish(registry: LocalRegistry, name: str, extra: str) -> Manifest:
+    model, manifest, posterior = cold_start(parse_spec(f'name = "{name}"\n{BASE}{extra}'))
+    registry.publish(name, model, manifest, {"head.npz": posterior.to_npz_bytes()})
+    return registry.current(name).manifest
+
+
+def test_the_spec_contract_is_carried_by_the_version(tmp_path: Path) -> None:
+    manifest = _publish(LocalRegistry(tmp_path / "registry"), "router", CONTRACT)
+    assert manifest.defaults == PolicyDefaults("thompson", 2500, -1.0, "sum")
+    assert Manifest.from_json(manifest.to_json()).defaults == manifest.defaults
+    assert parse_spec(f'name = "plain"\n{BASE}').defaults == PolicyDefaults()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('[exploration]\nstrategy = "thomson"', "exploration.strategy: strategy 'thomson' is not "
+                                            "one of"),
+    ('[exploration]\nstrategy = "epsilon_greedy:2"', "exploration.strategy: strategy "
+                                                     "'epsilon_greedy:2'"),
+    ('[exploration]\nepsilon = 0.1', "exploration.epsilon: unknown key"),
+    ('[reward]\nwindow_s = 0', r"reward.window_s: seconds in \[0.001, 604800\], got 0"),
+    ('[reward]\nwindow_s = "30s"', "reward.window_s: seconds in"),
+    ('[reward]\ndefault = 1e300', "reward.default: a finite number within ±1e\\+06, got 1e\\+300"),
+    ('[reward]\nrule = "mean"', r"reward.rule: 'mean' is not one of \['first', 'sum'\]"),
+    ('[reward]\nwait = 3', "reward.wait: unknown key"),
+])
+def test_a_bad_contract_is_refused_naming_the_key_and_value(table: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        parse_spec(f'name = "r"\n{BASE}{table}\n')
+
+
+def test_serve_explores_as_the_spec_says_unless_its_config_names_a_strategy(
+        tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    _publish(registry, "specced", CONTRACT)
+    _publish(registry, "plain", "")
+    _publish(registry, "overridden", CONTRACT)
+    config = serve_config(tmp_path, policies={"specced": PolicyConfig(),
+                                              "plain": PolicyConfig(),
+                                              "overridden": PolicyConfig(strategy="greedy")},
+                          default_strategy="softmax:0.5")
+    with running_server(config) as server, channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        served = {name: stub.GetPolicyInfo(pb.GetPolicyInfoRequest(policy=name),
+                                           timeout=5).strategy
+                  for name in ("specced", "plain", "overridden")}
+        decided = stub.Decide(
+            pb.DecideRequest(policy="specced", context=pb.Features(dense=[0.3])), timeout=5)
+    assert served["specced"].startswith("thompson") and decided.strategy == served["specced"]
+    assert served["plain"].startswith("softmax") and served["overridden"] == "greedy"
+
+
+def test_learn_joins_by_the_spec_contract_unless_its_flags_set_one(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    _publish(registry, "router", CONTRACT)
+    base: dict[str, Any] = {"registry": tmp_path / "registry", "policy": "router",
+                            "bus_path": tmp_path / "bus", "checkpoint": tmp_path / "ckpt.json"}
+    by_spec = Learner(LearnConfig(**base)).joiner
+    assert (by_spec.window_ms, by_spec.default_reward, by_spec.reward_rule) == (2500, -1.0, "sum")
+    flags = Learner(LearnConfig(**base, window_ms=700, default_reward=0.0,
+                                reward_rule="first")).joiner
+    assert (flags.window_ms, flags.default_reward, flags.reward_rule) == (700, 0.0, "first")
+    _publish(registry, "plain", "")
+    plain = Learner(LearnConfig(**{**base, "policy": "plain"})).joiner
+    assert (plain.window_ms, plain.default_reward, plain.reward_rule) == (30_000, 0.0, "first")
