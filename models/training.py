@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,8 @@ def train_on_file(cfg: TrainConfig, spec_path: Path, data_path: Path
 
     start = time.perf_counter()
     spec = load_spec(spec_path)
+    if spec.model.type == "mlp":  # the spec's sizes over the flags'
+        cfg = replace(cfg, hidden=spec.model.hidden, embedding_dim=spec.model.embedding)
     data, report = read_logs(data_path, spec)
     model = train_logged(data, cfg)
     training = {k: v for k, v in asdict(cfg).items()
@@ -294,7 +296,7 @@ def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str | None
                                   "reads a simulator's checkpoint)")
         from policyloop.contract.spec import load_spec
 
-        model, source, summary = train_on_file(cfg, spec, data)
+        model, source, summary = train_on_file(cfg, spec, data)  # sized as the spec says
         name = policy or summary["spec_name"]
         defaults = load_spec(spec).defaults
     else:

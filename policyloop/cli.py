@@ -36,6 +36,11 @@ def _train(args: argparse.Namespace) -> int:
     from models.training import TrainConfig, train_command
 
     cfg = settings.load(TrainConfig, args, environ=os.environ)
+    if args.spec is not None:
+        from policyloop.contract.spec import load_spec
+        from policyloop.create import check_exploration
+
+        check_exploration(load_spec(args.spec), args.spec)
     return train_command(cfg, registry=None if args.no_export else args.registry,
                          policy=args.policy, checkpoint=args.checkpoint,
                          registry_kafka=args.registry_kafka or "", spec=args.spec,
@@ -47,7 +52,7 @@ def _create(args: argparse.Namespace) -> int:
 
     return create_command(args.spec, registry=args.registry,
                           registry_kafka=args.registry_kafka or "", prior=args.prior,
-                          force=args.force)
+                          force=args.force, seed=args.seed)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -349,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read a policy spec (TOML: name, kind, actions, features, "
                        "model; see policyloop/contract/spec.py) and publish its first version "
                        "with no data: a linear model (ranking: with context x candidate "
-                       "products) and the learner's prior as its posterior, so UCB and "
-                       "Thompson sampling explore from the first request and `learn` improves "
-                       "it from the first rewards.")
+                       "products), or with [model] type = \"mlp\" a network of the spec's "
+                       "sizes with a random body and a zero head, and the learner's prior as "
+                       "its posterior, so UCB and Thompson sampling explore from the first "
+                       "request and `learn` improves it from the first rewards.")
     p.add_argument("spec", type=Path, help="the policy spec, a TOML file")
     p.add_argument("--registry", type=Path, default=Path("var/registry"),
                    help="registry folder (with --registry-kafka: this process's cache)")
@@ -361,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ridge prior of the head, as `learn --prior` (default 1.0)")
     p.add_argument("--force", action="store_true",
                    help="publish a fresh start even if the policy already has versions")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of an mlp's random body (default 0)")
     p.set_defaults(func=_create)
 
     p = sub.add_parser("import", help="bring your own model: check an ONNX file against a "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.spec import load_spec
-from policyloop.create import publish_new_policy
+from policyloop.create import check_exploration, publish_new_policy
 from policyloop.registry.model_import import import_onnx
 
 
@@ -23,6 +23,7 @@ def import_command(model_path: Path, *, spec_path: Path, registry: Path,
                    prior: float = 1.0, force: bool = False) -> int:
     """Check and publish ``model_path`` as the spec's policy; prints one JSON line."""
     spec = load_spec(spec_path)
+    check_exploration(spec, spec_path)
     try:
         data = model_path.read_bytes()
     except OSError as exc:

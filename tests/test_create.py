@@ -18,7 +18,7 @@ from policyloop.contract.events import DecisionEvent
 from policyloop.contract.spec import parse_spec
 from policyloop.registry.cold_start import cold_start
 from policyloop.registry.local import LocalRegistry
-from policyloop.registry.onnx_model import open_model
+from policyloop.registry.onnx_model import load_model, open_model
 from policyloop.simulators.routing import RoutingEnv
 from tests.cli_processes import read_line, stop_all
 
@@ -118,7 +118,15 @@ def test_a_created_ranking_policy_learns_context_by_item_interactions() -> None:
     ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = []\n',
      "features.context: at least one"),
     ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n'
-     '[model]\ntype = "mlp"\n', "model.type: 'mlp'"),
+     '[model]\ntype = "tree"\n', "model.type: 'tree' is not one of ['linear', 'mlp']"),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n'
+     '[model]\nhidden = 8\n', 'model.hidden: only a type = "mlp" model has layer sizes'),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n'
+     '[model]\ntype = "mlp"\nembedding = 0\n',
+     "model.embedding: a width in [1, 4096] is required, got 0"),
+    ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n'
+     '[model]\ntype = "mlp"\ninteractions = true\n',
+     'model.interactions: a type = "mlp" model learns its own interactions'),
     ('name = "r"\nkind = "actions"\nactions = ["a"]\n[features]\ncontext = ["x"]\n'
      '[model]\ninteractions = 1\n', "model.interactions: must be true or false"),
     ('name = "r"\nkind = = "actions"', "not valid TOML"),
@@ -127,6 +135,43 @@ def test_a_bad_spec_is_refused_naming_the_key_and_value(text: str, message: str)
     with pytest.raises(InvalidArgument, match=None) as caught:
         parse_spec(text)
     assert message in str(caught.value)
+
+
+def test_an_mlp_created_from_nothing_starts_even_and_its_head_learns(tmp_path: Path) -> None:
+    """``type = "mlp"``: the spec's sizes, a seeded random body, a zero head (every action
+    alike at first), and a head the online learner refits on the body's embedding."""
+    from policyloop.create import create_command
+
+    spec = tmp_path / "mlp.toml"
+    spec.write_text('name = "deep"\nkind = "actions"\nactions = ["a", "b", "c"]\n'
+                    '[features]\ncontext = ["x0", "x1", "x2"]\n'
+                    '[model]\ntype = "mlp"\nhidden = 32\nembedding = 16\n')
+    assert create_command(spec, registry=tmp_path / "registry", seed=3) == 0
+    version = LocalRegistry(tmp_path / "registry").current("deep")
+    manifest = version.manifest
+    assert (manifest.head.dim, manifest.training["model"], manifest.training["hidden"]) == (
+        16, "mlp", 32)
+    serving = Serving(load_model(version, expected=None, providers=["CPUExecutionProvider"]),
+                      version.read_model())
+    rng = np.random.default_rng(0)
+    scores, embedding = serving.model.run(rng.standard_normal((4, 3), dtype=np.float32))
+    assert embedding.shape == (4, 16) and not scores.any()
+    truth = np.random.default_rng(7).standard_normal((3, 3))
+    learner = LinearHeadLearner(serving)
+    for i in range(3000):
+        context = rng.standard_normal(3).astype(np.float32)
+        chosen = int(rng.integers(3))
+        d = DecisionEvent(
+            event_id=f"e{i}", policy="deep", model_version=1, timestamp_ms=i, context=context,
+            action_ids=["a", "b", "c"], action_features=None, chosen=[chosen],
+            propensities=[1 / 3], probabilities=np.full((1, 3), 1 / 3), strategy="uniform",
+            active=True, baseline_action=None, policy_action=None)
+        learner.learn_one(Example(d, float(chosen == int(np.argmax(context @ truth))), True, i))
+    model = open_model(learner.candidate().model, manifest, providers=["CPUExecutionProvider"])
+    test = rng.standard_normal((500, 3)).astype(np.float32)
+    scores, _ = model.run(test)
+    accuracy = float(np.mean(scores.argmax(1) == (test @ truth).argmax(1)))
+    assert accuracy > 0.7, accuracy  # chance is 1/3
 
 
 def test_create_refuses_a_bad_spec_file_in_one_line_and_publishes_nothing(tmp_path: Path) -> None:

@@ -40,10 +40,8 @@ def test_the_spec_contract_is_carried_by_the_version(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("table", "message"), [
-    ('[exploration]\nstrategy = "thomson"', "exploration.strategy: strategy 'thomson' is not "
-                                            "one of"),
-    ('[exploration]\nstrategy = "epsilon_greedy:2"', "exploration.strategy: strategy "
-                                                     "'epsilon_greedy:2'"),
+    ('[exploration]\nstrategy = 3', "exploration.strategy: a strategy such as \"thompson\" is "
+                                    "required, got 3"),
     ('[exploration]\nepsilon = 0.1', "exploration.epsilon: unknown key"),
     ('[reward]\nwindow_s = 0', r"reward.window_s: seconds in \[0.001, 604800\], got 0"),
     ('[reward]\nwindow_s = "30s"', "reward.window_s: seconds in"),
@@ -54,6 +52,30 @@ def test_the_spec_contract_is_carried_by_the_version(tmp_path: Path) -> None:
 def test_a_bad_contract_is_refused_naming_the_key_and_value(table: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         parse_spec(f'name = "r"\n{BASE}{table}\n')
+
+
+@pytest.mark.parametrize("command", ["create", "train", "import"])
+@pytest.mark.parametrize(("strategy", "why"), [
+    ("thomson", "strategy 'thomson' is not one of"),
+    ("epsilon_greedy:2", "strategy 'epsilon_greedy:2': epsilon must be in [0, 1], got 2.0")])
+def test_a_command_publishing_from_a_spec_refuses_a_strategy_serve_could_not_use(
+        tmp_path: Path, command: str, strategy: str, why: str) -> None:
+    """The grammar is serving's, so the commands check it (the spec's layer cannot)."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "r.toml"
+    spec.write_text(f'name = "r"\n{BASE}[exploration]\nstrategy = "{strategy}"\n')
+    args = {"create": ["create", str(spec)],
+            "train": ["train", "--spec", str(spec), "--data", str(tmp_path / "none.csv")],
+            "import": ["import", str(tmp_path / "none.onnx"), "--spec", str(spec)]}[command]
+    done = subprocess.run([sys.executable, "-m", "policyloop.cli", *args, "--registry",
+                           str(tmp_path / "registry")], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"policyloop {command}: spec {spec}: exploration.strategy: {why}")
+    assert not (tmp_path / "registry").exists()
 
 
 def test_serve_explores_as_the_spec_says_unless_its_config_names_a_strategy(

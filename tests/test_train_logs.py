@@ -259,3 +259,14 @@ def test_a_feature_named_like_a_log_column_is_refused():
     with pytest.raises(InvalidArgument, match="'reward' is also the log's reward column"):
         parse_spec('name = "r"\nkind = "actions"\nactions = ["a"]\n'
                    '[features]\ncontext = ["x", "reward"]\n')
+
+
+def test_a_spec_mlp_sets_the_sizes_of_the_network_train_fits(tmp_path, capsys):
+    spec = tmp_path / "mlp.toml"
+    spec.write_text('name = "r"\nkind = "actions"\nactions = ["a", "b"]\n[features]\n'
+                    'context = ["x", "y"]\n[model]\ntype = "mlp"\nhidden = 12\nembedding = 5\n')
+    data = _write(tmp_path / "logs.jsonl", [{**GOOD, "x": i / 10} for i in range(40)])
+    assert cli.main(["train", "--spec", str(spec), "--data", str(data), "--registry",
+                     str(tmp_path / "registry"), "--epochs", "1", "--hidden", "64"]) == 0
+    manifest = LocalRegistry(tmp_path / "registry").current("r").manifest
+    assert manifest.head.dim == 5 and manifest.training["network"]["hidden"] == 12

@@ -22,6 +22,10 @@ built-in simulators are examples of such specs). Keys, with what they mean::
     [model]
     type = "linear"                 # a linear model: learns from the first reward
     interactions = true             # ranking: also context x candidate products (VW's -q)
+    # type = "mlp"                  # or a neural network: hidden layer, then the embedding
+    # hidden = 64                   # the learner's head reads (`create`: random body, zero
+    # embedding = 32                # head; `learn --network` trains the body too; `train
+                                    # --data`: the network it fits, of these sizes)
 
     [exploration]                   # optional: serve's default for this policy
     strategy = "thompson"           # any strategy of serving/exploration.py; a server's
@@ -74,7 +78,8 @@ from policyloop.contract.signature import (
 
 # the spec's words for the kinds, and the kind each names
 SPEC_KINDS = {"actions": "qnet", "ranking": "scoring"}
-MODEL_TYPES = ("linear",)
+MODEL_TYPES = ("linear", "mlp")
+MAX_WIDTH = 4096  # an MLP layer's width
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
 MAX_WINDOW_S = 7 * 24 * 3600  # a reward window of at most a week
 REWARD_RULES = ("first", "sum")
@@ -82,14 +87,16 @@ MAX_CATEGORIES = 65_536  # columns one categorical feature may become (vocabular
 _KEYS = {"": {"name", "kind", "actions", "features", "model", "data", "exploration", "reward"},
          "exploration": {"strategy"}, "reward": {"window_s", "default", "rule"},
          "features": {"context", "action", "missing", "categorical"},
-         "model": {"type", "interactions"},
+         "model": {"type", "interactions", "hidden", "embedding"},
          "data": {"action", "reward", "propensity", "candidates"}}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     type: str = "linear"
-    interactions: bool = True  # ranking: context x candidate features in the embedding
+    interactions: bool = True  # linear ranking: context x candidate features in the embedding
+    hidden: int = 64  # mlp: the hidden layer's width
+    embedding: int = 32  # mlp: the embedding's width, which the learnable head reads
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,20 @@ def parse_spec(text: str) -> PolicySpec:
     if not isinstance(interactions, bool):
         raise InvalidArgument(f"model.interactions: must be true or false, got "
                               f"{interactions!r}")
+    sizes = {}
+    for key in ("hidden", "embedding"):
+        if key not in model:
+            continue
+        if model_type != "mlp":
+            raise InvalidArgument(f"model.{key}: only a type = \"mlp\" model has layer sizes")
+        width = model[key]
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
+            raise InvalidArgument(f"model.{key}: a width in [1, {MAX_WIDTH}] is required, got "
+                                  f"{shown(width)}")
+        sizes[key] = width
+    if model_type == "mlp" and "interactions" in model:
+        raise InvalidArgument("model.interactions: a type = \"mlp\" model learns its own "
+                              "interactions; the key is for type = \"linear\"")
     missing = features.get("missing", "error")
     if missing not in MISSING_FEATURES:
         raise InvalidArgument(f"features.missing: {missing!r} is not one of "
@@ -192,7 +213,8 @@ def parse_spec(text: str) -> PolicySpec:
                      for column in (by_name[n].columns if n in by_name else (n,)))
 
     schema = FeatureSchema(columns(context), columns(action), missing, categorical)
-    return PolicySpec(name, kind, schema, actions, ModelSpec(model_type, interactions), data,
+    return PolicySpec(name, kind, schema, actions,
+                      ModelSpec(model_type, interactions, **sizes), data,
                       _defaults(raw.get("exploration", {}), raw.get("reward", {})))
 
 
@@ -202,16 +224,11 @@ def _defaults(exploration: Any, reward: Any) -> PolicyDefaults:
             raise InvalidArgument(f"{key}: must be a table, got {shown(table)}")
         _known(table, key)
     strategy = exploration.get("strategy", "")
-    if "strategy" in exploration:
-        from serving.exploration import strategy_from_spec  # the grammar lives with the code
-
-        if not isinstance(strategy, str):
-            raise InvalidArgument(f"exploration.strategy: a string is required, got "
-                                  f"{shown(strategy)}")
-        try:
-            strategy_from_spec(strategy)
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"exploration.strategy: {exc}") from exc
+    if not isinstance(strategy, str) or ("strategy" in exploration and not strategy):
+        # its grammar is serving's: the commands that publish check it (policyloop/create.py
+        # check_exploration), as this layer may not import serving
+        raise InvalidArgument(f"exploration.strategy: a strategy such as \"thompson\" is "
+                              f"required, got {shown(strategy)}")
     window_ms = None
     if "window_s" in reward:
         window = reward["window_s"]
