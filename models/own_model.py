@@ -33,6 +33,8 @@ from torch import nn
 
 from models.export import OPSET, head_by_value, parity, torch_to_onnx
 from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.posterior import LinearPosterior
+from policyloop.contract.signature import Manifest
 from policyloop.contract.spec import PolicySpec
 from policyloop.registry.interface import ModelVersion, Registry
 from policyloop.registry.model_import import Imported, import_onnx
@@ -88,3 +90,25 @@ def _head_module(module: nn.Module, head: str | nn.Linear | None) -> nn.Linear |
     if linear is not None and (not isinstance(linear, nn.Linear) or linear.bias is None):
         raise InvalidArgument(f"head: {head!r} must be an nn.Linear with a bias")
     return linear
+
+
+def cold_start_mlp(spec: PolicySpec, *, prior: float = 1.0, seed: int = 0,
+                   ) -> tuple[bytes, Manifest, LinearPosterior]:
+    """``policyloop create`` of a ``[model] type = "mlp"`` spec: its network (the spec's
+    ``hidden`` and ``embedding`` widths) with a seeded random body and a zero head, so every
+    action starts alike, exported with the parity check and its prior posterior."""
+    from models.training import TrainConfig, new_network
+
+    torch.manual_seed(seed)
+    network = new_network(spec.features, len(spec.actions),
+                          TrainConfig(hidden=spec.model.hidden,
+                                      embedding_dim=spec.model.embedding))
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.zero_()
+    imported = export_module(network, spec, head="head", prior=prior, seed=seed,
+                             training={"cold_start": True, "model": "mlp", "seed": seed,
+                                       "hidden": spec.model.hidden,
+                                       "embedding": spec.model.embedding})
+    assert imported.posterior is not None  # the head was found, or export_module raised
+    return imported.model, imported.manifest, imported.posterior

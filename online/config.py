@@ -17,6 +17,7 @@ from policyloop.contract.signature import PolicyDefaults
 WINDOW_MS = 30_000
 DEFAULT_REWARD = 0.0
 REWARD_RULE = "first"
+PUBLISH_FIRST = 16  # with publish_ramp: examples before the first version
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +60,11 @@ class LearnConfig:
                                   "non-finite one on the bus is skipped and counted "
                                   "(joiner.refused_rewards)")
     publish_every: int = setting(500, "examples per version")
+    publish_ramp: bool = setting(True, "while the learner is young, publish sooner: a version "
+                                 f"after {PUBLISH_FIRST} examples, then each time it has "
+                                 "learned half as much again, until that reaches "
+                                 "publish_every (a policy started from nothing is served "
+                                 "what it learned at once, not after publish_every)")
     publish_interval_s: float = setting(30.0, "seconds per version", flag="--publish-interval")
     gamma: float = setting(1.0, "forgetting factor (1 = none)")
     discount: float = setting(0.0, "Q-learning discount in [0, 1) for sequential decisions "

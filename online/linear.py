@@ -23,6 +23,8 @@ import numpy as np
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.posterior import LinearPosterior
 
+NOISE_PSEUDO_COUNT = 2.0  # see LinearHeads.noise_variance
+
 
 @dataclass
 class LinearHeads:
@@ -80,14 +82,19 @@ class LinearHeads:
         return np.linalg.solve(self.precision(head), rhs)
 
     def noise_variance(self, head: int = 0) -> float:
-        """Mean squared residual of the data under the posterior mean (0.25, the largest
-        variance of a 0/1 reward, until there are a few examples)."""
+        """Mean squared residual of the data under the posterior mean, with
+        ``NOISE_PSEUDO_COUNT`` pseudo-examples of variance 0.25 (the largest of a 0/1 reward)
+        added: a head fitted exactly on its first few examples (an action tried three times,
+        each time unrewarded) must not look certain, or UCB and Thompson sampling stop trying
+        it. Without them, from nothing on the digits stream (bench/bandit_bench.py), UCB
+        averaged 0.50 and Thompson 0.70; with two, 0.85 and 0.80."""
         n = self.count[head]
-        if n < 2:
-            return 0.25
-        w = self.mean(head)
-        sse = self.data_rr[head] - 2 * w @ self.data_b[head] + w @ self.data_a[head] @ w
-        return float(max(sse / n, 1e-6))
+        sse = 0.0
+        if n:
+            w = self.mean(head)
+            sse = self.data_rr[head] - 2 * w @ self.data_b[head] + w @ self.data_a[head] @ w
+        return float(max((max(sse, 0.0) + NOISE_PSEUDO_COUNT * 0.25) / (n + NOISE_PSEUDO_COUNT),
+                         1e-6))
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """Current point estimate as weight [A, H] and bias [A], for ``replace_head``."""

@@ -54,24 +54,9 @@ def check_exploration(spec: PolicySpec, path: Path) -> None:
 
 def _mlp(spec: PolicySpec, *, prior: float, seed: int,
          ) -> tuple[bytes, Manifest, LinearPosterior]:
-    import torch
+    from models.own_model import cold_start_mlp  # torch: not in the serving image
 
-    from models.own_model import export_module
-    from models.training import TrainConfig, new_network
-
-    torch.manual_seed(seed)
-    network = new_network(spec.features, len(spec.actions),
-                          TrainConfig(hidden=spec.model.hidden,
-                                      embedding_dim=spec.model.embedding))
-    with torch.no_grad():
-        network.head.weight.zero_()
-        network.head.bias.zero_()
-    imported = export_module(network, spec, head="head", prior=prior, seed=seed,
-                             training={"cold_start": True, "model": "mlp", "seed": seed,
-                                       "hidden": spec.model.hidden,
-                                       "embedding": spec.model.embedding})
-    assert imported.posterior is not None  # the head was found, or export_module raised
-    return imported.model, imported.manifest, imported.posterior
+    return cold_start_mlp(spec, prior=prior, seed=seed)
 
 
 def publish_new_policy(policy: str, model: bytes, manifest: Manifest, files: dict[str, bytes],

@@ -697,7 +697,8 @@ def _module(path: Path) -> str:
 _TRAINER_ONLY = {("policyloop/cli.py", "_train"), ("policyloop/cli.py", "_export"),
                  ("policyloop/cli.py", "_train_flags"),
                  ("policyloop/cli.py", "_network_learner"),
-                 ("policyloop/demo.py", "train_start_policy")}
+                 ("policyloop/demo.py", "train_start_policy"),
+                 ("policyloop/create.py", "_mlp")}
 
 
 def _imports(path: Path) -> Iterator[tuple[str, str | None]]:

@@ -56,7 +56,7 @@ def _config(root: Path, **changes: object) -> LearnConfig:
     settings: dict = {"registry": root / "registry", "policy": "routing",
                       "bus_path": root / "bus", "partitions": 2, "checkpoint": root / "ckpt.json",
                       "window_ms": 1000, "publish_every": 600, "idle_exit_s": 1.0,
-                      "gate": False}
+                      "gate": False, "publish_ramp": False}  # every 600 (test_publish_ramp)
     return LearnConfig(**{**settings, **changes})
 
 
@@ -112,6 +112,22 @@ def _on_fresh_bus(base: Path, dest: Path, records: list[tuple[str, bytes, bytes]
     write(producer, records)
     producer.close()
     return root
+
+
+def test_a_young_learner_publishes_sooner_until_it_reaches_publish_every(
+        base: Path, tmp_path: Path) -> None:
+    """publish_ramp (the default): versions after about 16, 32, 48, 72, 108, ... examples
+    learned (a batch of closed windows may carry it past one), then every publish_every, so a
+    policy started from nothing is served what it learned at once."""
+    learner = Learner(_config(_copy(base, tmp_path / "run"), publish_ramp=True,
+                              publish_interval_s=1e9))
+    learner.run()
+    seen = [p["examples"] for p in learner.published]  # held-out ones included
+    assert seen[0] < 60 and len([n for n in seen if n < 600]) >= 5, seen
+    assert (np.diff(seen) > 0).all() and (np.diff(seen)[-3:] >= 600).all(), seen
+    steady = Learner(_config(_copy(base, tmp_path / "off"), publish_interval_s=1e9))
+    steady.run()
+    assert steady.published[0]["examples"] >= 600
 
 
 def test_a_checkpoint_past_the_end_of_a_recreated_bus_reads_it_from_the_start(

@@ -45,7 +45,7 @@ def _learner(root: Path, **changes: Any) -> Learner:
                                  bus_path=root / "bus", partitions=2,
                                  checkpoint=root / "ckpt.json", window_ms=1000,
                                  publish_every=1500, publish_interval_s=1e9,
-                                 idle_exit_s=2.0, gate=False), **changes)
+                                 publish_ramp=False, idle_exit_s=2.0, gate=False), **changes)
     return Learner(config, network_learner(root / "start.pt", epochs=2))
 
 

@@ -1,0 +1,221 @@
+"""From nothing, on real data: policyloop's online learner beside Vowpal Wabbit and LinUCB.
+
+Supervised-to-bandit streams from datasets scikit-learn ships in its wheel (no download):
+``digits`` (1,797 images, 64 pixel features scaled to [0, 1], 10 classes) and
+``breast_cancer`` (569 cases, 30 features standardised, 2 classes), each shuffled and
+repeated (``--passes``). Each event a learner sees the features, picks one class as its
+action, and gets reward 1 if it is the right class, else 0 (bandit feedback: nothing about the
+other classes). Every learner sees the same events in the same order and starts from nothing.
+
+- policyloop: the code ``policyloop create`` + ``serve`` + ``learn`` run, in one process and
+  without the bus: version 1 built from a spec by ``policyloop/registry/cold_start.py`` (a linear
+  model per action, zero head, the learner's prior), decisions drawn by serving's exploration
+  strategies (``serving/exploration.py``) from the scores and posterior of the version being
+  served, every example given to the learner (``online/learners.py`` LinearHeadLearner, the
+  default prior), and a new version served every ``--publish-every`` events (the loop's
+  ``--publish-every``; a real loop adds the reward window and the bus on top).
+- Vowpal Wabbit ``--cb_explore_adf`` with epsilon-greedy (0.1) and with SquareCB, the action as
+  an ADF feature crossed with every context feature (``-q sa``), through its Python API.
+- LinUCB (disjoint, Li et al. 2010), one ridge regression per action, alpha 0.5 and 1.
+
+Reported per stream and learner: the progressive average reward (the mean reward of every
+decision made while learning), the last pass's average, events per second (decide + update, this
+process), and a learning curve (``bench/results/bandit.png``).
+
+Usage: python bench/bandit_bench.py [--passes 3] [--out bench/results/bandit.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+Stream = tuple[np.ndarray, np.ndarray]  # features float32[n, d], class int[n]
+
+
+def streams(passes: int, seed: int) -> dict[str, Stream]:
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    digits = load_digits()
+    cancer = load_breast_cancer()
+    raw = {"digits": (digits.data / 16.0, digits.target),
+           "breast_cancer": ((cancer.data - cancer.data.mean(0)) / cancer.data.std(0),
+                             cancer.target)}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (x, y) in raw.items():
+        order = np.concatenate([rng.permutation(len(y)) for _ in range(passes)])
+        out[name] = (x[order].astype(np.float32), y[order].astype(np.int64))
+    return out
+
+
+def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every: int,
+                   seed: int) -> np.ndarray:
+    from online.join import Example
+    from online.learners import LinearHeadLearner, Serving
+    from policyloop.contract.events import DecisionEvent
+    from policyloop.contract.spec import parse_spec
+    from policyloop.registry.cold_start import cold_start
+    from policyloop.registry.onnx_model import open_model
+    from serving.exploration import strategy_from_spec
+
+    n_actions = int(y.max()) + 1
+    actions = [f"class-{a}" for a in range(n_actions)]
+    spec = parse_spec(f'name = "bench"\nkind = "actions"\nactions = {json.dumps(actions)}\n'
+                      f'[features]\ncontext = {json.dumps([f"x{i}" for i in range(x.shape[1])])}\n')
+    data, manifest, posterior = cold_start(spec)
+    providers = ["CPUExecutionProvider"]
+    serving = Serving(open_model(data, manifest, posterior, providers=providers), data)
+    learner = LinearHeadLearner(serving)
+    explore = strategy_from_spec(strategy)
+    rng = np.random.default_rng(seed)
+    rewards = np.empty(len(y))
+    model = serving.model
+    for i in range(len(y)):
+        scores, embedding = model.run(x[i:i + 1])
+        decision = explore.decide(
+            scores[0], 1, rng, embedding=np.broadcast_to(embedding[0], (n_actions,
+                                                                        embedding.shape[-1])),
+            posterior=model.posterior if explore.needs_posterior else None)
+        chosen = int(decision.chosen[0])
+        reward = float(chosen == y[i])
+        rewards[i] = reward
+        event = DecisionEvent(
+            event_id=f"e{i}", policy="bench", model_version=model.version, timestamp_ms=i,
+            context=x[i], action_ids=actions, action_features=None, chosen=[chosen],
+            propensities=[float(decision.propensities[0])],
+            probabilities=decision.probabilities, strategy=explore.name, active=True,
+            baseline_action=None, policy_action=None)
+        learner.learn_one(Example(event, reward, True, i))
+        if (i + 1) % publish_every == 0:  # the learner publishes, the server swaps it in
+            candidate = learner.candidate()
+            model = open_model(candidate.model, manifest, _posterior(candidate.extras),
+                               providers=providers)
+    return rewards
+
+
+def _posterior(extras: dict[str, bytes]):  # type: ignore[no-untyped-def]
+    from policyloop.contract.posterior import LinearPosterior
+
+    return LinearPosterior.from_npz_bytes(extras["head.npz"])
+
+
+def run_vw(x: np.ndarray, y: np.ndarray, *, options: str, seed: int) -> np.ndarray:
+    import vowpalwabbit
+
+    n_actions = int(y.max()) + 1
+    vw = vowpalwabbit.Workspace(f"--cb_explore_adf {options} -q sa --quiet --random_seed {seed}")
+    rng = np.random.default_rng(seed)
+    rewards = np.empty(len(y))
+    for i in range(len(y)):
+        shared = "shared |s " + " ".join(f"f{j}:{v:.5g}" for j, v in enumerate(x[i]) if v)
+        lines = [shared] + [f"|a a{a}" for a in range(n_actions)]
+        pmf = np.asarray(vw.predict(lines), np.float64)
+        pmf /= pmf.sum()
+        chosen = int(rng.choice(n_actions, p=pmf))
+        reward = float(chosen == y[i])
+        rewards[i] = reward
+        lines[chosen + 1] = f"0:{-reward}:{pmf[chosen]} {lines[chosen + 1]}"
+        vw.learn(lines)
+    vw.finish()
+    return rewards
+
+
+def run_linucb(x: np.ndarray, y: np.ndarray, *, alpha: float, seed: int) -> np.ndarray:
+    """Disjoint LinUCB: per action A = I + sum x x^T, b = sum r x; pick the largest
+    theta.x + alpha * sqrt(x A^-1 x), ties to the lowest index (the inverse kept by
+    Sherman-Morrison updates)."""
+    del seed  # deterministic
+    n_actions, d = int(y.max()) + 1, x.shape[1]
+    a_inv = np.stack([np.eye(d)] * n_actions)
+    b = np.zeros((n_actions, d))
+    rewards = np.empty(len(y))
+    for i in range(len(y)):
+        v = x[i].astype(np.float64)
+        theta = np.einsum("aij,aj->ai", a_inv, b)
+        width = np.sqrt(np.einsum("i,aij,j->a", v, a_inv, v))
+        chosen = int(np.argmax(theta @ v + alpha * width))
+        reward = float(chosen == y[i])
+        rewards[i] = reward
+        u = a_inv[chosen] @ v
+        a_inv[chosen] -= np.outer(u, u) / (1.0 + v @ u)
+        b[chosen] += reward * v
+    return rewards
+
+
+def learners(publish_every: int) -> dict[str, Callable[..., np.ndarray]]:
+    def pl(strategy: str) -> Callable[..., np.ndarray]:
+        return lambda x, y, seed: run_policyloop(x, y, strategy=strategy,
+                                                 publish_every=publish_every, seed=seed)
+
+    return {
+        "policyloop epsilon_greedy:0.1 (serve's default)": pl("epsilon_greedy:0.1"),
+        "policyloop thompson": pl("thompson"),
+        "policyloop ucb:1": pl("ucb:1"),
+        "vowpalwabbit --epsilon 0.1": lambda x, y, seed: run_vw(x, y, options="--epsilon 0.1",
+                                                                seed=seed),
+        "vowpalwabbit --squarecb": lambda x, y, seed: run_vw(x, y, options="--squarecb",
+                                                             seed=seed),
+        "linucb alpha 0.5": lambda x, y, seed: run_linucb(x, y, alpha=0.5, seed=seed),
+        "linucb alpha 1": lambda x, y, seed: run_linucb(x, y, alpha=1.0, seed=seed),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--publish-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bandit.json")
+    args = parser.parse_args()
+    results: dict[str, dict] = {}
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    for name, (x, y) in streams(args.passes, args.seed).items():
+        results[name] = {"events": len(y), "features": x.shape[1],
+                         "actions": int(y.max()) + 1, "learners": {}}
+        curves[name] = {}
+        last = len(y) // args.passes
+        for learner, run in learners(args.publish_every).items():
+            start = time.perf_counter()
+            rewards = run(x, y, seed=args.seed)
+            elapsed = time.perf_counter() - start
+            results[name]["learners"][learner] = {
+                "progressive_reward": round(float(rewards.mean()), 4),
+                "last_pass_reward": round(float(rewards[-last:].mean()), 4),
+                "events_per_s": round(len(y) / elapsed, 1)}
+            curves[name][learner] = np.cumsum(rewards) / np.arange(1, len(y) + 1)
+            print(name, learner, results[name]["learners"][learner], flush=True)
+    results["settings"] = {"passes": args.passes, "publish_every": args.publish_every,
+                           "seed": args.seed}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    _plot(curves, args.out.with_suffix(".png"))
+
+
+def _plot(curves: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5))
+    for ax, (stream, by_learner) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+        for learner, curve in by_learner.items():
+            ax.plot(curve, label=learner, lw=1.2)
+        ax.set_title(f"{stream}: progressive average reward")
+        ax.set_xlabel("events")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
