@@ -12,8 +12,9 @@ other classes). Every learner sees the same events in the same order and starts 
   model per action, zero head, the learner's prior), decisions drawn by serving's exploration
   strategies (``serving/exploration.py``) from the scores and posterior of the version being
   served, every example given to the learner (``online/learners.py`` LinearHeadLearner, the
-  default prior), and a new version served every ``--publish-every`` events (the loop's
-  ``--publish-every``; a real loop adds the reward window and the bus on top).
+  default prior), and a new version served as often as ``policyloop learn`` publishes by
+  default (a young learner sooner, then every 500 examples) or, in the rows that say so, every
+  10 events; a real loop adds the reward window and the bus on top.
 - Vowpal Wabbit ``--cb_explore_adf`` with epsilon-greedy (0.1) and with SquareCB, the action as
   an ADF feature crossed with every context feature (``-q sa``), through its Python API.
 - LinUCB (disjoint, Li et al. 2010), one ridge regression per action, alpha 0.5 and 1.
@@ -23,6 +24,7 @@ decision made while learning), the last pass's average, events per second (decid
 process), and a learning curve (``bench/results/bandit.png``).
 
 Usage: python bench/bandit_bench.py [--passes 3] [--out bench/results/bandit.json]
+(about six minutes on a 2-core machine)
 """
 
 from __future__ import annotations
@@ -55,9 +57,13 @@ def streams(passes: int, seed: int) -> dict[str, Stream]:
     return out
 
 
-def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every: int,
+def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every: int | None,
                    seed: int) -> np.ndarray:
+    """``publish_every`` None: the learner's default cadence (``online/learner.py``
+    publish_threshold: a young learner publishes sooner, then every 500 examples)."""
+    from online.config import LearnConfig
     from online.join import Example
+    from online.learner import publish_threshold
     from online.learners import LinearHeadLearner, Serving
     from policyloop.contract.events import DecisionEvent
     from policyloop.contract.spec import parse_spec
@@ -77,6 +83,8 @@ def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every
     rng = np.random.default_rng(seed)
     rewards = np.empty(len(y))
     model = serving.model
+    defaults = LearnConfig(registry=Path("unused"), policy="bench")
+    last = 0  # examples learned at the last version
     for i in range(len(y)):
         scores, embedding = model.run(x[i:i + 1])
         decision = explore.decide(
@@ -93,7 +101,10 @@ def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every
             probabilities=decision.probabilities, strategy=explore.name, active=True,
             baseline_action=None, policy_action=None)
         learner.learn_one(Example(event, reward, True, i))
-        if (i + 1) % publish_every == 0:  # the learner publishes, the server swaps it in
+        due = (publish_every if publish_every is not None else publish_threshold(
+            defaults.publish_every, defaults.publish_ramp, last))
+        if i + 1 - last >= due:  # the learner publishes, the server swaps it in
+            last = i + 1
             candidate = learner.candidate()
             model = open_model(candidate.model, manifest, _posterior(candidate.extras),
                                providers=providers)
@@ -149,15 +160,17 @@ def run_linucb(x: np.ndarray, y: np.ndarray, *, alpha: float, seed: int) -> np.n
     return rewards
 
 
-def learners(publish_every: int) -> dict[str, Callable[..., np.ndarray]]:
-    def pl(strategy: str) -> Callable[..., np.ndarray]:
-        return lambda x, y, seed: run_policyloop(x, y, strategy=strategy,
-                                                 publish_every=publish_every, seed=seed)
+def learners() -> dict[str, Callable[..., np.ndarray]]:
+    def pl(strategy: str, every: int | None = None) -> Callable[..., np.ndarray]:
+        return lambda x, y, seed: run_policyloop(x, y, strategy=strategy, publish_every=every,
+                                                 seed=seed)
 
     return {
-        "policyloop epsilon_greedy:0.1 (serve's default)": pl("epsilon_greedy:0.1"),
-        "policyloop thompson": pl("thompson"),
+        "policyloop epsilon_greedy:0.1 (serve --strategy default)": pl("epsilon_greedy:0.1"),
+        "policyloop thompson (create's default)": pl("thompson"),
         "policyloop ucb:1": pl("ucb:1"),
+        "policyloop thompson, a version every 10": pl("thompson", 10),
+        "policyloop ucb:1, a version every 10": pl("ucb:1", 10),
         "vowpalwabbit --epsilon 0.1": lambda x, y, seed: run_vw(x, y, options="--epsilon 0.1",
                                                                 seed=seed),
         "vowpalwabbit --squarecb": lambda x, y, seed: run_vw(x, y, options="--squarecb",
@@ -170,7 +183,6 @@ def learners(publish_every: int) -> dict[str, Callable[..., np.ndarray]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--publish-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bandit.json")
     args = parser.parse_args()
@@ -181,7 +193,7 @@ def main() -> None:
                          "actions": int(y.max()) + 1, "learners": {}}
         curves[name] = {}
         last = len(y) // args.passes
-        for learner, run in learners(args.publish_every).items():
+        for learner, run in learners().items():
             start = time.perf_counter()
             rewards = run(x, y, seed=args.seed)
             elapsed = time.perf_counter() - start
@@ -191,8 +203,7 @@ def main() -> None:
                 "events_per_s": round(len(y) / elapsed, 1)}
             curves[name][learner] = np.cumsum(rewards) / np.arange(1, len(y) + 1)
             print(name, learner, results[name]["learners"][learner], flush=True)
-    results["settings"] = {"passes": args.passes, "publish_every": args.publish_every,
-                           "seed": args.seed}
+    results["settings"] = {"passes": args.passes, "seed": args.seed}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     _plot(curves, args.out.with_suffix(".png"))

@@ -25,6 +25,7 @@ without a learnable head (served, never refreshed).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.posterior import LinearPosterior
 from policyloop.contract.signature import Manifest
 from policyloop.contract.spec import PolicySpec
+from policyloop.registry.cold_start import created_defaults
 from policyloop.registry.interface import ModelVersion, Registry
 from policyloop.registry.model_import import Imported, import_onnx
 
@@ -111,4 +113,5 @@ def cold_start_mlp(spec: PolicySpec, *, prior: float = 1.0, seed: int = 0,
                                        "hidden": spec.model.hidden,
                                        "embedding": spec.model.embedding})
     assert imported.posterior is not None  # the head was found, or export_module raised
-    return imported.model, imported.manifest, imported.posterior
+    manifest = dataclasses.replace(imported.manifest, defaults=created_defaults(spec))
+    return imported.model, manifest, imported.posterior

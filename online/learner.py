@@ -85,6 +85,16 @@ def _partitions_by_topic(assignment: set[bus.TopicPartition],
     return counts
 
 
+def publish_threshold(publish_every: int, ramp: bool, learned: int) -> int:
+    """Examples to learn before the next version, ``learned`` having been learned at the last
+    one (``Learner._publish_threshold`` says why).
+
+    >>> [publish_threshold(500, True, n) for n in (0, 16, 72, 2000)]
+    [16, 16, 36, 500]
+    """
+    return min(publish_every, max(PUBLISH_FIRST, learned // 2)) if ramp else publish_every
+
+
 class Learner:
     """The ``policyloop learn`` process: consume, join, learn, gate, publish, checkpoint.
 
@@ -318,11 +328,8 @@ class Learner:
         versions after 16, 32, 48, 72, 108, ... examples. From nothing, the first versions
         change the most: on the digits stream (bench/bandit_bench.py) a model refreshed every
         10 events averaged 0.85 with UCB, one refreshed every 100 only 0.46."""
-        every = self.config.publish_every
-        if not self.config.publish_ramp:
-            return every
         learned = self.algorithm.learned - self.since_publish  # at the last version
-        return min(every, max(PUBLISH_FIRST, learned // 2))
+        return publish_threshold(self.config.publish_every, self.config.publish_ramp, learned)
 
     def _others_reported(self) -> bool:
         """Shard 0 of several: has another shard written a snapshot not merged yet?"""

@@ -87,18 +87,14 @@ class LearnerCollector(Collector):
                                       labels=["policy"])
         incumbent.add_metric([policy], learner.model.version)
         yield incumbent
-        resets = CounterMetricFamily("policyloop_learner_position_resets",
-                                     "Positions found past a partition's end (taken on another "
-                                     "log) and moved back to its earliest record.",
-                                     labels=["policy"])
-        resets.add_metric([policy], learner.position_resets)
-        yield resets
-        damaged = CounterMetricFamily("policyloop_learner_damaged_records",
-                                      "Records the bus passed over because they are damaged "
-                                      "on disk (each logged by the local log; 0 on Kafka).",
-                                      labels=["policy"])
-        damaged.add_metric([policy], learner.damaged_records)
-        yield damaged
+        for name, text, value in (
+                ("position_resets", "Positions found past a partition's end (taken on another "
+                 "log) and moved back to its earliest record.", learner.position_resets),
+                ("damaged_records", "Records the bus passed over because they are damaged on "
+                 "disk (each logged by the local log; 0 on Kafka).", learner.damaged_records)):
+            counter = CounterMetricFamily(f"policyloop_learner_{name}", text, labels=["policy"])
+            counter.add_metric([policy], value)
+            yield counter
         assigned = GaugeMetricFamily("policyloop_learner_assigned_partitions",
                                      "Partitions of each subscribed topic this learner holds "
                                      "(0 for a topic that exists: it learns nothing from it).",

@@ -312,16 +312,10 @@ def test_durable_fails_for_a_record_dropped_because_the_spool_is_full(
     try:
         outcomes = []
         for key, value in _records(0, 40):
-            mark = log.submitted
-            log.submit(TOPIC, key, value + b"." * 40)
-            future = log.durable(mark)
-            try:
-                if future is not None:
-                    future.result(timeout=5)
-                outcomes.append("ok")
-            except Unavailable as exc:
-                assert "not durable" in str(exc) and "spool budget" in str(exc)
-                outcomes.append("refused")
+            refusal = _submit_durably(log, key, value + b"." * 40)
+            if refusal is not None:
+                assert "not durable" in str(refusal) and "spool budget" in str(refusal)
+            outcomes.append("ok" if refusal is None else "refused")
         dropped = _count(registry, "dropped")
         assert dropped > 0 and outcomes.count("refused") == dropped, (outcomes, dropped)
         assert outcomes.count("ok") == _count(registry, "spooled")
@@ -349,6 +343,20 @@ def test_durable_fails_when_the_spool_cannot_be_written(bus_log: LocalLog,
     finally:
         producer.down = False
         log.close(2.0)
+
+
+def _submit_durably(log: DecisionLog, key: bytes, value: bytes) -> Unavailable | None:
+    """Submit one record and wait for its durable acknowledgement (``--durable-ack``): None
+    when acknowledged, else the refusal."""
+    mark = log.submitted
+    log.submit(TOPIC, key, value)
+    future = log.durable(mark)
+    try:
+        if future is not None:
+            future.result(timeout=5)
+    except Unavailable as exc:
+        return exc
+    return None
 
 
 def _fail_writing(frames: object) -> None:
@@ -386,15 +394,11 @@ def test_on_a_full_disk_every_acknowledged_record_reaches_the_bus_once(
 
     def submit(i: int) -> None:
         key = f"event-{i}".encode()
-        mark = log.submitted
-        log.submit(TOPIC, key, key + b"." * 1000)
-        future = log.durable(mark)
-        try:
-            if future is not None:
-                future.result(timeout=5)
+        refusal = _submit_durably(log, key, key + b"." * 1000)
+        if refusal is None:
             acknowledged.append(key)
-        except Unavailable as exc:
-            assert "No space left on device" in str(exc), exc
+        else:
+            assert "No space left on device" in str(refusal), refusal
             refused.append(key)
 
     try:

@@ -4,6 +4,7 @@ spec's contract unless told otherwise."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,11 @@ CONTRACT = ('[exploration]\nstrategy = "thompson"\n'
             '[reward]\nwindow_s = 2.5\ndefault = -1\nrule = "sum"\n')
 
 
-def _publish(registry: LocalRegistry, name: str, extra: str) -> Manifest:
+def _publish(registry: LocalRegistry, name: str, extra: str, *,
+             defaults: PolicyDefaults | None = None) -> Manifest:
     model, manifest, posterior = cold_start(parse_spec(f'name = "{name}"\n{BASE}{extra}'))
+    if defaults is not None:  # as a version trained or imported without a strategy has
+        manifest = replace(manifest, defaults=defaults)
     registry.publish(name, model, manifest, {"head.npz": posterior.to_npz_bytes()})
     return registry.current(name).manifest
 
@@ -37,6 +41,9 @@ def test_the_spec_contract_is_carried_by_the_version(tmp_path: Path) -> None:
     assert manifest.defaults == PolicyDefaults("thompson", 2500, -1.0, "sum")
     assert Manifest.from_json(manifest.to_json()).defaults == manifest.defaults
     assert parse_spec(f'name = "plain"\n{BASE}').defaults == PolicyDefaults()
+    # created from nothing without a strategy: Thompson sampling, the bench's best from nothing
+    plain = _publish(LocalRegistry(tmp_path / "registry"), "plain", "")
+    assert plain.defaults == PolicyDefaults(strategy="thompson")
 
 
 @pytest.mark.parametrize(("table", "message"), [
@@ -82,7 +89,7 @@ def test_serve_explores_as_the_spec_says_unless_its_config_names_a_strategy(
         tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path / "registry")
     _publish(registry, "specced", CONTRACT)
-    _publish(registry, "plain", "")
+    _publish(registry, "plain", "", defaults=PolicyDefaults())
     _publish(registry, "overridden", CONTRACT)
     config = serve_config(tmp_path, policies={"specced": PolicyConfig(),
                                               "plain": PolicyConfig(),
@@ -109,6 +116,6 @@ def test_learn_joins_by_the_spec_contract_unless_its_flags_set_one(tmp_path: Pat
     flags = Learner(LearnConfig(**base, window_ms=700, default_reward=0.0,
                                 reward_rule="first")).joiner
     assert (flags.window_ms, flags.default_reward, flags.reward_rule) == (700, 0.0, "first")
-    _publish(registry, "plain", "")
+    _publish(registry, "plain", "", defaults=PolicyDefaults())
     plain = Learner(LearnConfig(**{**base, "policy": "plain"})).joiner
     assert (plain.window_ms, plain.default_reward, plain.reward_rule) == (30_000, 0.0, "first")

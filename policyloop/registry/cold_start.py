@@ -16,13 +16,15 @@ state.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.posterior import LinearPosterior
-from policyloop.contract.signature import HeadSpec, Manifest
+from policyloop.contract.signature import HeadSpec, Manifest, PolicyDefaults
 from policyloop.contract.spec import PolicySpec
 
 OPSET = 17
@@ -52,10 +54,23 @@ def cold_start(spec: PolicySpec, *, prior: float = 1.0) -> tuple[bytes, Manifest
     manifest = Manifest(
         policy=spec.name, kind=spec.kind, features=spec.features, inputs=inputs,
         outputs=outputs, head=HeadSpec(weight="head_w", bias="head_b", dim=h, transposed=True),
-        opset=OPSET, actions=spec.actions, defaults=spec.defaults,
+        opset=OPSET, actions=spec.actions, defaults=created_defaults(spec),
         training={"cold_start": True, "model": spec.model.type,
                   "interactions": spec.model.interactions, "prior": prior})
     return graph, manifest, prior_posterior(np.zeros((rows, h)), np.zeros(rows), prior=prior)
+
+
+FROM_NOTHING_STRATEGY = "thompson"
+
+
+def created_defaults(spec: PolicySpec) -> PolicyDefaults:
+    """The spec's defaults, exploring with Thompson sampling where it names no strategy: from
+    nothing it was the best of serving's strategies at the learner's default cadence
+    (bench/bandit_bench.py, README Learning), and a created version always has the posterior
+    it needs."""
+    if spec.defaults.strategy:
+        return spec.defaults
+    return replace(spec.defaults, strategy=FROM_NOTHING_STRATEGY)
 
 
 def prior_posterior(weight: np.ndarray, bias: np.ndarray, *, prior: float) -> LinearPosterior:
