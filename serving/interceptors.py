@@ -85,6 +85,9 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
 class ServingInterceptor(grpc.aio.ServerInterceptor):
     """Status mapping, per-call metrics, the concurrency limit and the deadline check."""
 
@@ -112,13 +115,17 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler  # streaming health Watch, reflection: passed through untouched
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(details.method.rsplit("/", 1)[-1], handler.unary_unary),
+            self._wrap(details.method.rsplit("/", 1)[-1], handler.unary_unary,
+                       limited=not details.method.startswith(HEALTH_PREFIX)),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer)
         self._handlers[details.method] = wrapped
         return wrapped
 
-    def _wrap(self, method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    def _wrap(self, method: str, inner: Callable[..., Awaitable[Any]], *,
+              limited: bool = True) -> Callable[..., Any]:
+        """``limited``: whether the call counts against ``max_concurrency`` (not a health
+        check: a loaded server must still answer its probes)."""
         metrics = self._metrics
         # labelled children by (policy, code): a ``labels()`` lookup per call costs more than
         # the count itself; the label values are bounded, and so is this cache
@@ -129,9 +136,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             message = ""
             metrics.in_flight.inc()
-            self._active += 1
+            self._active += limited
             try:
-                if self._active > self._max_concurrency:
+                if limited and self._active > self._max_concurrency:
                     raise ResourceExhausted(
                         f"the server is handling {self._max_concurrency} calls, its "
                         "max_concurrency: retry with backoff")
@@ -156,7 +163,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
             finally:
                 metrics.in_flight.dec()
-                self._active -= 1
+                self._active -= limited
                 policy = _policy_label(request, self._served)
                 child = children.get((policy, code))
                 if child is None:

@@ -10,12 +10,19 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from policyloop.contract.errors import InvalidArgument, shown
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.config import ServeConfig, load_serve_config
-from tests.server_harness import ServerThread, channel, make_registry, serve_config
+from tests.server_harness import (
+    ServerThread,
+    channel,
+    health_status,
+    make_registry,
+    serve_config,
+)
 from tests.test_server import recsys_request
 
 
@@ -129,8 +136,10 @@ def test_calls_beyond_max_concurrency_are_resource_exhausted_and_counted(tmp_pat
                         "policyloop_requests_in_flight") != 2 and time.monotonic() < until):
                     time.sleep(0.005)
                 late = [decide(seed) for seed in range(3, 7)]
+                probe = health_status(ch, "")  # probes are not held to the limit
                 answers = [f.result() for f in first]
         assert answers == [(grpc.StatusCode.OK, "")] * 2
+        assert probe == health_pb2.HealthCheckResponse.SERVING
         assert [code for code, _ in late] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
         assert all("max_concurrency" in details for _, details in late), late
         counted = {s.labels["code"]: s.value for m in running.running.metrics_registry.collect()
