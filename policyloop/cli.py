@@ -173,7 +173,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args.log, target_column=args.target_column,
                             registry=args.registry, policy=args.policy, version=args.version,
                             strategy=args.strategy, clip=args.clip, alpha=args.alpha,
-                            as_json=args.json, spec_path=args.spec)
+                            as_json=args.json, spec_path=args.spec, target=args.target or "",
+                            token=args.token or os.environ.get("POLICYLOOP_TOKEN", ""))
 
 
 _SHARD = ("shard_index", "shard_count")  # LearnConfig fields set by --shard I/N
@@ -450,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Estimate a target policy's value from logged bandit "
                        "feedback (CSV or JSONL: action, reward, propensity, context features "
                        "x0..xN or a 'context' list, optional candidates and position). The "
-                       "target is a column with its probability of the logged action, or a "
-                       "registered model version with an exploration strategy.")
+                       "target is a column with its probability of the logged action, a "
+                       "registered model version with an exploration strategy, or what a "
+                       "running server serves (--target).")
     p.add_argument("log", type=Path, help="CSV or JSONL file of logged events (with --spec: "
                    "CSV, JSONL or Parquet in the spec's columns)")
     p.add_argument("--spec", type=Path, help="read the log in this policy spec's columns, "
@@ -463,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="its version (default: current)")
     p.add_argument("--strategy", default="greedy",
                    help="exploration the target would serve with (default greedy)")
+    p.add_argument("--target", metavar="HOST:PORT",
+                   help="evaluate what this running server serves: the version and strategy "
+                   "its GetPolicyInfo names, read from --registry (instead of --version and "
+                   "--strategy)")
+    p.add_argument("--token", help="with --target: bearer token (default $POLICYLOOP_TOKEN)")
     p.add_argument("--clip", type=float, help="clip importance weights at this value")
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from online import ope
-from policyloop.contract.errors import InvalidArgument
+from policyloop.contract.errors import InvalidArgument, Unavailable
 from policyloop.contract.signature import FeatureSchema
 from policyloop.contract.spec import PolicySpec, load_spec
 
@@ -182,10 +182,31 @@ def format_table(estimates: Sequence[ope.Estimate], alpha: float) -> str:
     return "\n".join(lines)
 
 
+def served(target: str, policy: str, *, token: str = "", timeout: float = 10.0,
+           ) -> tuple[int, str]:
+    """The version and the strategy spec a running server serves ``policy`` with (its
+    ``GetPolicyInfo``: a pinned, rolled back or fallback version included)."""
+    import grpc
+
+    from protos import decision_pb2 as pb
+    from protos import decision_pb2_grpc as pb_grpc
+    from serving.exploration import spec_from_name
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    try:
+        with grpc.insecure_channel(target) as channel:
+            info = pb_grpc.DecisionServiceStub(channel).GetPolicyInfo(
+                pb.GetPolicyInfoRequest(policy=policy), timeout=timeout, metadata=metadata)
+    except grpc.RpcError as exc:
+        raise Unavailable(f"--target {target}: GetPolicyInfo({policy!r}) failed: "
+                          f"{exc.code().name}: {exc.details()}") from exc
+    return int(info.model_version), spec_from_name(info.strategy)
+
+
 def evaluate_command(path: Path, *, target_column: str | None, registry: Path | None,
                      policy: str | None, version: int | None, strategy: str,
                      clip: float | None, alpha: float, as_json: bool,
-                     spec_path: Path | None = None) -> int:
+                     spec_path: Path | None = None, target: str = "", token: str = "") -> int:
     if spec_path is not None:
         if target_column is not None:
             raise InvalidArgument("--spec reads the spec's columns; evaluate a registered "
@@ -201,12 +222,20 @@ def evaluate_command(path: Path, *, target_column: str | None, registry: Path | 
         events = read_events(path, target_column=target_column)
     if target_column is not None:
         assert events.target is not None
-        target = events.target
+        probabilities = events.target
     else:
         assert policy is not None and registry is not None
-        target = target_from_model(events, registry, policy, version, strategy,
-                                   None if spec_path is None else spec.features)
-    estimates = evaluate(events, target, clip=clip, alpha=alpha)
+        if target:
+            if version is not None:
+                raise InvalidArgument("--target evaluates the version the server serves; give "
+                                      "--version without --target for another one")
+            version, strategy = served(target, policy, token=token)
+            print(json.dumps({"served": {"target": target, "policy": policy,
+                                         "version": version, "strategy": strategy}}),
+                  file=sys.stderr)
+        probabilities = target_from_model(events, registry, policy, version, strategy,
+                                          None if spec_path is None else spec.features)
+    estimates = evaluate(events, probabilities, clip=clip, alpha=alpha)
     if as_json:
         print(json.dumps([asdict(e) for e in estimates], indent=2))
     else:

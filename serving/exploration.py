@@ -299,6 +299,24 @@ def strategy_from_spec(spec: str) -> Strategy:
                           f"{', '.join(f.form for f in SPECS.values())}")
 
 
+def spec_from_name(name: str) -> str:
+    """The spec of the strategy a ``Strategy.name`` describes (what ``GetPolicyInfo`` and
+    every logged decision carry): its arguments in the spec's order.
+
+    >>> spec_from_name("thompson(samples=64,epsilon=0.2)")
+    'thompson:64:0.2'
+    """
+    head, _, rest = name.partition("(")
+    spec = ":".join([head, *(part.partition("=")[2] for part in rest.rstrip(")").split(",")
+                             if part)])
+    try:
+        if strategy_from_spec(spec).name == name:
+            return spec
+    except InvalidArgument:
+        pass
+    raise InvalidArgument(f"strategy name {name!r} names no strategy of this version")
+
+
 def _slate(s: np.ndarray, ranked: np.ndarray, slots: int, rng: np.random.Generator,
            probs: Callable[[np.ndarray], np.ndarray]) -> Decision:
     """Draw ``slots`` distinct candidates; ``probs`` maps the values of the candidates left

@@ -270,3 +270,35 @@ def test_a_spec_mlp_sets_the_sizes_of_the_network_train_fits(tmp_path, capsys):
                      str(tmp_path / "registry"), "--epochs", "1", "--hidden", "64"]) == 0
     manifest = LocalRegistry(tmp_path / "registry").current("r").manifest
     assert manifest.head.dim == 5 and manifest.training["network"]["hidden"] == 12
+
+
+def test_evaluate_target_values_what_a_running_server_serves(tmp_path, capsys):
+    """--target reads the served version (here pinned to v1 while v2 is current) and strategy
+    from the server and values exactly that, as --version and --strategy would."""
+    from protos import decision_pb2 as pb
+    from protos import decision_pb2_grpc as pb_grpc
+    from serving.config import PolicyConfig
+    from tests.server_harness import channel, running_server, serve_config
+
+    path = tmp_path / "routing.csv"
+    assert cli.main(["simulate", "--scenario", "routing", "--log-to", str(path),
+                     "--events", "300"]) == 0
+    spec, registry = tmp_path / "routing.spec.toml", tmp_path / "registry"
+    for epochs in ("1", "3"):
+        assert cli.main(["train", "--spec", str(spec), "--data", str(path), "--registry",
+                         str(registry), "--epochs", epochs, "--policy", "router"]) == 0
+    config = serve_config(tmp_path, policies={"router": PolicyConfig(strategy="softmax:0.5")})
+    common = ["evaluate", str(path), "--spec", str(spec), "--policy", "router", "--registry",
+              str(registry), "--json"]
+    with running_server(config) as server, channel(server.target) as ch:
+        pb_grpc.AdminServiceStub(ch).Pin(pb.PinRequest(policy="router", version=1), timeout=5)
+        capsys.readouterr()
+        assert cli.main([*common, "--target", server.target]) == 0
+        captured = capsys.readouterr()
+    assert json.loads(captured.err.strip().splitlines()[-1])["served"] == {
+        "target": server.target, "policy": "router", "version": 1, "strategy": "softmax:0.5"}
+    assert cli.main([*common, "--version", "1", "--strategy", "softmax:0.5"]) == 0
+    assert json.loads(captured.out) == json.loads(capsys.readouterr().out)
+    assert cli.main([*common, "--target", "127.0.0.1:1"]) == 2  # nothing listens there
+    assert "--target 127.0.0.1:1: GetPolicyInfo('router') failed: UNAVAILABLE" in (
+        capsys.readouterr().err)
