@@ -5,7 +5,10 @@ Supervised-to-bandit streams from datasets scikit-learn ships in its wheel (no d
 ``breast_cancer`` (569 cases, 30 features standardised, 2 classes), each shuffled and
 repeated (``--passes``). Each event a learner sees the features, picks one class as its
 action, and gets reward 1 if it is the right class, else 0 (bandit feedback: nothing about the
-other classes). Every learner sees the same events in the same order and starts from nothing.
+other classes). And ``routing_drift``: the built-in routing simulator (17 ticket features, 8
+queues, 3,000 events a pass) whose queues' skills rotate halfway; a ticket resolved is reward 1,
+drawn with the simulator's true probability. Every learner sees the same events in the same
+order, the same reward draws, and starts from nothing.
 
 - policyloop: the code ``policyloop create`` + ``serve`` + ``learn`` run, in one process and
   without the bus: version 1 built from a spec by ``policyloop/registry/cold_start.py`` (a linear
@@ -19,12 +22,14 @@ other classes). Every learner sees the same events in the same order and starts 
   an ADF feature crossed with every context feature (``-q sa``), through its Python API.
 - LinUCB (disjoint, Li et al. 2010), one ridge regression per action, alpha 0.5 and 1.
 
-Reported per stream and learner: the progressive average reward (the mean reward of every
-decision made while learning), the last pass's average, events per second (decide + update, this
-process), and a learning curve (``bench/results/bandit.png``).
+Reported per stream and learner: the progressive average reward (the mean true expected
+reward of every decision made while learning: the drawn reward itself on the datasets), the
+same over the last part (the datasets' last pass; after the drift), events per second (decide
++ update, this process), the oracle and uniform values, and a learning curve
+(``bench/results/bandit.png``).
 
 Usage: python bench/bandit_bench.py [--passes 3] [--out bench/results/bandit.json]
-(about six minutes on a 2-core machine)
+(about eight minutes on a 2-core machine)
 """
 
 from __future__ import annotations
@@ -38,7 +43,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-Stream = tuple[np.ndarray, np.ndarray]  # features float32[n, d], class int[n]
+# features float32[n, d]; expected float64[n, K], each action's true expected reward (a class's
+# one-hot for the datasets); uniforms float64[n], the draws every learner's rewards share
+Stream = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _reward(expected: np.ndarray, uniforms: np.ndarray, i: int, chosen: int) -> float:
+    return float(uniforms[i] < expected[i, chosen])
 
 
 def streams(passes: int, seed: int) -> dict[str, Stream]:
@@ -50,15 +61,30 @@ def streams(passes: int, seed: int) -> dict[str, Stream]:
            "breast_cancer": ((cancer.data - cancer.data.mean(0)) / cancer.data.std(0),
                              cancer.target)}
     rng = np.random.default_rng(seed)
-    out = {}
+    out: dict[str, Stream] = {}
     for name, (x, y) in raw.items():
         order = np.concatenate([rng.permutation(len(y)) for _ in range(passes)])
-        out[name] = (x[order].astype(np.float32), y[order].astype(np.int64))
+        out[name] = (x[order].astype(np.float32), np.eye(int(y.max()) + 1)[y[order]],
+                     rng.random(len(order)))
+    out["routing_drift"] = _routing_drift(3000 * passes, seed)
     return out
 
 
-def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every: int | None,
-                   seed: int) -> np.ndarray:
+def _routing_drift(n: int, seed: int) -> Stream:
+    """The routing simulator (17 ticket features, 8 queues), its queues' skills rotated
+    halfway: a resolved ticket is reward 1, with the simulator's true probability."""
+    from policyloop.simulators.routing import RoutingEnv
+
+    env, rng = RoutingEnv(seed=seed), np.random.default_rng(seed + 1)
+    first = env.sample_arrivals(n // 2, rng)
+    env.drift()
+    second = env.sample_arrivals(n - n // 2, rng)
+    return (np.concatenate([first.context, second.context]).astype(np.float32),
+            np.concatenate([first.expected, second.expected]), rng.random(n))
+
+
+def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
+                   strategy: str, publish_every: int | None, seed: int) -> np.ndarray:
     """``publish_every`` None: the learner's default cadence (``online/learner.py``
     publish_threshold: a young learner publishes sooner, then every 500 examples)."""
     from online.config import LearnConfig
@@ -71,8 +97,8 @@ def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every
     from policyloop.registry.onnx_model import open_model
     from serving.exploration import strategy_from_spec
 
-    n_actions = int(y.max()) + 1
-    actions = [f"class-{a}" for a in range(n_actions)]
+    n_actions = expected.shape[1]
+    actions = [f"action-{a}" for a in range(n_actions)]
     spec = parse_spec(f'name = "bench"\nkind = "actions"\nactions = {json.dumps(actions)}\n'
                       f'[features]\ncontext = {json.dumps([f"x{i}" for i in range(x.shape[1])])}\n')
     data, manifest, posterior = cold_start(spec)
@@ -81,19 +107,19 @@ def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every
     learner = LinearHeadLearner(serving)
     explore = strategy_from_spec(strategy)
     rng = np.random.default_rng(seed)
-    rewards = np.empty(len(y))
+    values = np.empty(len(x))
     model = serving.model
     defaults = LearnConfig(registry=Path("unused"), policy="bench")
     last = 0  # examples learned at the last version
-    for i in range(len(y)):
+    for i in range(len(x)):
         scores, embedding = model.run(x[i:i + 1])
         decision = explore.decide(
             scores[0], 1, rng, embedding=np.broadcast_to(embedding[0], (n_actions,
                                                                         embedding.shape[-1])),
             posterior=model.posterior if explore.needs_posterior else None)
         chosen = int(decision.chosen[0])
-        reward = float(chosen == y[i])
-        rewards[i] = reward
+        reward = _reward(expected, uniforms, i, chosen)
+        values[i] = expected[i, chosen]
         event = DecisionEvent(
             event_id=f"e{i}", policy="bench", model_version=model.version, timestamp_ms=i,
             context=x[i], action_ids=actions, action_features=None, chosen=[chosen],
@@ -108,7 +134,7 @@ def run_policyloop(x: np.ndarray, y: np.ndarray, *, strategy: str, publish_every
             candidate = learner.candidate()
             model = open_model(candidate.model, manifest, _posterior(candidate.extras),
                                providers=providers)
-    return rewards
+    return values
 
 
 def _posterior(extras: dict[str, bytes]):  # type: ignore[no-untyped-def]
@@ -117,53 +143,55 @@ def _posterior(extras: dict[str, bytes]):  # type: ignore[no-untyped-def]
     return LinearPosterior.from_npz_bytes(extras["head.npz"])
 
 
-def run_vw(x: np.ndarray, y: np.ndarray, *, options: str, seed: int) -> np.ndarray:
+def run_vw(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, options: str,
+           seed: int) -> np.ndarray:
     import vowpalwabbit
 
-    n_actions = int(y.max()) + 1
+    n_actions = expected.shape[1]
     vw = vowpalwabbit.Workspace(f"--cb_explore_adf {options} -q sa --quiet --random_seed {seed}")
     rng = np.random.default_rng(seed)
-    rewards = np.empty(len(y))
-    for i in range(len(y)):
+    values = np.empty(len(x))
+    for i in range(len(x)):
         shared = "shared |s " + " ".join(f"f{j}:{v:.5g}" for j, v in enumerate(x[i]) if v)
         lines = [shared] + [f"|a a{a}" for a in range(n_actions)]
         pmf = np.asarray(vw.predict(lines), np.float64)
         pmf /= pmf.sum()
         chosen = int(rng.choice(n_actions, p=pmf))
-        reward = float(chosen == y[i])
-        rewards[i] = reward
+        reward = _reward(expected, uniforms, i, chosen)
+        values[i] = expected[i, chosen]
         lines[chosen + 1] = f"0:{-reward}:{pmf[chosen]} {lines[chosen + 1]}"
         vw.learn(lines)
     vw.finish()
-    return rewards
+    return values
 
 
-def run_linucb(x: np.ndarray, y: np.ndarray, *, alpha: float, seed: int) -> np.ndarray:
+def run_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, alpha: float,
+               seed: int) -> np.ndarray:
     """Disjoint LinUCB: per action A = I + sum x x^T, b = sum r x; pick the largest
     theta.x + alpha * sqrt(x A^-1 x), ties to the lowest index (the inverse kept by
     Sherman-Morrison updates)."""
     del seed  # deterministic
-    n_actions, d = int(y.max()) + 1, x.shape[1]
+    n_actions, d = expected.shape[1], x.shape[1]
     a_inv = np.stack([np.eye(d)] * n_actions)
     b = np.zeros((n_actions, d))
-    rewards = np.empty(len(y))
-    for i in range(len(y)):
+    values = np.empty(len(x))
+    for i in range(len(x)):
         v = x[i].astype(np.float64)
         theta = np.einsum("aij,aj->ai", a_inv, b)
         width = np.sqrt(np.einsum("i,aij,j->a", v, a_inv, v))
         chosen = int(np.argmax(theta @ v + alpha * width))
-        reward = float(chosen == y[i])
-        rewards[i] = reward
+        reward = _reward(expected, uniforms, i, chosen)
+        values[i] = expected[i, chosen]
         u = a_inv[chosen] @ v
         a_inv[chosen] -= np.outer(u, u) / (1.0 + v @ u)
         b[chosen] += reward * v
-    return rewards
+    return values
 
 
 def learners() -> dict[str, Callable[..., np.ndarray]]:
     def pl(strategy: str, every: int | None = None) -> Callable[..., np.ndarray]:
-        return lambda x, y, seed: run_policyloop(x, y, strategy=strategy, publish_every=every,
-                                                 seed=seed)
+        return lambda *stream, seed: run_policyloop(*stream, strategy=strategy,
+                                                    publish_every=every, seed=seed)
 
     return {
         "policyloop epsilon_greedy:0.1 (serve --strategy default)": pl("epsilon_greedy:0.1"),
@@ -171,12 +199,12 @@ def learners() -> dict[str, Callable[..., np.ndarray]]:
         "policyloop ucb:1": pl("ucb:1"),
         "policyloop thompson, a version every 10": pl("thompson", 10),
         "policyloop ucb:1, a version every 10": pl("ucb:1", 10),
-        "vowpalwabbit --epsilon 0.1": lambda x, y, seed: run_vw(x, y, options="--epsilon 0.1",
-                                                                seed=seed),
-        "vowpalwabbit --squarecb": lambda x, y, seed: run_vw(x, y, options="--squarecb",
-                                                             seed=seed),
-        "linucb alpha 0.5": lambda x, y, seed: run_linucb(x, y, alpha=0.5, seed=seed),
-        "linucb alpha 1": lambda x, y, seed: run_linucb(x, y, alpha=1.0, seed=seed),
+        "vowpalwabbit --epsilon 0.1": lambda *stream, seed: run_vw(
+            *stream, options="--epsilon 0.1", seed=seed),
+        "vowpalwabbit --squarecb": lambda *stream, seed: run_vw(
+            *stream, options="--squarecb", seed=seed),
+        "linucb alpha 0.5": lambda *stream, seed: run_linucb(*stream, alpha=0.5, seed=seed),
+        "linucb alpha 1": lambda *stream, seed: run_linucb(*stream, alpha=1.0, seed=seed),
     }
 
 
@@ -188,20 +216,23 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, dict] = {}
     curves: dict[str, dict[str, np.ndarray]] = {}
-    for name, (x, y) in streams(args.passes, args.seed).items():
-        results[name] = {"events": len(y), "features": x.shape[1],
-                         "actions": int(y.max()) + 1, "learners": {}}
+    for name, (x, expected, uniforms) in streams(args.passes, args.seed).items():
+        n = len(x)
+        # the datasets' last pass; the drift stream's second half, after the switch
+        last = n // 2 if name == "routing_drift" else n // args.passes
+        results[name] = {"events": n, "features": x.shape[1], "actions": expected.shape[1],
+                         "oracle": round(float(expected.max(1).mean()), 4),
+                         "uniform": round(float(expected.mean()), 4), "learners": {}}
         curves[name] = {}
-        last = len(y) // args.passes
         for learner, run in learners().items():
             start = time.perf_counter()
-            rewards = run(x, y, seed=args.seed)
+            values = run(x, expected, uniforms, seed=args.seed)
             elapsed = time.perf_counter() - start
             results[name]["learners"][learner] = {
-                "progressive_reward": round(float(rewards.mean()), 4),
-                "last_pass_reward": round(float(rewards[-last:].mean()), 4),
-                "events_per_s": round(len(y) / elapsed, 1)}
-            curves[name][learner] = np.cumsum(rewards) / np.arange(1, len(y) + 1)
+                "progressive_reward": round(float(values.mean()), 4),
+                "last_part_reward": round(float(values[-last:].mean()), 4),
+                "events_per_s": round(n / elapsed, 1)}
+            curves[name][learner] = np.cumsum(values) / np.arange(1, n + 1)
             print(name, learner, results[name]["learners"][learner], flush=True)
     results["settings"] = {"passes": args.passes, "seed": args.seed}
     args.out.parent.mkdir(parents=True, exist_ok=True)
