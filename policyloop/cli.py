@@ -358,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "products), or with [model] type = \"mlp\" a network of the spec's "
                        "sizes with a random body and a zero head, and the learner's prior as "
                        "its posterior, so UCB and Thompson sampling explore from the first "
-                       "request and `learn` improves it from the first rewards.")
+                       "request and `learn` improves it from the first rewards. It is served "
+                       "with Thompson sampling unless the spec's [exploration] names another "
+                       "strategy (or serve's --policy NAME=STRATEGY does).")
     p.add_argument("spec", type=Path, help="the policy spec, a TOML file")
     p.add_argument("--registry", type=Path, default=Path("var/registry"),
                    help="registry folder (with --registry-kafka: this process's cache)")
