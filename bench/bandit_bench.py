@@ -8,7 +8,8 @@ action, and gets reward 1 if it is the right class, else 0 (bandit feedback: not
 other classes). And ``routing_drift``: the built-in routing simulator (17 ticket features, 8
 queues, 3,000 events a pass) whose queues' skills rotate halfway; a ticket resolved is reward 1,
 drawn with the simulator's true probability. Every learner sees the same events in the same
-order, the same reward draws, and starts from nothing.
+order, the same reward draws, and starts from nothing. One row forgets (``learn --gamma
+0.999``, as the demo's drift runs do), for the drift.
 
 - policyloop: the code ``policyloop create`` + ``serve`` + ``learn`` run, in one process and
   without the bus: version 1 built from a spec by ``policyloop/registry/cold_start.py`` (a linear
@@ -84,7 +85,8 @@ def _routing_drift(n: int, seed: int) -> Stream:
 
 
 def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
-                   strategy: str, publish_every: int | None, seed: int) -> np.ndarray:
+                   strategy: str, publish_every: int | None, seed: int,
+                   gamma: float = 1.0) -> np.ndarray:
     """``publish_every`` None: the learner's default cadence (``online/learner.py``
     publish_threshold: a young learner publishes sooner, then every 500 examples)."""
     from online.config import LearnConfig
@@ -104,7 +106,7 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
     data, manifest, posterior = cold_start(spec)
     providers = ["CPUExecutionProvider"]
     serving = Serving(open_model(data, manifest, posterior, providers=providers), data)
-    learner = LinearHeadLearner(serving)
+    learner = LinearHeadLearner(serving, gamma=gamma)  # learn --gamma: forgetting
     explore = strategy_from_spec(strategy)
     rng = np.random.default_rng(seed)
     values = np.empty(len(x))
@@ -189,9 +191,10 @@ def run_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, alp
 
 
 def learners() -> dict[str, Callable[..., np.ndarray]]:
-    def pl(strategy: str, every: int | None = None) -> Callable[..., np.ndarray]:
+    def pl(strategy: str, every: int | None = None,
+           gamma: float = 1.0) -> Callable[..., np.ndarray]:
         return lambda *stream, seed: run_policyloop(*stream, strategy=strategy,
-                                                    publish_every=every, seed=seed)
+                                                    publish_every=every, seed=seed, gamma=gamma)
 
     return {
         "policyloop epsilon_greedy:0.1 (serve --strategy default)": pl("epsilon_greedy:0.1"),
@@ -199,6 +202,7 @@ def learners() -> dict[str, Callable[..., np.ndarray]]:
         "policyloop ucb:1": pl("ucb:1"),
         "policyloop thompson, a version every 10": pl("thompson", 10),
         "policyloop ucb:1, a version every 10": pl("ucb:1", 10),
+        "policyloop thompson, --gamma 0.999": pl("thompson", gamma=0.999),
         "vowpalwabbit --epsilon 0.1": lambda *stream, seed: run_vw(
             *stream, options="--epsilon 0.1", seed=seed),
         "vowpalwabbit --squarecb": lambda *stream, seed: run_vw(
