@@ -30,6 +30,7 @@ from models.policies import PolicyNetwork
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.settings import setting
 from policyloop.contract.signature import FeatureSchema, PolicyDefaults
+from policyloop.contract.spec import PolicySpec
 from policyloop.simulators.logged import (
     HEURISTIC_DESCRIPTION,
     LOGGING_POLICIES,
@@ -252,23 +253,23 @@ def load_checkpoint(path: Path) -> tuple[PolicyNetwork, str, dict[str, Any], dic
     return model, state["scenario"], state["env"], state["training"]
 
 
-def train_on_file(cfg: TrainConfig, spec_path: Path, data_path: Path
+def train_on_file(cfg: TrainConfig, spec: PolicySpec, data_path: Path, *,
+                  spec_path: Path | None = None,
                   ) -> tuple[PolicyNetwork, LoggedBandit, dict[str, Any]]:
     """``train --spec SPEC --data FILE``: the app's own log, read and checked against the spec
     (``policyloop/simulators/logfile.py``), trained on with ``cfg``'s objective; (network,
-    the rows used, summary)."""
-    from policyloop.contract.spec import load_spec
+    the rows used, summary). ``spec_path``: where the spec was read, for the summary."""
     from policyloop.simulators.logfile import read_logs
 
     start = time.perf_counter()
-    spec = load_spec(spec_path)
     if spec.model.type == "mlp":  # the spec's sizes over the flags'
         cfg = replace(cfg, hidden=spec.model.hidden, embedding_dim=spec.model.embedding)
     data, report = read_logs(data_path, spec)
     model = train_logged(data, cfg)
     training = {k: v for k, v in asdict(cfg).items()
                 if k not in ("scenario", "n_logged", "logging_policy", "env")}
-    summary = {"spec": str(spec_path), "spec_name": spec.name, "policy_kind": spec.kind,
+    summary = {"spec": str(spec_path or spec.name), "spec_name": spec.name,
+               "policy_kind": spec.kind,
                "objective": cfg.objective, "data": report.summary(),
                "logged_reward_mean": float(data.reward.mean()),
                "seconds": round(time.perf_counter() - start, 2), "config": training}
@@ -296,9 +297,10 @@ def train_command(cfg: TrainConfig, *, registry: Path | None, policy: str | None
                                   "reads a simulator's checkpoint)")
         from policyloop.contract.spec import load_spec
 
-        model, source, summary = train_on_file(cfg, spec, data)  # sized as the spec says
-        name = policy or summary["spec_name"]
-        defaults = load_spec(spec).defaults
+        loaded = load_spec(spec)
+        model, source, summary = train_on_file(cfg, loaded, data, spec_path=spec)
+        name = policy or loaded.name
+        defaults = loaded.defaults
     else:
         defaults = PolicyDefaults()
         result = train_offline(cfg)

@@ -17,7 +17,7 @@ import pytest
 from models.training import TrainConfig, evaluate, train_logged, train_on_file
 from policyloop import cli
 from policyloop.contract.errors import InvalidArgument
-from policyloop.contract.spec import parse_spec
+from policyloop.contract.spec import load_spec, parse_spec
 from policyloop.registry.local import LocalRegistry
 from policyloop.simulators.logfile import read_logs, simulate_logs, write_logs
 from policyloop.simulators.logged import collect_logs
@@ -41,7 +41,7 @@ def test_a_ranking_policy_trained_from_a_parquet_log_beats_its_logging_policy(tm
     path = tmp_path / "logs.parquet"
     rows, spec_path = simulate_logs(env, path, 5000, seed=0)
     assert rows == 5000 and spec_path == tmp_path / "logs.spec.toml"
-    model, data, summary = train_on_file(TrainConfig(seed=0), spec_path, path)
+    model, data, summary = train_on_file(TrainConfig(seed=0), load_spec(spec_path), path)
     assert summary["data"]["rows_used"] == 5000
     value = evaluate(model, env, seed=10_000)
     margin = value["value_trained"] - value["value_logging"]
