@@ -41,8 +41,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from policyloop.contract.posterior import LinearPosterior
 
 ROOT = Path(__file__).resolve().parents[1]
 # features float32[n, d]; expected float64[n, K], each action's true expected reward (a class's
@@ -140,7 +144,7 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
     return values
 
 
-def _posterior(extras: dict[str, bytes]):  # type: ignore[no-untyped-def]
+def _posterior(extras: dict[str, bytes]) -> LinearPosterior:
     from policyloop.contract.posterior import LinearPosterior
 
     return LinearPosterior.from_npz_bytes(extras["head.npz"])
@@ -203,6 +207,7 @@ def learners() -> dict[str, Callable[..., np.ndarray]]:
         "policyloop ucb:1": pl("ucb:1"),
         "policyloop thompson, a version every 10": pl("thompson", 10),
         "policyloop ucb:1, a version every 10": pl("ucb:1", 10),
+        "policyloop thompson, a version every 500 (before publish_ramp)": pl("thompson", 500),
         "policyloop thompson, --gamma 0.999": pl("thompson", gamma=0.999),
         "vowpalwabbit --epsilon 0.1": lambda *stream, seed: run_vw(
             *stream, options="--epsilon 0.1", seed=seed),

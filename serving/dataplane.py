@@ -92,10 +92,13 @@ class RewardInput:
 
 def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
             what: str, missing: str = "zero",
-            categorical: Mapping[str, tuple[Categorical, int]] | None = None) -> np.ndarray:
+            categorical: Mapping[str, tuple[Categorical, int]] | None = None,
+            fields: Sequence[tuple[str, Categorical | None]] | None = None) -> np.ndarray:
     """float32[len(names)] from dense or named values; names not given are zero, or refused
     when the policy's ``missing`` rule is "error". ``categorical``: the side's string-valued
-    features (``LoadedModel.categorical_at``), each setting one column of its block."""
+    features (``LoadedModel.categorical_at``), each setting one column of its block;
+    ``fields``: the features a request names (``LoadedModel.fields_at``; default: ``names``),
+    for the missing rule."""
     categorical = categorical or {}
     if len(features.dense):
         if len(features.dense) != len(names):
@@ -126,13 +129,12 @@ def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
                 vec[start + column] = 1.0
         given = len(features.named) + len(features.categorical)
         if missing == "error" and (categorical or given < len(names)):
-            owned = {column for cat, _ in categorical.values() for column in cat.columns}
-            absent = ([n for n in names if n not in owned and n not in features.named]
-                      + [n for n in categorical if n not in features.categorical])
+            wanted = fields if fields is not None else [(n, None) for n in names]
+            absent = [n for n, cat in wanted
+                      if n not in (features.categorical if cat else features.named)]
             if absent:
-                expected = len(names) - len(owned) + len(categorical)
                 raise InvalidArgument(
-                    f"{what}.named lacks {len(absent)} of the policy's {expected} features "
+                    f"{what}.named lacks {len(absent)} of the policy's {len(wanted)} features "
                     f"({', '.join(map(repr, absent[:5]))}{', ...' if len(absent) > 5 else ''})"
                     ": this policy refuses missing features (its spec's features.missing)")
     if not np.isfinite(vec).all():
@@ -144,7 +146,8 @@ def _vector(features: Features, names: Sequence[str], index: Mapping[str, int],
 
 def _matrix(rows: Sequence[Features] | np.ndarray, names: Sequence[str],
             index: Mapping[str, int], missing: str = "zero",
-            categorical: Mapping[str, tuple[Categorical, int]] | None = None) -> np.ndarray:
+            categorical: Mapping[str, tuple[Categorical, int]] | None = None,
+            fields: Sequence[tuple[str, Categorical | None]] | None = None) -> np.ndarray:
     """float32[K, len(names)] of per-candidate features.
 
     The common case, every row dense and of the right length, is converted in one call: on the
@@ -166,7 +169,7 @@ def _matrix(rows: Sequence[Features] | np.ndarray, names: Sequence[str],
         if np.isfinite(matrix).all():
             return matrix
     return np.stack([_vector(f, names, index, f"candidates[{k}].features", missing,
-                             categorical) for k, f in enumerate(rows)])
+                             categorical, fields) for k, f in enumerate(rows)])
 
 
 def check_event_id(event_id: str, field_name: str = "event_id") -> str:
@@ -342,7 +345,8 @@ class DataPlane:
         manifest = model.manifest
         event_id = check_event_id(r.event_id) if r.event_id else f"{getrandbits(128):032x}"
         context = _vector(r.context, manifest.features.context, model.context_index, "context",
-                          manifest.features.missing, model.categorical_at["context"])
+                          manifest.features.missing, model.categorical_at["context"],
+                          model.fields_at["context"])
         ids = list(r.candidate_ids)
         limit = self._config.policy(r.policy).max_candidates
         if len(ids) > limit:
@@ -362,7 +366,8 @@ class DataPlane:
         ids, allowed = kind.candidates(ids, with_features, manifest.actions,
                                        model.action_positions)
         action_features = (_matrix(features, manifest.features.action, model.action_index,
-                                   manifest.features.missing, model.categorical_at["action"])
+                                   manifest.features.missing, model.categorical_at["action"],
+                                   model.fields_at["action"])
                            if kind.per_action_features else None)
         slots = r.slots or 1
         if slots > len(ids) or slots > MAX_SLOTS:

@@ -44,6 +44,13 @@ class LoadedModel:
         return {name: i for i, name in enumerate(self.manifest.features.action)}
 
     @cached_property
+    def fields_at(self) -> dict[str, tuple[tuple[str, Categorical | None], ...]]:
+        """Per side: the features a request names (``FeatureSchema.fields``), for the
+        ``missing = "error"`` check."""
+        features = self.manifest.features
+        return {side: features.fields(side) for side in ("context", "action")}
+
+    @cached_property
     def categorical_at(self) -> dict[str, dict[str, tuple[Categorical, int]]]:
         """Per side ("context", "action"): categorical feature name -> (its encoding, the
         position of its first column), for requests that send strings."""
