@@ -6,9 +6,21 @@ recent ``limit`` of them here, as the model inputs they were decided on. Both mo
 on them (any learner's candidate is an ONNX file, so the gate judges every learner the same
 way) and act greedily on their own scores (the way a reward model is judged); each is valued
 by SNIPS on the logged rewards and propensities. The candidate is promoted unless it is worse
-than the incumbent by more than the margin plus ``GATE_Z`` standard errors of the paired
-per-event difference, so a noisy window alone does not block a refresh while a clearly worse
-model is refused.
+than the incumbent by more than the margin plus ``GATE_Z`` standard errors of the difference,
+so a noisy window alone does not block a refresh while a clearly worse model is refused.
+
+Heavy-tailed weights: when the serving policy explores little (epsilon-greedy over ten
+actions logs its alternatives with propensity 0.005), a candidate that disagrees with it is
+valued mostly on a handful of exploratory events of weight 200. SNIPS keeps the estimate within
+the rewards' range without clipping (its bias is of order 1/n, towards the weighted mean); the
+standard error must not pretend those few events are many. It is the larger of two estimates
+(``snips_difference_stderr``): the delta method's for the difference of the two SNIPS values,
+in which every held-out event counts, unrewarded ones included; and the reward noise of that
+same weighted difference, with each side's reward variance shrunk towards the largest the observed
+rewards' range allows by ``PSEUDO_EVENTS`` pseudo-events, so a few heavy events whose rewards
+happen to agree cannot make the interval collapse. So a better candidate is not refused on the
+luck of a few events, while a sabotaged one is refused once two held-out events took its action
+and went unrewarded (tests/test_gate.py pins both under epsilon-greedy logging).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from online import ope
 from policyloop.contract.kinds import Logged, Run
 
 GATE_Z = 2.0  # standard errors of the difference the gate allows beyond its margin
+PSEUDO_EVENTS = 2.0  # worst-case pseudo-events in each side's reward variance
 HOLDOUT_LIMIT = 1000  # held-out events the gate evaluates on (fewer with forgetting)
 
 
@@ -100,13 +113,14 @@ def judge_targets(candidate: np.ndarray, incumbent: np.ndarray, reward: np.ndarr
     """The gate on held-out events [N]: ``candidate`` and ``incumbent`` are each policy's
     probability of the logged action (1/0 for greedy policies), ``reward`` and ``propensity``
     the logged ones. Returns the evaluation stored with a version; ``promoted`` is the
-    verdict (always True when the gate is off or fewer than 20 events can judge)."""
+    verdict (always True when the gate is off, when fewer than 20 events can judge, or when
+    no logged action is one a policy would take: there is nothing to value it on)."""
     cand, inc = _snips(candidate, reward, propensity), _snips(incumbent, reward, propensity)
-    d = (candidate - incumbent) * reward / propensity  # paired: only disagreements count
-    stderr = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    stderr = None  # not judged: too few events, or a policy no logged action agrees with
     promote = True
-    if enabled and cand is not None and inc is not None:
-        promote = cand.value >= inc.value - margin - GATE_Z * stderr
+    if cand is not None and inc is not None and candidate.any() and incumbent.any():
+        stderr = snips_difference_stderr(candidate, incumbent, reward, propensity)
+        promote = not enabled or cand.value >= inc.value - margin - GATE_Z * stderr
     return {
         "gate": enabled, "margin": margin, "promoted": promote,
         "holdout_events": len(reward),
@@ -114,6 +128,32 @@ def judge_targets(candidate: np.ndarray, incumbent: np.ndarray, reward: np.ndarr
         "incumbent_snips": None if inc is None else inc.value,
         "difference_stderr": stderr,
     }
+
+
+def snips_difference_stderr(candidate: np.ndarray, incumbent: np.ndarray, reward: np.ndarray,
+                            propensity: np.ndarray) -> float:
+    """Standard error of SNIPS(candidate) - SNIPS(incumbent) on the same events [N], each
+    policy's probability of the logged action given (both match at least one event): the
+    larger of the delta method's and the shrunk reward-noise estimate (module docstring)."""
+    r = np.asarray(reward, np.float64)
+    n = len(r)
+    wc = np.asarray(candidate, np.float64) / propensity
+    wi = np.asarray(incumbent, np.float64) / propensity
+    ac, ai = wc / wc.sum(), wi / wi.sum()  # each event's share of each estimate
+    vc, vi = float(ac @ r), float(ai @ r)
+    influence = ac * (r - vc) - ai * (r - vi)  # the delta method's per-event terms, sum 0
+    delta = float(np.sqrt((influence ** 2).sum() * n / max(n - 1, 1)))
+    worst = ((r.max() - r.min()) / 2) ** 2  # the largest variance rewards in this range have
+
+    def shrunk(share: np.ndarray, value: float) -> float:
+        effective = 1.0 / float((share ** 2).sum())  # (sum w)^2 / sum w^2
+        observed = float(share @ (r - value) ** 2)
+        return (effective * observed + PSEUDO_EVENTS * worst) / (effective + PSEUDO_EVENTS)
+
+    sc, si = shrunk(ac, vc), shrunk(ai, vi)
+    variance = np.where(wi == 0, sc, np.where(wc == 0, si, max(sc, si)))
+    noise = float(np.sqrt(((ac - ai) ** 2 * variance).sum()))
+    return max(delta, noise)
 
 
 def _snips(target: np.ndarray, reward: np.ndarray, propensity: np.ndarray
