@@ -16,7 +16,7 @@ order, the same reward draws, and starts from nothing. One row forgets (``learn 
   model per action, zero head, the learner's prior), decisions drawn by serving's exploration
   strategies (``serving/exploration.py``) from the scores and posterior of the version being
   served, every example given to the learner (``online/learners.py`` LinearHeadLearner, the
-  default prior; the real loop holds one event in five out for its promotion gate, also with
+  default prior; the real loop holds one event in five out for its promotion gate, none with
   ``--no-gate``), and a new version served as often as ``policyloop learn`` publishes by
   default (a young learner sooner, then every 500 examples) or, in the rows that say so, every
   10 events; a real loop adds the reward window and the bus on top.

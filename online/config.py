@@ -74,7 +74,8 @@ class LearnConfig:
                               "forgetting (--gamma < 1) so targets of older heads fade")
     prior: float = setting(1.0, "ridge prior strength")
     holdout_every: int = setting(5, "hold out one event in this many (by a hash of its id) "
-                                 "for the promotion gate; 0 = none")
+                                 "for the promotion gate; 0 = none (with --no-gate none is "
+                                 "held out: every event is learned from)")
     gate: bool = setting(True, "promote a version only if off-policy evaluation on held-out "
                          "events does not find it worse (--no-gate: promote every version)")
     gate_margin: float = setting(0.01, "how much lower a candidate's estimated value may be, "

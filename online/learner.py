@@ -8,8 +8,9 @@ default that refreshes the neural-linear head and its posterior on the fixed bod
 example's embedding with the serving model from the logged context and candidate features, so
 they need no torch.
 
-One example in ``holdout_every`` (chosen by a hash of its event id, so the choice does not
-depend on arrival order) is held out from training for the promotion gate (``online/gate.py``);
+With the gate on, one example in ``holdout_every`` (chosen by a hash of its event id, so the
+choice does not depend on arrival order) is held out from training for the promotion gate
+(``online/gate.py``; with the gate off every example is learned from);
 a candidate the gate rejects is still published (not current) with its evaluation, for the
 audit trail.
 
@@ -218,6 +219,8 @@ class Learner:
                     if self._publish_due():  # within a batch too: versions stay fresh
                         self.publish()
                         self._commit(consumer)
+                        self._read_from_checkpoint(consumer)
+                        break
                 if self._publish_due():
                     self.publish()
                     self._commit(consumer)
@@ -294,6 +297,17 @@ class Learner:
             self.position_resets += 1
             if tp in consumer.assignment():
                 consumer.seek(tp, 0)
+
+    def _read_from_checkpoint(self, consumer: bus.Consumer) -> None:
+        """After a publish in the middle of a batch, drop the batch's rest and read on from the
+        checkpointed positions, as a learner restarted from that checkpoint does: the records
+        then come in the same interleaving of partitions either way, so a learner whose result
+        depends on the order of its examples (the network learner) ends a restart where an
+        uninterrupted run ends. Costs re-reading at most one batch per version."""
+        assigned = set(consumer.assignment())
+        for tp, offset in sorted(self.positions.items()):
+            if tp in assigned:
+                consumer.seek(tp, offset)
 
     def _commit(self, consumer: bus.Consumer) -> None:
         """Commit the group's offsets; the checkpoint is the truth, so a failed commit (e.g.
@@ -406,8 +420,8 @@ class Learner:
         if d.baseline_action is not None:
             return  # apprentice mode: the app chose, its propensity is unknown
         self.examples += 1
-        held_out = bool(self.config.holdout_every and zlib.crc32(d.event_id.encode())
-                        % self.config.holdout_every == 0)
+        every = self.config.holdout_every if self.config.gate else 0  # no gate: learn from all
+        held_out = bool(every and zlib.crc32(d.event_id.encode()) % every == 0)
         if held_out:
             model = self.model
             self._holdout.add(model.manifest.policy_kind.logged(d, model.action_positions),

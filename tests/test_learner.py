@@ -105,6 +105,18 @@ def test_another_policys_events_on_the_shared_topics_are_ignored(base: Path,
     np.testing.assert_array_equal(_heads(shared).data_b, _heads(alone).data_b)
 
 
+def test_without_the_gate_no_event_is_held_out(base: Path, tmp_path: Path) -> None:
+    """Holding out costs learning: with --no-gate every joined example is trained on; with
+    the gate, one in holdout_every (by its event id) is kept for it instead."""
+    free = Learner(_config(_copy(base, tmp_path / "free"), max_examples=1000))
+    free.run()
+    assert free.algorithm.learned == free.examples == 1000 and len(free._holdout) == 0
+    gated = Learner(_config(_copy(base, tmp_path / "gated"), max_examples=1000, gate=True))
+    gated.run()
+    held = len(gated._holdout)
+    assert 150 < held < 250 and gated.algorithm.learned == gated.examples - held
+
+
 def _on_fresh_bus(base: Path, dest: Path, records: list[tuple[str, bytes, bytes]]) -> Path:
     root = _copy(base, dest)
     shutil.rmtree(root / "bus")
