@@ -102,7 +102,7 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
     from policyloop.contract.spec import parse_spec
     from policyloop.registry.cold_start import cold_start
     from policyloop.registry.onnx_model import open_model
-    from serving.exploration import strategy_from_spec
+    from serving.exploration import for_version, strategy_from_spec
 
     n_actions = expected.shape[1]
     actions = [f"action-{a}" for a in range(n_actions)]
@@ -112,7 +112,8 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
     providers = ["CPUExecutionProvider"]
     serving = Serving(open_model(data, manifest, posterior, providers=providers), data)
     learner = LinearHeadLearner(serving, gamma=gamma)  # learn --gamma: forgetting
-    explore = strategy_from_spec(strategy)
+    schedule = strategy_from_spec(strategy)
+    explore = for_version(schedule, 0)  # a growing SquareCB's gamma: the version's examples
     rng = np.random.default_rng(seed)
     values = np.empty(len(x))
     model = serving.model
@@ -141,6 +142,7 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
             candidate = learner.candidate()
             model = open_model(candidate.model, manifest, _posterior(candidate.extras),
                                providers=providers)
+            explore = for_version(schedule, last)
     return values
 
 
@@ -205,6 +207,8 @@ def learners() -> dict[str, Callable[..., np.ndarray]]:
         "policyloop epsilon_greedy:0.1 (serve --strategy default)": pl("epsilon_greedy:0.1"),
         "policyloop thompson (create's default)": pl("thompson"),
         "policyloop ucb:1": pl("ucb:1"),
+        "policyloop squarecb:10 (gamma fixed)": pl("squarecb:10"),
+        "policyloop squarecb (gamma 10 t^0.5, VW's schedule)": pl("squarecb"),
         "policyloop thompson, a version every 10": pl("thompson", 10),
         "policyloop ucb:1, a version every 10": pl("ucb:1", 10),
         "policyloop thompson, a version every 500 (before publish_ramp)": pl("thompson", 500),

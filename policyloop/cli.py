@@ -298,7 +298,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     settings.add_flags(p, ServeConfig)
     p.add_argument("--policy", action="append", metavar="NAME[=STRATEGY]",
                    help="serve this policy, optionally with its exploration strategy "
-                   "(greedy, epsilon_greedy:E, softmax:T, squarecb:G, ucb:A, thompson[:M]; "
+                   "(greedy, epsilon_greedy:E, softmax:T, squarecb[:G[:X]], ucb:A, thompson[:M]; "
                    "default --strategy); repeatable; default: every policy in the registry, "
                    "and those published later (--model-control-mode); "
                    "replaces the file's [policies.NAME] tables")

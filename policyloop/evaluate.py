@@ -124,7 +124,7 @@ def target_from_model(events: LoggedEvents, registry: Path, policy: str, version
     model's."""
     from policyloop.registry.local import LocalRegistry
     from policyloop.registry.onnx_model import choose_providers, load_model
-    from serving.exploration import strategy_from_spec
+    from serving.exploration import for_version, strategy_from_spec
 
     reg = LocalRegistry(registry)
     mv = reg.get(policy, version) if version else reg.current(policy)
@@ -135,7 +135,7 @@ def target_from_model(events: LoggedEvents, registry: Path, policy: str, version
             f"not the spec's {list(features.context + features.action)}: evaluating it on the "
             "spec's columns would feed it the wrong features")
     model = load_model(mv, expected=None, providers=choose_providers(False))
-    explore = strategy_from_spec(strategy)
+    explore = for_version(strategy_from_spec(strategy), mv.manifest.examples_learned)
     rng = np.random.default_rng(0)
     out = np.empty(len(events.action))
     for i, action in enumerate(events.action):

@@ -26,7 +26,7 @@ from policyloop.contract.signature import Categorical
 from policyloop.registry.onnx_model import LoadedModel
 from serving.config import ServeConfig
 from serving.decision_log import DecisionLog
-from serving.exploration import Decision, Strategy, strategy_from_spec
+from serving.exploration import Decision, Strategy, for_version, strategy_from_spec
 from serving.metrics import ServingMetrics
 from serving.model_store import ModelStore
 
@@ -228,6 +228,9 @@ class DataPlane:
             for name, policy in config.policies.items() if policy.strategy}
         self._default_strategy = strategy_from_spec(config.default_strategy)
         self._spec_strategies: dict[str, Strategy] = {}  # by a manifest's strategy spec
+        # per policy: the strategy its latest version decides with (a growing SquareCB's
+        # gamma depends on the version), keyed by (version, the strategy's name)
+        self._versioned: dict[str, tuple[tuple[int, str], Strategy]] = {}
         # labelled metric children, looked up once (label values are bounded)
         self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._recent_ids = _RecentIds(RECENT_EVENT_IDS)
@@ -264,6 +267,16 @@ class DataPlane:
                 strategy = self._default_strategy
             self._spec_strategies[spec] = strategy
         return strategy
+
+    def _for_version(self, policy: str, strategy: Strategy, model: LoadedModel) -> Strategy:
+        """``strategy`` as ``model``'s version decides with it (``for_version``), built once
+        per version."""
+        key = (model.version, strategy.name)
+        cached = self._versioned.get(policy)
+        if cached is None or cached[0] != key:
+            cached = (key, for_version(strategy, model.manifest.examples_learned))
+            self._versioned[policy] = cached
+        return cached[1]
 
     def max_candidates(self, policy: str) -> int:
         return self._config.policy(policy).max_candidates
@@ -390,7 +403,8 @@ class DataPlane:
         if not (np.isfinite(scores).all() and np.isfinite(embedding).all()):
             raise InvalidArgument("the model's scores for this request have NaN or infinite "
                                   "values (features far outside the range it was trained on?)")
-        strategy = self._strategy(p.request.policy, model)
+        strategy = self._for_version(p.request.policy, self._strategy(p.request.policy, model),
+                                     model)
         rng = np.random.default_rng(p.request.seed) if p.request.seed is not None else self._rng
         if p.allowed is not None:  # fixed action set: restrict to the allowed actions
             scores = scores[p.allowed]

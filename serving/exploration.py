@@ -12,7 +12,9 @@ Spec grammar (``strategy_from_spec``; numbers as Python's float() and int() read
     greedy
     epsilon_greedy:E          E in [0, 1]
     softmax:T                 T > 0, the temperature
-    squarecb:G                G > 0, the inverse-gap weighting gamma
+    squarecb[:G[:X]]          G > 0, the inverse-gap weighting gamma, fixed; with X > 0
+                              it grows as G * t^X, t the examples the served version
+                              learned from; plain ``squarecb`` is VW's 10 * t^0.5
     ucb:A[:E]                 A >= 0, the width in posterior standard deviations
     thompson[:M[:E]]          M integer in 1..16384, posterior draws per decision (default 256)
 
@@ -27,6 +29,7 @@ True
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
@@ -128,21 +131,46 @@ class SquareCB(_ScoreDistribution):
     """Inverse-gap weighting (Foster & Rakhlin, 2020; VW's ``--squarecb``) over reward
     estimates: with b the best of the n candidates left (ties: lowest index),
     p_a = 1 / (n + gamma * (s_b - s_a)) for a != b, and p_b = 1 - sum of the others.
-    Larger gamma exploits more; every p_a <= 1/n, so p_b >= 1/n."""
+    Larger gamma exploits more; every p_a <= 1/n, so p_b >= 1/n.
 
-    def __init__(self, gamma: float) -> None:
+    gamma is fixed, or grows with what the served version has learned from: ``exponent`` > 0
+    makes it ``gamma * max(t, 1) ** exponent`` with t the version's examples
+    (``Manifest.examples_learned``), VW's schedule (its defaults: 10 and 0.5). A fixed gamma
+    explores as much after a million examples as after ten; the growing one explores a
+    created policy almost uniformly and exploits as its estimates firm up. ``after`` gives the
+    strategy a version decides with; the name stays the schedule's, so metrics keep one label.
+    """
+
+    def __init__(self, gamma: float, exponent: float = 0.0) -> None:
         self.gamma = _positive("gamma", gamma)
-        self.name = f"squarecb(gamma={_fmt(self.gamma)})"
+        self.exponent = _non_negative("exponent", exponent)
+        self.name = (f"squarecb(gamma={_fmt(self.gamma)})" if not self.exponent else
+                     f"squarecb(gamma={_fmt(self.gamma)}*t^{_fmt(self.exponent)})")
+        self.rate = self.gamma  # the gamma decisions are drawn with
+
+    def after(self, examples: int) -> SquareCB:
+        """This strategy for a version learned from ``examples`` (itself if gamma is fixed)."""
+        if not self.exponent:
+            return self
+        grown = copy.copy(self)
+        grown.rate = self.gamma * max(int(examples), 1) ** self.exponent
+        return grown
 
     def _probs(self, s: np.ndarray) -> np.ndarray:
         best = int(s.argmax())
         p = s[best] - s
-        p *= self.gamma
+        p *= self.rate
         p += len(s)
         np.reciprocal(p, out=p)
         p[best] = 0.0
         p[best] = 1.0 - p.sum()
         return p
+
+
+def for_version(strategy: Strategy, examples: int) -> Strategy:
+    """The strategy a version learned from ``examples`` decides with: only a growing SquareCB
+    depends on it. Serving and ``policyloop evaluate`` both call this."""
+    return strategy.after(examples) if isinstance(strategy, SquareCB) else strategy
 
 
 class UCB:
@@ -259,6 +287,10 @@ class SpecForm:
     examples: tuple[str, ...]
 
 
+def _squarecb(args: list[str]) -> SquareCB:
+    return SquareCB(*map(float, args)) if args else SquareCB(10.0, 0.5)
+
+
 def _thompson(args: list[str]) -> Thompson:
     return Thompson(int(args[0]), *map(float, args[1:])) if args else Thompson()
 
@@ -270,8 +302,8 @@ SPECS: dict[str, SpecForm] = {
                                ("epsilon_greedy:0.2",)),
     "softmax": SpecForm("softmax:T", (1, 1), lambda args: Softmax(float(args[0])),
                         ("softmax:0.3",)),
-    "squarecb": SpecForm("squarecb:G", (1, 1), lambda args: SquareCB(float(args[0])),
-                         ("squarecb:10",)),
+    "squarecb": SpecForm("squarecb[:G[:X]]", (0, 2), _squarecb,
+                         ("squarecb:10", "squarecb", "squarecb:5:0.3")),
     "ucb": SpecForm("ucb:A[:E]", (1, 2), lambda args: UCB(*map(float, args)),
                     ("ucb:1", "ucb:0.5:0.3")),
     "thompson": SpecForm("thompson[:M[:E]]", (0, 2), _thompson,

@@ -26,6 +26,7 @@ from serving.exploration import (
     SquareCB,
     Strategy,
     Thompson,
+    for_version,
     strategy_from_spec,
 )
 
@@ -333,6 +334,8 @@ def test_bad_hyperparameters_name_the_parameter_and_value(make: Callable[[], Str
     ("epsilon_greedy:1e-3", "epsilon_greedy(epsilon=0.001)"),
     ("softmax:0.5", "softmax(temperature=0.5)"),
     ("squarecb:10", "squarecb(gamma=10)"),
+    ("squarecb", "squarecb(gamma=10*t^0.5)"),
+    ("squarecb:5:0.3", "squarecb(gamma=5*t^0.3)"),
     ("ucb:1.5", "ucb(alpha=1.5,epsilon=0)"),
     ("ucb:1:0.05", "ucb(alpha=1,epsilon=0.05)"),
     ("thompson", "thompson(samples=256,epsilon=0)"),
@@ -343,6 +346,21 @@ def test_specs_parse(spec: str, name: str) -> None:
     assert strategy_from_spec(spec).name == name
 
 
+def test_a_growing_squarecb_exploits_more_as_the_version_learned_from_more() -> None:
+    growing = strategy_from_spec("squarecb")
+    assert isinstance(growing, SquareCB)
+    scores = np.array([1.0, 0.0])
+    gap_share = [for_version(growing, t).decide(scores, 1, np.random.default_rng(0))
+                 .probabilities[0, 1] for t in (0, 100, 10_000)]
+    # p of the worse of two = 1 / (2 + gamma * gap), gamma = 10 * max(t, 1)^0.5
+    np.testing.assert_allclose(gap_share, [1 / 12, 1 / 102, 1 / 1002])
+    assert for_version(growing, 10_000).name == growing.name  # one metrics label
+    fixed = strategy_from_spec("squarecb:10")
+    assert for_version(fixed, 10_000) is fixed
+    thompson = strategy_from_spec("thompson")
+    assert for_version(thompson, 10_000) is thompson
+
+
 @pytest.mark.parametrize("spec, message", [
     ("bogus", "is not one of"), ("", "is not one of"), ("Greedy", "is not one of"),
     ("greedy:1", "is not one of"), ("softmax", "is not one of"), ("ucb", "is not one of"),
@@ -350,6 +368,7 @@ def test_specs_parse(spec: str, name: str) -> None:
     ("softmax:", "could not convert"), ("epsilon_greedy:x", "could not convert"),
     ("epsilon_greedy:1.5", "epsilon must be in"), ("softmax:0", "temperature must be"),
     ("squarecb:-1", "gamma must be"), ("ucb:-1", "alpha must be"),
+    ("squarecb:10:-0.5", "exponent must be"), ("squarecb:1:2:3", "is not one of"),
     ("thompson:1.5", "invalid literal"), ("thompson:0", "n_propensity_samples must be"),
     ("thompson:64:2", "epsilon must be in"),
 ])

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from online.config import LearnConfig
@@ -17,6 +18,7 @@ from policyloop.contract.signature import Manifest, PolicyDefaults
 from policyloop.contract.spec import parse_spec
 from policyloop.registry.cold_start import cold_start
 from policyloop.registry.local import LocalRegistry
+from policyloop.registry.onnx_head import read_head, replace_head
 from protos import decision_pb2 as pb
 from protos import decision_pb2_grpc as pb_grpc
 from serving.config import PolicyConfig
@@ -104,6 +106,31 @@ def test_serve_explores_as_the_spec_says_unless_its_config_names_a_strategy(
             pb.DecideRequest(policy="specced", context=pb.Features(dense=[0.3])), timeout=5)
     assert served["specced"].startswith("thompson") and decided.strategy == served["specced"]
     assert served["plain"].startswith("softmax") and served["overridden"] == "greedy"
+
+
+def test_a_growing_squarecb_explores_by_what_the_served_version_learned_from(
+        tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    spec = '[exploration]\nstrategy = "squarecb"\n'
+    for name, examples in (("young", 0), ("grown", 10_000)):
+        model, manifest, posterior = cold_start(parse_spec(f'name = "{name}"\n{BASE}{spec}'))
+        weight, bias = read_head(model, manifest.head)
+        model = replace_head(model, manifest.head, weight, bias + np.array([1.0, 0.0]))
+        manifest = replace(manifest, training={**manifest.training, "examples": examples})
+        registry.publish(name, model, manifest, {"head.npz": posterior.to_npz_bytes()})
+    config = serve_config(tmp_path, policies={"young": PolicyConfig(), "grown": PolicyConfig()})
+    with running_server(config) as server, channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        answers = {name: [stub.Decide(pb.DecideRequest(policy=name, seed=seed,
+                                                       context=pb.Features(dense=[0.3])),
+                                      timeout=5) for seed in range(40)]
+                   for name in ("young", "grown")}
+    # action a scores 1, b 0: p(b) = 1 / (2 + gamma), gamma = 10 * max(t, 1)^0.5
+    for name, gamma in (("young", 10.0), ("grown", 1000.0)):
+        seen = {(r.chosen[0].action_id, round(r.chosen[0].propensity, 9)) for r in answers[name]}
+        assert seen <= {("a", round(1 - 1 / (2 + gamma), 9)), ("b", round(1 / (2 + gamma), 9))}
+        assert {r.strategy for r in answers[name]} == {"squarecb(gamma=10*t^0.5)"}
+    assert any(r.chosen[0].action_id == "b" for r in answers["young"])
 
 
 def test_learn_joins_by_the_spec_contract_unless_its_flags_set_one(tmp_path: Path) -> None:

@@ -230,6 +230,17 @@ class Manifest:
             raise InvalidArgument(f"manifest is malformed: {exc!r}") from exc
 
     @property
+    def examples_learned(self) -> int:
+        """How many examples this version was learned from, as its training record says:
+        an online version's ``examples`` (counted since its learner started), an offline one's
+        ``n_logged``; 0 for a created or imported version. A growing SquareCB's clock."""
+        for key in ("examples", "n_logged"):
+            value = self.training.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+        return 0
+
+    @property
     def n_actions(self) -> int | None:
         """Size of the fixed action set, or None for a scoring policy."""
         return None if self.policy_kind.per_action_features else len(self.actions)
