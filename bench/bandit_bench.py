@@ -7,7 +7,12 @@ repeated (``--passes``). Each event a learner sees the features, picks one class
 action, and gets reward 1 if it is the right class, else 0 (bandit feedback: nothing about the
 other classes). And ``routing_drift``: the built-in routing simulator (17 ticket features, 8
 queues, 3,000 events a pass) whose queues' skills rotate halfway; a ticket resolved is reward 1,
-drawn with the simulator's true probability. Every learner sees the same events in the same
+drawn with the simulator's true probability. And ``recsys``: the built-in recommendation
+simulator as a ranking stream (16 user features; each request 20 candidate items with 16
+features; a click drawn with the simulator's true probability, which depends on how user and
+item match), where a learner needs context-by-item interactions: policyloop a created
+``kind = "ranking"`` policy, VW the items' features as ADF lines crossed by ``-q sa``, LinUCB
+one shared model on the same products. Every learner sees the same events in the same
 order, the same reward draws, and starts from nothing. One row forgets (``learn --gamma
 0.999``, as the demo's drift runs do), for the drift.
 
@@ -31,7 +36,7 @@ same over the last part (the datasets' last pass; after the drift), events per s
 (``bench/results/bandit.png``).
 
 Usage: python bench/bandit_bench.py [--passes 3] [--out bench/results/bandit.json]
-(about four minutes on a 2-core machine)
+(about seven minutes on a 2-core machine)
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 # features float32[n, d]; expected float64[n, K], each action's true expected reward (a class's
-# one-hot for the datasets); uniforms float64[n], the draws every learner's rewards share
-Stream = tuple[np.ndarray, np.ndarray, np.ndarray]
+# one-hot for the datasets); uniforms float64[n], the draws every learner's rewards share;
+# items float32[n, K, Da], each candidate's features (a ranking stream) or None (fixed actions)
+Stream = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
 
 
 def _reward(expected: np.ndarray, uniforms: np.ndarray, i: int, chosen: int) -> float:
@@ -71,9 +77,24 @@ def streams(passes: int, seed: int) -> dict[str, Stream]:
     for name, (x, y) in raw.items():
         order = np.concatenate([rng.permutation(len(y)) for _ in range(passes)])
         out[name] = (x[order].astype(np.float32), np.eye(int(y.max()) + 1)[y[order]],
-                     rng.random(len(order)))
+                     rng.random(len(order)), None)
     out["routing_drift"] = _routing_drift(3000 * passes, seed)
+    out["recsys"] = _recsys(3000 * passes, seed)
     return out
+
+
+def _recsys(n: int, seed: int) -> Stream:
+    """The recommendation simulator as a ranking stream: 16 user features, 20 candidates a
+    request drawn from 500 items with 16 features each; a click is reward 1, with the
+    simulator's true probability (which depends on the user-item match, so a learner needs
+    context-by-item interactions)."""
+    from policyloop.simulators.recsys import RecsysEnv
+
+    env, rng = RecsysEnv(seed=seed), np.random.default_rng(seed + 1)
+    arrivals = env.sample_arrivals(n, rng)
+    assert arrivals.action_features is not None
+    return (arrivals.context.astype(np.float32), arrivals.expected, rng.random(n),
+            arrivals.action_features.astype(np.float32))
 
 
 def _routing_drift(n: int, seed: int) -> Stream:
@@ -86,14 +107,16 @@ def _routing_drift(n: int, seed: int) -> Stream:
     env.drift()
     second = env.sample_arrivals(n - n // 2, rng)
     return (np.concatenate([first.context, second.context]).astype(np.float32),
-            np.concatenate([first.expected, second.expected]), rng.random(n))
+            np.concatenate([first.expected, second.expected]), rng.random(n), None)
 
 
-def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
-                   strategy: str, publish_every: int | None, seed: int,
-                   gamma: float = 1.0) -> np.ndarray:
+def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
+                   items: np.ndarray | None, *, strategy: str, publish_every: int | None,
+                   seed: int, gamma: float = 1.0) -> np.ndarray:
     """``publish_every`` None: the learner's default cadence (``online/learner.py``
-    publish_threshold: a young learner publishes sooner, then every 500 examples)."""
+    publish_threshold: a young learner publishes sooner, then every 500 examples). A ranking
+    stream is a ``kind = "ranking"`` spec, whose created model scores each candidate on its
+    features, the context's and their products (``policyloop/registry/cold_start.py``)."""
     from online.config import LearnConfig
     from online.join import Example
     from online.learner import publish_threshold
@@ -106,8 +129,12 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
 
     n_actions = expected.shape[1]
     actions = [f"action-{a}" for a in range(n_actions)]
-    spec = parse_spec(f'name = "bench"\nkind = "actions"\nactions = {json.dumps(actions)}\n'
-                      f'[features]\ncontext = {json.dumps([f"x{i}" for i in range(x.shape[1])])}\n')
+    context = json.dumps([f"x{i}" for i in range(x.shape[1])])
+    spec = parse_spec(
+        f'name = "bench"\nkind = "actions"\nactions = {json.dumps(actions)}\n'
+        f'[features]\ncontext = {context}\n' if items is None else
+        f'name = "bench"\nkind = "ranking"\n[features]\ncontext = {context}\n'
+        f'action = {json.dumps([f"a{i}" for i in range(items.shape[2])])}\n')
     data, manifest, posterior = cold_start(spec)
     providers = ["CPUExecutionProvider"]
     serving = Serving(open_model(data, manifest, posterior, providers=providers), data)
@@ -120,17 +147,22 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *,
     defaults = LearnConfig(registry=Path("unused"), policy="bench")
     last = 0  # examples learned at the last version
     for i in range(len(x)):
-        scores, embedding = model.run(x[i:i + 1])
+        if items is None:
+            scores, embedding = model.run(x[i:i + 1])
+            per_action = np.broadcast_to(embedding[0], (n_actions, embedding.shape[-1]))
+        else:
+            scores, embedding = model.run(x[i:i + 1], items[i:i + 1])
+            per_action = embedding[0]
         decision = explore.decide(
-            scores[0], 1, rng, embedding=np.broadcast_to(embedding[0], (n_actions,
-                                                                        embedding.shape[-1])),
+            scores[0], 1, rng, embedding=per_action,
             posterior=model.posterior if explore.needs_posterior else None)
         chosen = int(decision.chosen[0])
         reward = _reward(expected, uniforms, i, chosen)
         values[i] = expected[i, chosen]
         event = DecisionEvent(
             event_id=f"e{i}", policy="bench", model_version=model.version, timestamp_ms=i,
-            context=x[i], action_ids=actions, action_features=None, chosen=[chosen],
+            context=x[i], action_ids=actions,
+            action_features=None if items is None else items[i], chosen=[chosen],
             propensities=[float(decision.propensities[0])],
             probabilities=decision.probabilities, strategy=explore.name, active=True,
             baseline_action=None, policy_action=None)
@@ -152,8 +184,10 @@ def _posterior(extras: dict[str, bytes]) -> LinearPosterior:
     return LinearPosterior.from_npz_bytes(extras["head.npz"])
 
 
-def run_vw(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, options: str,
-           seed: int) -> np.ndarray:
+def run_vw(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
+           items: np.ndarray | None, *, options: str, seed: int) -> np.ndarray:
+    """The action is an ADF feature (fixed actions) or its candidate's features (ranking),
+    crossed with every context feature by ``-q sa``."""
     import vowpalwabbit
 
     n_actions = expected.shape[1]
@@ -162,7 +196,9 @@ def run_vw(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, options
     values = np.empty(len(x))
     for i in range(len(x)):
         shared = "shared |s " + " ".join(f"f{j}:{v:.5g}" for j, v in enumerate(x[i]) if v)
-        lines = [shared] + [f"|a a{a}" for a in range(n_actions)]
+        lines = [shared] + ([f"|a a{a}" for a in range(n_actions)] if items is None else
+                            ["|a " + " ".join(f"i{j}:{v:.5g}" for j, v in enumerate(item) if v)
+                             for item in items[i]])
         pmf = np.asarray(vw.predict(lines), np.float64)
         pmf /= pmf.sum()
         chosen = int(rng.choice(n_actions, p=pmf))
@@ -174,12 +210,15 @@ def run_vw(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, options
     return values
 
 
-def run_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, alpha: float,
-               seed: int) -> np.ndarray:
+def run_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
+               items: np.ndarray | None, *, alpha: float, seed: int) -> np.ndarray:
     """Disjoint LinUCB: per action A = I + sum x x^T, b = sum r x; pick the largest
     theta.x + alpha * sqrt(x A^-1 x), ties to the lowest index (the inverse kept by
-    Sherman-Morrison updates)."""
+    Sherman-Morrison updates). A ranking stream: one shared model on each candidate's
+    [a, c, vec(c a^T)], the features policyloop's created ranking model reads."""
     del seed  # deterministic
+    if items is not None:
+        return _shared_linucb(x, expected, uniforms, items, alpha=alpha)
     n_actions, d = expected.shape[1], x.shape[1]
     a_inv = np.stack([np.eye(d)] * n_actions)
     b = np.zeros((n_actions, d))
@@ -194,6 +233,26 @@ def run_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray, *, alp
         u = a_inv[chosen] @ v
         a_inv[chosen] -= np.outer(u, u) / (1.0 + v @ u)
         b[chosen] += reward * v
+    return values
+
+
+def _shared_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
+                   items: np.ndarray, *, alpha: float) -> np.ndarray:
+    n, k, da = items.shape
+    d = da + x.shape[1] + x.shape[1] * da
+    a_inv, b = np.eye(d), np.zeros(d)
+    values = np.empty(n)
+    for i in range(n):
+        c = x[i].astype(np.float64)
+        z = np.concatenate([items[i], np.broadcast_to(c, (k, len(c))),
+                            (c[None, :, None] * items[i][:, None, :]).reshape(k, -1)], axis=1)
+        width = np.sqrt(np.einsum("ki,ij,kj->k", z, a_inv, z))
+        chosen = int(np.argmax(z @ (a_inv @ b) + alpha * width))
+        reward = _reward(expected, uniforms, i, chosen)
+        values[i] = expected[i, chosen]
+        u = a_inv @ z[chosen]
+        a_inv -= np.outer(u, u) / (1.0 + z[chosen] @ u)
+        b += reward * z[chosen]
     return values
 
 
@@ -230,17 +289,18 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, dict] = {}
     curves: dict[str, dict[str, np.ndarray]] = {}
-    for name, (x, expected, uniforms) in streams(args.passes, args.seed).items():
+    for name, (x, expected, uniforms, items) in streams(args.passes, args.seed).items():
         n = len(x)
         # the datasets' last pass; the drift stream's second half, after the switch
         last = n // 2 if name == "routing_drift" else n // args.passes
         results[name] = {"events": n, "features": x.shape[1], "actions": expected.shape[1],
+                         "candidate_features": None if items is None else items.shape[2],
                          "oracle": round(float(expected.max(1).mean()), 4),
                          "uniform": round(float(expected.mean()), 4), "learners": {}}
         curves[name] = {}
         for learner, run in learners().items():
             start = time.perf_counter()
-            values = run(x, expected, uniforms, seed=args.seed)
+            values = run(x, expected, uniforms, items, seed=args.seed)
             elapsed = time.perf_counter() - start
             results[name]["learners"][learner] = {
                 "progressive_reward": round(float(values.mean()), 4),
