@@ -264,10 +264,10 @@ def learners() -> dict[str, Callable[..., np.ndarray]]:
 
     return {
         "policyloop epsilon_greedy:0.1 (serve --strategy default)": pl("epsilon_greedy:0.1"),
-        "policyloop thompson (create's default)": pl("thompson"),
+        "policyloop thompson": pl("thompson"),
         "policyloop ucb:1": pl("ucb:1"),
         "policyloop squarecb:10 (gamma fixed)": pl("squarecb:10"),
-        "policyloop squarecb (gamma 10 t^0.5, VW's schedule)": pl("squarecb"),
+        "policyloop squarecb (gamma 10 t^0.5, VW's schedule; create's default)": pl("squarecb"),
         "policyloop thompson, a version every 10": pl("thompson", 10),
         "policyloop ucb:1, a version every 10": pl("ucb:1", 10),
         "policyloop thompson, a version every 500 (before publish_ramp)": pl("thompson", 500),

@@ -60,14 +60,16 @@ def cold_start(spec: PolicySpec, *, prior: float = 1.0) -> tuple[bytes, Manifest
     return graph, manifest, prior_posterior(np.zeros((rows, h)), np.zeros(rows), prior=prior)
 
 
-FROM_NOTHING_STRATEGY = "thompson"
+FROM_NOTHING_STRATEGY = "squarecb"
 
 
 def created_defaults(spec: PolicySpec) -> PolicyDefaults:
-    """The spec's defaults, exploring with Thompson sampling where it names no strategy: from
-    nothing it was the best of serving's strategies at the learner's default cadence
-    (bench/bandit_bench.py, README Learning), and a created version always has the posterior
-    it needs."""
+    """The spec's defaults, exploring with SquareCB whose gamma grows with the data (VW's
+    schedule, 10 * t^0.5) where it names no strategy: from nothing, at the learner's default
+    cadence, it had the best mean progressive reward of serving's strategies over the four
+    streams of bench/bandit_bench.py (README Learning from nothing: 0.660 against Thompson
+    sampling's 0.653, which was ahead by under 0.01 on two of them) and decides 1.4 to 4.6
+    times faster than Thompson sampling's posterior draws."""
     if spec.defaults.strategy:
         return spec.defaults
     return replace(spec.defaults, strategy=FROM_NOTHING_STRATEGY)
