@@ -121,19 +121,12 @@ def _registry(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    import grpc
-
+    from policyloop.channels import open_channel
     from protos import decision_pb2 as pb
     from protos import decision_pb2_grpc as pb_grpc
 
-    if args.tls_ca is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=args.tls_ca.read_bytes(),
-            private_key=args.tls_key.read_bytes() if args.tls_key else None,
-            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None)
-        channel = grpc.secure_channel(args.target, credentials)
-    else:
-        channel = grpc.insecure_channel(args.target)
+    channel = open_channel(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                           tls_key=args.tls_key)
     token = args.token or os.environ.get("POLICYLOOP_TOKEN", "")
     metadata = [("authorization", f"Bearer {token}")] if token else None
     with channel:
@@ -174,7 +167,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                             registry=args.registry, policy=args.policy, version=args.version,
                             strategy=args.strategy, clip=args.clip, alpha=args.alpha,
                             as_json=args.json, spec_path=args.spec, target=args.target or "",
-                            token=args.token or os.environ.get("POLICYLOOP_TOKEN", ""))
+                            token=args.token or os.environ.get("POLICYLOOP_TOKEN", ""),
+                            tls=(args.tls_ca, args.tls_cert, args.tls_key))
+
+
+def _tls_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The TLS flags of a command that calls a running server (``policyloop/channels.py``)."""
+    p.add_argument("--tls-ca", type=Path, help=f"{prefix}PEM CA that signed the server's "
+                   "certificate (TLS; without it, plaintext)")
+    p.add_argument("--tls-cert", type=Path, help=f"{prefix}client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help=f"{prefix}client private key (mutual TLS)")
 
 
 _SHARD = ("shard_index", "shard_count")  # LearnConfig fields set by --shard I/N
@@ -435,9 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=0)
     p.add_argument("--token", help="bearer token with the admin scope (default: "
                    "$POLICYLOOP_TOKEN)")
-    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
-    p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
-    p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
+    _tls_flags(p)
     p.set_defaults(func=_admin)
 
     p = sub.add_parser("learn", help="join rewards and refresh a policy online",
@@ -472,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "its GetPolicyInfo names, read from --registry (instead of --version and "
                    "--strategy)")
     p.add_argument("--token", help="with --target: bearer token (default $POLICYLOOP_TOKEN)")
+    _tls_flags(p, "with --target: ")
     p.add_argument("--clip", type=float, help="clip importance weights at this value")
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

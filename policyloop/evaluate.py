@@ -182,19 +182,24 @@ def format_table(estimates: Sequence[ope.Estimate], alpha: float) -> str:
     return "\n".join(lines)
 
 
+TlsFiles = tuple[Path | None, Path | None, Path | None]  # --tls-ca, --tls-cert, --tls-key
+
+
 def served(target: str, policy: str, *, token: str = "", timeout: float = 10.0,
-           ) -> tuple[int, str]:
+           tls: TlsFiles = (None, None, None)) -> tuple[int, str]:
     """The version and the strategy spec a running server serves ``policy`` with (its
-    ``GetPolicyInfo``: a pinned, rolled back or fallback version included)."""
+    ``GetPolicyInfo``: a pinned, rolled back or fallback version included), over plaintext or
+    TLS (``policyloop/channels.py``)."""
     import grpc
 
+    from policyloop.channels import open_channel
     from protos import decision_pb2 as pb
     from protos import decision_pb2_grpc as pb_grpc
     from serving.exploration import spec_from_name
 
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     try:
-        with grpc.insecure_channel(target) as channel:
+        with open_channel(target, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2]) as channel:
             info = pb_grpc.DecisionServiceStub(channel).GetPolicyInfo(
                 pb.GetPolicyInfoRequest(policy=policy), timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
@@ -206,7 +211,8 @@ def served(target: str, policy: str, *, token: str = "", timeout: float = 10.0,
 def evaluate_command(path: Path, *, target_column: str | None, registry: Path | None,
                      policy: str | None, version: int | None, strategy: str,
                      clip: float | None, alpha: float, as_json: bool,
-                     spec_path: Path | None = None, target: str = "", token: str = "") -> int:
+                     spec_path: Path | None = None, target: str = "", token: str = "",
+                     tls: TlsFiles = (None, None, None)) -> int:
     if spec_path is not None:
         if target_column is not None:
             raise InvalidArgument("--spec reads the spec's columns; evaluate a registered "
@@ -229,7 +235,7 @@ def evaluate_command(path: Path, *, target_column: str | None, registry: Path | 
             if version is not None:
                 raise InvalidArgument("--target evaluates the version the server serves; give "
                                       "--version without --target for another one")
-            version, strategy = served(target, policy, token=token)
+            version, strategy = served(target, policy, token=token, tls=tls)
             print(json.dumps({"served": {"target": target, "policy": policy,
                                          "version": version, "strategy": strategy}}),
                   file=sys.stderr)

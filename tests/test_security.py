@@ -4,6 +4,7 @@ certificates with the openssl command line at run time."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 from dataclasses import replace
@@ -259,3 +260,33 @@ def test_serve_says_in_one_line_when_its_bus_path_cannot_be_made(tmp_path: Path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"policyloop serve: Not a directory: {tmp_path}/afile/bus")
+
+
+def test_evaluate_target_and_admin_speak_mutual_tls(tmp_path: Path, pki: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    make_registry(tmp_path / "registry")
+    log = tmp_path / "log.csv"
+    rows = ["action,reward,propensity,x0,x1,x2,x3,x4"] + [
+        f"queue-{i % 3},{i % 2},0.5,{i / 40},0.1,0.2,0.3,0.4" for i in range(40)]
+    log.write_text("\n".join(rows) + "\n")
+    config = serve_config(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                          tls_client_ca=pki / "ca.pem")
+    client = ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"),
+              "--tls-key", str(pki / "client.key")]
+    with running_server(config) as server:
+        evaluate = ["evaluate", str(log), "--registry", str(tmp_path / "registry"),
+                    "--policy", "routing", "--target", server.target, "--json"]
+        capsys.readouterr()
+        assert main([*evaluate, *client]) == 0
+        served = json.loads(capsys.readouterr().err.strip().splitlines()[-1])["served"]
+        assert served == {"target": server.target, "policy": "routing", "version": 1,
+                          "strategy": "softmax:0.5"}
+        assert main(["admin", "pin", "--target", server.target, "--policy", "routing",
+                     "--version", "1", *client]) == 0
+        assert main(evaluate) == 2  # plaintext to a TLS server
+        assert "GetPolicyInfo('routing') failed: UNAVAILABLE" in capsys.readouterr().err
+        assert main([*evaluate, "--tls-ca", str(pki / "ca.pem"),
+                     "--tls-cert", str(pki / "client.pem")]) == 2
+        assert "--tls-cert and --tls-key come together" in capsys.readouterr().err
+        assert main([*evaluate, "--tls-ca", str(tmp_path / "missing.pem")]) == 2
+        assert f"--tls-ca {tmp_path}/missing.pem: No such file" in capsys.readouterr().err
