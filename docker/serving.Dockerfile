@@ -18,11 +18,12 @@ ARG VARIANT=cpu
 RUN pip install --no-cache-dir uv==0.13.9
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
-# No dev group, no train extra (torch), not the project itself (its modules are copied below).
+# No dev group, no train extra (torch), not the project itself nor its workspace member the
+# client library (their modules are copied below).
 RUN set -eu; \
     extra=""; \
     if [ "$VARIANT" = gpu ]; then extra="--extra gpu --no-emit-package onnxruntime"; fi; \
-    uv export --frozen --no-dev --no-emit-project $extra --output-file requirements.txt; \
+    uv export --frozen --no-dev --no-emit-workspace $extra --output-file requirements.txt; \
     python -m venv /opt/venv; \
     /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.txt
 
@@ -42,6 +43,8 @@ COPY protos/ protos/
 COPY policyloop/ policyloop/
 COPY online/ online/
 COPY serving/ serving/
+# the app-side client library, which `policyloop simulate` drives traffic through
+COPY clients/python/policyloop_client/ policyloop_client/
 USER 10001:10001
 EXPOSE 50051 9464
 # The standard gRPC health service, overall status, over plaintext on the default port (with

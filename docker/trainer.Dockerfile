@@ -13,7 +13,7 @@ RUN pip install --no-cache-dir uv==0.13.9
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 RUN set -eu; \
-    uv export --frozen --no-dev --no-emit-project --extra train --output-file requirements.txt; \
+    uv export --frozen --no-dev --no-emit-workspace --extra train --output-file requirements.txt; \
     python -m venv /opt/venv; \
     /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.txt
 
@@ -32,6 +32,7 @@ COPY protos/ protos/
 COPY policyloop/ policyloop/
 COPY online/ online/
 COPY serving/ serving/
+COPY clients/python/policyloop_client/ policyloop_client/
 USER 10001:10001
 # Writes its registry and checkpoints under the working directory given at run time, e.g.
 #   docker run -v "$PWD/var:/work" -w /work IMAGE train --scenario recsys --registry registry

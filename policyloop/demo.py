@@ -4,9 +4,9 @@
    register it as version 1.
 2. Start ``policyloop serve`` and ``policyloop learn`` as separate processes, as deployed: on the
    embedded defaults (local event log, local registry) or, with ``kafka``, on a Kafka broker.
-3. Drive simulated app traffic through gRPC (``policyloop/simulate.py``): Decide, then Reward
-   after a delay, some rewards never sent; optionally switch the simulator's preferences
-   halfway (``drift``).
+3. Drive simulated app traffic through the client library, as an app would
+   (``policyloop/simulate.py``): Decide, then Reward after a delay, some rewards never sent;
+   optionally switch the simulator's preferences halfway (``drift``).
 4. Score every version the learner promoted by its true expected reward on fresh simulated
    arrivals (the simulator knows the truth), print a summary against uniform random, the start
    policy and the oracle, and draw the learning curve.

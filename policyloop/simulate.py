@@ -1,7 +1,8 @@
 """``policyloop simulate``: an app's traffic against any running server, from a simulator.
 
-It behaves like a client: for each simulated arrival (a user with candidate items, or a ticket)
-it calls ``Decide`` over gRPC, then reports the outcome with ``Reward`` after a random delay
+It behaves like a client, through the client library apps use (``policyloop_client``'s
+``AsyncClient``): for each simulated arrival (a user with candidate items, or a ticket) it
+calls ``Decide``, then reports the outcome with ``Reward`` after a random delay
 (exponential, mean ``reward_delay_ms``), the way clicks and resolutions arrive later than the
 decision. Some outcomes are never reported: in recsys only clicks are sent (a shown item
 without a click has no event, the learner's default reward covers it) and in both scenarios a
@@ -25,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import numpy as np
+from policyloop_client import AsyncClient, PolicyloopClientError, Retry
 
 from policyloop.contract.errors import InvalidArgument
 from policyloop.contract.settings import setting
@@ -34,8 +35,6 @@ from policyloop.simulators.arrivals import Arrivals
 from policyloop.simulators.logged import LOGGING_POLICIES
 from policyloop.simulators.recsys import RecsysEnv
 from policyloop.simulators.routing import RoutingEnv
-from protos import decision_pb2 as pb
-from protos import decision_pb2_grpc as pb_grpc
 
 _CHUNK = 1024
 
@@ -155,14 +154,13 @@ class _Arrivals:
         return self.chunk, i - self.start
 
 
-def decide_request(policy: str, arrivals: Arrivals, j: int) -> pb.DecideRequest:
-    request = pb.DecideRequest(policy=policy, context=pb.Features(dense=arrivals.context[j]))
-    if arrivals.action_features is not None:
-        request.candidates.extend(
-            pb.Candidate(id=action_id, features=pb.Features(dense=features))
-            for action_id, features in zip(arrivals.action_ids[j], arrivals.action_features[j],
-                                           strict=True))
-    return request
+def candidates_of(arrivals: Arrivals, j: int) -> list[tuple[str, list[float]]] | None:
+    """Request ``j``'s candidates as the client library takes them (None: a fixed action
+    set, where the server decides among all of the policy's actions)."""
+    if arrivals.action_features is None:
+        return None
+    return [(action_id, features.tolist()) for action_id, features
+            in zip(arrivals.action_ids[j], arrivals.action_features[j], strict=True)]
 
 
 async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | None = None,
@@ -182,21 +180,17 @@ async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | No
     next_index = 0
     reward_tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
-    metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
-
-    async def report(stub: pb_grpc.DecisionServiceStub, delay: float, event_id: str,
-                     value: float) -> None:
+    async def report(client: AsyncClient, delay: float, event_id: str, value: float) -> None:
         await asyncio.sleep(delay)
         try:
-            await stub.Reward(pb.RewardRequest(event_id=event_id, value=value, policy=policy),
-                              timeout=config.timeout_s, metadata=metadata)
+            await client.reward(event_id, value, policy=policy)
             traffic.rewards_sent += 1
             traffic.reward_value_sum += value
-        except grpc.aio.AioRpcError as exc:
-            name = f"Reward:{exc.code().name}"
+        except PolicyloopClientError as exc:
+            name = f"Reward:{exc.code.name}"
             traffic.errors[name] = traffic.errors.get(name, 0) + 1
 
-    async def worker(stub: pb_grpc.DecisionServiceStub) -> None:
+    async def worker(client: AsyncClient) -> None:
         nonlocal next_index
         while next_index < config.events:
             i = next_index
@@ -210,31 +204,33 @@ async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | No
                 await asyncio.sleep(max(0.0, start + i / config.rate - time.monotonic()))
             chunk, j = arrivals.get(i)
             try:
-                response = await stub.Decide(decide_request(policy, chunk, j),
-                                             timeout=config.timeout_s, metadata=metadata)
-            except grpc.aio.AioRpcError as exc:
-                name = f"Decide:{exc.code().name}"
+                decision = await client.decide(policy, chunk.context[j].tolist(),
+                                               candidates_of(chunk, j))
+            except PolicyloopClientError as exc:
+                name = f"Decide:{exc.code.name}"
                 traffic.errors[name] = traffic.errors.get(name, 0) + 1
                 continue
-            action = response.chosen[0].candidate_index
+            action = decision.chosen[0].index
             expected = chunk.expected[j]
             traffic.decisions += 1
             traffic.expected.append(float(expected[action]))
             traffic.optimal.append(float(expected.max()))
             traffic.uniform.append(float(expected.mean()))
-            traffic.versions.append(response.model_version)
+            traffic.versions.append(decision.model_version)
             outcome = float(rng.random() < expected[action])
             lost = rng.random() < config.reward_loss
             delay = rng.exponential(config.reward_delay_ms / 1000.0)
             if not lost and (outcome > 0 or send_zeros):
-                task = asyncio.create_task(report(stub, delay, response.event_id, outcome))
+                task = asyncio.create_task(report(client, delay, decision.event_id, outcome))
                 reward_tasks.add(task)
                 task.add_done_callback(reward_tasks.discard)
 
-    async with grpc.aio.insecure_channel(config.target) as channel:
-        await channel.channel_ready()
-        stub = pb_grpc.DecisionServiceStub(channel)
-        await asyncio.gather(*(worker(stub) for _ in range(config.concurrency)))
+    # The app's own client library, as an app would use it; no retries, so every failed call
+    # is counted as the server answered it.
+    async with AsyncClient(config.target, token=config.token or None,
+                           timeout=config.timeout_s, retry=Retry(attempts=1)) as client:
+        await client.wait_ready(max(config.timeout_s, 30.0))
+        await asyncio.gather(*(worker(client) for _ in range(config.concurrency)))
         if reward_tasks:
             await asyncio.gather(*reward_tasks)
     traffic.finished = time.monotonic()

@@ -5,7 +5,8 @@ posterior) imports nothing of the project; ``policyloop.bus`` and ``policyloop.r
 on it; ``serving`` and ``online`` sit side by side on those and never import each other;
 ``models`` (the only torch folder) may use everything below it; the CLI and its command bodies
 in ``policyloop`` sit on top. ``policyloop_client`` (``clients/python``, the library apps
-install) imports nothing of the project. Every import counts, including those inside functions.
+install) imports nothing of the project; of the project only the top (``simulate``, the
+demo's traffic) imports it. Every import counts, including those inside functions.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "online": {CONTRACT, BUS, REGISTRY},
     "serving": {CONTRACT, BUS, REGISTRY, "protos"},
     "models": {CONTRACT, BUS, REGISTRY, SIMULATORS, "online"},
-    TOP: {CONTRACT, BUS, REGISTRY, SIMULATORS, "online", "serving", "models", "protos"},
+    TOP: {CONTRACT, BUS, REGISTRY, SIMULATORS, "online", "serving", "models", "protos",
+          "policyloop_client"},  # simulate and the demo drive traffic as an app does
 }
 TORCH_LAYERS = {"models", TOP}  # the CLI imports torch only inside train/export commands
 PACKAGES = ("protos", "policyloop", "online", "serving", "models", "policyloop_client")
