@@ -212,14 +212,14 @@ class Learner:
                         drained_since = time.monotonic()
                     for example in self.joiner.caught_up():
                         self.learn(example)
-                for record in records:
+                for k, record in enumerate(records):
                     self.handle(record)
                     if self._done():
                         break
                     if self._publish_due():  # within a batch too: versions stay fresh
                         self.publish()
                         self._commit(consumer)
-                        self._read_from_checkpoint(consumer)
+                        _read_again(consumer, records[k + 1:])
                         break
                 if self._publish_due():
                     self.publish()
@@ -297,17 +297,6 @@ class Learner:
             self.position_resets += 1
             if tp in consumer.assignment():
                 consumer.seek(tp, 0)
-
-    def _read_from_checkpoint(self, consumer: bus.Consumer) -> None:
-        """After a publish in the middle of a batch, drop the batch's rest and read on from the
-        checkpointed positions, as a learner restarted from that checkpoint does: the records
-        then come in the same interleaving of partitions either way, so a learner whose result
-        depends on the order of its examples (the network learner) ends a restart where an
-        uninterrupted run ends. Costs re-reading at most one batch per version."""
-        assigned = set(consumer.assignment())
-        for tp, offset in sorted(self.positions.items()):
-            if tp in assigned:
-                consumer.seek(tp, offset)
 
     def _commit(self, consumer: bus.Consumer) -> None:
         """Commit the group's offsets; the checkpoint is the truth, so a failed commit (e.g.
@@ -568,6 +557,20 @@ class Learner:
 
 
 _LOGGED_UNDECODABLE = 20  # the first ones are logged; all are counted (join events metric)
+
+def _read_again(consumer: bus.Consumer, rest: list[bus.Record]) -> None:
+    """After a publish in the middle of a batch, drop the batch's ``rest`` and read it again:
+    each partition in it from its first unhandled record, which is where a learner restarted
+    from the checkpoint just written reads on from. The records then come in the same
+    interleaving of partitions either way, so a learner whose result depends on the order of
+    its examples (the network learner) ends a restart where an uninterrupted run ends. Costs
+    re-reading at most one batch per version."""
+    first: dict[tuple[str, int], int] = {}
+    for record in rest:
+        first.setdefault((record.topic, record.partition), record.offset)
+    for tp, offset in sorted(first.items()):
+        consumer.seek(tp, offset)
+
 
 _CHECKPOINT_KEYS = ("positions", "examples", "since_publish", "latest_reward_ms", "published",
                     "model_version", "joiner", "holdout")

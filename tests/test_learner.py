@@ -117,6 +117,21 @@ def test_without_the_gate_no_event_is_held_out(base: Path, tmp_path: Path) -> No
     assert 150 < held < 250 and gated.algorithm.learned == gated.examples - held
 
 
+def test_a_publish_in_the_middle_of_a_batch_loses_and_repeats_no_record(
+        base: Path, tmp_path: Path) -> None:
+    """After a publish mid-batch the learner reads the batch's rest again (so a restart and an
+    uninterrupted run see the same interleaving): every record is still handled once, the
+    partitions it had not reached yet included."""
+    often = Learner(_config(_copy(base, tmp_path / "often"), publish_every=37))
+    often.run()
+    once = Learner(_config(_copy(base, tmp_path / "once"), publish_every=10**9))
+    once.run()
+    assert len(often.published) > 50
+    assert vars(often.joiner.stats) == vars(once.joiner.stats)
+    assert often.examples == once.examples and often.positions == once.positions
+    np.testing.assert_allclose(_heads(often).data_b, _heads(once).data_b)
+
+
 def _on_fresh_bus(base: Path, dest: Path, records: list[tuple[str, bytes, bytes]]) -> Path:
     root = _copy(base, dest)
     shutil.rmtree(root / "bus")
