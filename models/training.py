@@ -271,6 +271,7 @@ def train_on_file(cfg: TrainConfig, spec: PolicySpec, data_path: Path, *,
     summary = {"spec": str(spec_path or spec.name), "spec_name": spec.name,
                "policy_kind": spec.kind,
                "objective": cfg.objective, "data": report.summary(),
+               "n_logged": len(data),  # rows trained on (a growing SquareCB's clock)
                "logged_reward_mean": float(data.reward.mean()),
                "seconds": round(time.perf_counter() - start, 2), "config": training}
     log.info("trained %s on %s: %s", spec.name, data_path, report.summary())

@@ -66,6 +66,7 @@ def test_train_from_a_csv_publishes_the_spec_policy_with_parity_and_posterior_on
     assert version.manifest.features.context == env.feature_schema.context
     assert version.manifest.training["parity_max_abs_diff"] <= 1e-5
     assert version.manifest.training["data"]["rows_used"] == 400
+    assert version.manifest.examples_learned == 400  # a growing SquareCB starts from here
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -232,8 +232,9 @@ class Manifest:
     @property
     def examples_learned(self) -> int:
         """How many examples this version was learned from, as its training record says:
-        an online version's ``examples`` (counted since its learner started), an offline one's
-        ``n_logged``; 0 for a created or imported version. A growing SquareCB's clock."""
+        an online version's ``examples`` (counted since its learner started), a trained one's
+        ``n_logged`` (the rows ``train`` fitted, simulated or from ``--data``); 0 for a created
+        or imported version. A growing SquareCB's clock."""
         for key in ("examples", "n_logged"):
             value = self.training.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
