@@ -180,6 +180,7 @@ async def run_traffic(config: TrafficConfig, *, env: RecsysEnv | RoutingEnv | No
     next_index = 0
     reward_tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
+
     async def report(client: AsyncClient, delay: float, event_id: str, value: float) -> None:
         await asyncio.sleep(delay)
         try:
