@@ -173,17 +173,19 @@ def initial_posterior(model: PolicyNetwork, source: Source, *, seed: int,
     bias = model.head.bias.detach().numpy().astype(np.float64)
     h = phi.shape[1]
 
-    def cov_of(rows: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    def cov_of(rows: np.ndarray, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
         residual = data.reward[rows] - (phi[rows] @ w + b)
-        noise = float(np.var(residual)) if len(rows) > 1 else 0.25
-        precision = prior * np.eye(h) + phi[rows].T @ phi[rows] / max(noise, 1e-3)
-        return np.linalg.inv(precision)
+        noise = max(float(np.var(residual)) if len(rows) > 1 else 0.25, 1e-3)
+        precision = prior * np.eye(h) + phi[rows].T @ phi[rows] / noise
+        return np.linalg.inv(precision), noise
 
     if model.kind.head_rows(len(weight)) == 1:  # one head shared by every candidate
-        return LinearPosterior(weight[0], cov_of(np.arange(n), weight[0], bias[0]), bias)
-    covs = np.stack([cov_of(np.flatnonzero(data.action == a), weight[a], bias[a])
-                     for a in range(len(weight))])
-    return LinearPosterior(weight, covs, bias)
+        cov, noise = cov_of(np.arange(n), weight[0], bias[0])
+        return LinearPosterior(weight[0], cov, bias, np.array([noise]))
+    heads = [cov_of(np.flatnonzero(data.action == a), weight[a], bias[a])
+             for a in range(len(weight))]
+    return LinearPosterior(weight, np.stack([c for c, _ in heads]), bias,
+                           np.array([noise for _, noise in heads]))
 
 
 def export_onnx(model: PolicyNetwork, source: Source, *, policy: str,

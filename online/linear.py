@@ -110,14 +110,16 @@ class LinearHeads:
         common case) the marginal is wide along "all those weights up, the bias down", which
         leaves scores unchanged only if the bias moves too; drawn without the bias it added
         prior-sized noise to every score, and Thompson sampling of a policy created from
-        nothing stalled at 82% of the oracle on the routing simulator (96% with this)."""
+        nothing stalled at 82% of the oracle on the routing simulator (96% with this). Each
+        head's noise variance goes with it, for serving's pending decisions
+        (``LinearPosterior.observed``)."""
         weight, bias = self.head()
-        covs = np.stack([
-            self.noise_variance(h) * np.linalg.inv(self.precision(h)[:-1, :-1])
-            for h in range(len(self.count))])
+        noise = np.array([self.noise_variance(h) for h in range(len(self.count))])
+        covs = np.stack([noise[h] * np.linalg.inv(self.precision(h)[:-1, :-1])
+                         for h in range(len(self.count))])
         if len(self.count) == 1:
-            return LinearPosterior(weight[0], covs[0], bias)
-        return LinearPosterior(weight, covs, bias)
+            return LinearPosterior(weight[0], covs[0], bias, noise)
+        return LinearPosterior(weight, covs, bias, noise)
 
     def merge(self, other: LinearHeads) -> LinearHeads:
         """Statistics of both learners' data (same prior; disjoint examples)."""

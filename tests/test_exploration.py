@@ -474,6 +474,74 @@ def test_posterior_round_trips_through_npz(layout: str) -> None:
     back = LinearPosterior.from_npz_bytes(posterior.to_npz_bytes())
     for name in ("mean", "covariance", "bias"):
         np.testing.assert_array_equal(getattr(back, name), getattr(posterior, name))
+    assert back.noise is None
+    noisy = LinearPosterior(posterior.mean, posterior.covariance, posterior.bias,
+                            np.full(len(posterior.bias), 0.2))
+    np.testing.assert_array_equal(LinearPosterior.from_npz_bytes(noisy.to_npz_bytes()).noise,
+                                  noisy.noise)
+
+
+def test_an_observed_row_narrows_the_posterior_as_the_learners_ridge_regression() -> None:
+    """``observed`` is the ridge regression's covariance after one more row: on the learner's
+    own statistics (online/linear.py), the same as fitting the row at that noise variance."""
+    from online.linear import LinearHeads
+
+    rng = np.random.default_rng(3)
+    heads = LinearHeads.from_head(np.zeros((3, 4)), np.zeros(3), prior=0.5)
+    for _ in range(40):
+        heads.update(rng.standard_normal(4), float(rng.random() < 0.3), head=int(rng.integers(3)))
+    posterior = heads.posterior()
+    row = rng.standard_normal(4)
+    after = posterior.observed(row, head=1)
+    noise = heads.noise_variance(1)
+    heads.update(row, 0.0, head=1)  # the reward does not matter to the covariance
+    want = noise * np.linalg.inv(heads.precision(1)[:-1, :-1])
+    np.testing.assert_allclose(after.covariance[1], want, atol=1e-12)
+    np.testing.assert_allclose(after._factor[1] @ after._factor[1].T, want, atol=1e-12)
+    np.testing.assert_array_equal(after.covariance[[0, 2]], posterior.covariance[[0, 2]])
+    np.testing.assert_array_equal(after.mean, posterior.mean)
+    _, var = after.mean_and_variance(np.stack([row] * 3))
+    _, before = posterior.mean_and_variance(np.stack([row] * 3))
+    assert var[1] < before[1] and var[0] == before[0]
+
+
+def test_narrowing_in_place_leaves_the_published_posterior_as_it_was() -> None:
+    """Serving narrows a private copy (``narrowable``) by each decision: the same result as
+    ``observed`` step by step, and the version's own posterior is untouched and read-only."""
+    rng = np.random.default_rng(4)
+    published = LinearPosterior(np.zeros((3, 4)), np.stack([np.eye(4)] * 3), np.zeros(3),
+                                np.full(3, 0.25))
+    before = published.covariance.copy()
+    private, step = published.narrowable(), published
+    for _ in range(5):
+        row, head = rng.standard_normal(4), int(rng.integers(3))
+        private.narrow(row, head)
+        step = step.observed(row, head)
+    np.testing.assert_allclose(private.covariance, step.covariance, atol=1e-12)
+    np.testing.assert_allclose(private._factor, step._factor, atol=1e-12)
+    np.testing.assert_array_equal(published.covariance, before)
+    with pytest.raises(ValueError, match="narrowable"):
+        published.narrow(np.ones(4))
+
+
+def test_ucb_moves_on_from_an_action_it_has_just_observed() -> None:
+    """Two tied, equally uncertain actions: UCB picks the first; once that decision is
+    observed (serving's pending decisions) it picks the other, still before any reward."""
+    posterior = LinearPosterior(np.zeros((2, 2)), np.stack([np.eye(2)] * 2), np.zeros(2),
+                                np.array([0.25, 0.25]))
+    context = np.array([[1.0, 0.5], [1.0, 0.5]])
+    ucb = UCB(1.0)
+    rng = np.random.default_rng(0)
+    first = ucb.decide(np.zeros(2), 1, rng, embedding=context, posterior=posterior)
+    chosen = int(first.chosen[0])
+    second = ucb.decide(np.zeros(2), 1, rng, embedding=context,
+                        posterior=posterior.observed(context[chosen], head=chosen))
+    assert int(second.chosen[0]) == 1 - chosen
+
+
+def test_a_posterior_without_noise_is_not_narrowed() -> None:
+    _, posterior = _posterior(3)
+    assert posterior.observed(np.ones(3)) is posterior
 
 
 def _npz(**arrays: Any) -> bytes:
@@ -509,6 +577,10 @@ EYE = np.eye(2)
      "not symmetric"),
     (_npz(mean=np.ones(2), covariance=np.diag([1.0, -0.5]), bias=np.zeros(1)),
      "not positive semi-definite"),
+    (_npz(mean=np.ones(2), covariance=EYE, bias=np.zeros(1), noise=np.zeros(1)),
+     "noise must be 1 positive variances"),
+    (_npz(mean=np.ones((2, 2)), covariance=np.stack([EYE] * 2), bias=np.zeros(2),
+          noise=np.ones(3)), "noise must be 2 positive"),
 ])
 def test_malformed_posterior_files_are_rejected(data: bytes, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):

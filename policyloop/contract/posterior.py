@@ -16,6 +16,10 @@ projection onto the nearest PSD matrix, not a jitter, so it adds no variance. A 
 clearly negative eigenvalues (below -1e-6 times the largest) or clearly asymmetric is rejected.
 Variances and posterior draws both come from ``F``, so UCB and Thompson see the same posterior.
 
+``noise`` (optional, float64[1] or [A]) is each head's noise variance, the scale the learner
+gives one more example: with it, ``observed`` shrinks the covariance by a decision the learner
+will fit before its reward is known (serving's pending decisions, ``serving/dataplane.py``).
+
 >>> p = LinearPosterior(np.zeros(2), np.diag([1.0, 4.0]), np.array([0.5]))
 >>> mu, var = p.mean_and_variance(np.array([[1.0, 0.0], [0.0, 1.0]]))
 >>> mu.tolist(), var.tolist()
@@ -46,6 +50,7 @@ class LinearPosterior:
     mean: np.ndarray  # float64[H] (shared head) or [A, H] (per-action heads)
     covariance: np.ndarray  # float64[H, H] or [A, H, H]: Cov(w)
     bias: np.ndarray  # float64[1] or [A]
+    noise: np.ndarray | None = None  # float64[1] or [A]: each head's noise variance
     _factor: np.ndarray = field(init=False, repr=False)  # F with F @ F.T == covariance
 
     def __post_init__(self) -> None:
@@ -63,13 +68,22 @@ class LinearPosterior:
         if bias.shape != ((1,) if shared else (mean.shape[0],)):
             raise InvalidArgument(f"posterior: bias shape {bias.shape} does not fit mean "
                                   f"{mean.shape} ([1] for [H], [A] for [A, H])")
-        self._set(mean, cov, bias, _square_root(cov))
+        noise = None
+        if self.noise is not None:
+            noise = _float_array("noise", self.noise).reshape(-1)
+            if noise.shape != bias.shape or not (noise > 0).all():
+                raise InvalidArgument(f"posterior: noise must be {bias.shape[0]} positive "
+                                      f"variances (one per head), got {noise.tolist()[:8]}")
+        self._set(mean, cov, bias, _square_root(cov), noise)
 
     def _set(self, mean: np.ndarray, cov: np.ndarray, bias: np.ndarray,
-             factor: np.ndarray) -> None:
+             factor: np.ndarray, noise: np.ndarray | None, *, writeable: bool = False) -> None:
+        """Freeze and store the arrays (``writeable``: covariance and factor stay writable,
+        for ``narrow``)."""
         for name, value in (("mean", mean), ("covariance", cov), ("bias", bias),
-                            ("_factor", factor)):
-            value.flags.writeable = False
+                            ("_factor", factor), ("noise", noise)):
+            if value is not None:
+                value.flags.writeable = writeable and name in ("covariance", "_factor")
             object.__setattr__(self, name, value)
 
     @property
@@ -92,8 +106,57 @@ class LinearPosterior:
             raise InvalidArgument(f"actions must be distinct, got {heads.tolist()}")
         sub = object.__new__(LinearPosterior)
         sub._set(self.mean[heads], self.covariance[heads], self.bias[heads],
-                 self._factor[heads])
+                 self._factor[heads], None if self.noise is None else self.noise[heads])
         return sub
+
+    def observed(self, row: np.ndarray, head: int = 0) -> LinearPosterior:
+        """This posterior once its learner has fitted one more example of embedding ``row``
+        [H], scored by ``head`` (per-action heads), whatever the reward: the mean kept, each
+        covariance as a ridge regression's after that row, ``C - C x x^T C / (noise +
+        x^T C x)``, and its factor by the matching rank-one update (O(H^2), no new
+        factorisation). Serving applies it to each decision it makes until the next version
+        arrives (pending observations, as GP-BUCB: Desautels et al., JMLR 2014): without it a
+        deterministic UCB sends every decision between two versions to the same most
+        uncertain action. A posterior without ``noise`` (a file from before it) is returned
+        as it is."""
+        if self.noise is None:
+            return self
+        out = self.narrowable()
+        out.narrow(row, head)
+        return out
+
+    def narrowable(self) -> LinearPosterior:
+        """A private copy whose covariance ``narrow`` updates in place: serving copies a
+        version's posterior once and narrows it by each decision, where ``observed`` would
+        copy every head's [H, H] matrices per decision."""
+        out = object.__new__(LinearPosterior)
+        out._set(self.mean, self.covariance.copy(), self.bias, self._factor.copy(), self.noise,
+                 writeable=True)
+        return out
+
+    def narrow(self, row: np.ndarray, head: int = 0) -> None:
+        """``observed`` in place, on a copy from ``narrowable`` (no-op without ``noise``)."""
+        if self.noise is None:
+            return
+        if not self._factor.flags.writeable:
+            raise ValueError("narrow needs a copy from narrowable(); use observed()")
+        x = np.asarray(row, np.float64)
+        if x.shape != (self.dim,) or not np.isfinite(x).all():
+            raise InvalidArgument(f"row must be {self.dim} finite values, got shape {x.shape}")
+        if not (0 <= head < len(self.bias)):
+            raise InvalidArgument(f"head must be in 0..{len(self.bias) - 1}, got {head}")
+        factor = self._factor if self.shared else self._factor[head]  # views: updated in place
+        cov = self.covariance if self.shared else self.covariance[head]
+        u = factor.T @ x  # C x = F u, x^T C x = |u|^2
+        uu = float(u @ u)
+        if not uu > 0:
+            return
+        noise = float(self.noise[head])
+        cu = factor @ u
+        # (I - c u u^T)^2 = I - u u^T / (noise + |u|^2) for this c
+        c = (1.0 - np.sqrt(noise / (noise + uu))) / uu
+        factor -= np.outer(c * cu, u)
+        cov -= np.outer(cu / (noise + uu), cu)
 
     def mean_and_variance(self, embedding: np.ndarray,
                           actions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -155,12 +218,17 @@ class LinearPosterior:
 
     def to_npz_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez(buffer, mean=self.mean, covariance=self.covariance, bias=self.bias)
+        if self.noise is None:
+            np.savez(buffer, mean=self.mean, covariance=self.covariance, bias=self.bias)
+        else:
+            np.savez(buffer, mean=self.mean, covariance=self.covariance, bias=self.bias,
+                     noise=self.noise)
         return buffer.getvalue()
 
     @classmethod
     def from_npz_bytes(cls, data: bytes) -> LinearPosterior:
-        """Read ``head.npz`` (keys mean, covariance, bias); InvalidArgument when malformed."""
+        """Read ``head.npz`` (keys mean, covariance, bias, optionally noise); InvalidArgument
+        when malformed."""
         try:
             npz = np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -173,9 +241,10 @@ class LinearPosterior:
                 raise InvalidArgument(f"posterior file lacks {missing}; has {npz.files}")
             try:
                 arrays = npz["mean"], npz["covariance"], npz["bias"]
+                noise = npz["noise"] if "noise" in npz.files else None
             except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
                 raise InvalidArgument(f"posterior file is malformed: {exc}") from exc
-        return cls(*arrays)
+        return cls(*arrays, noise=noise)
 
 
 def _float_array(name: str, value: np.ndarray) -> np.ndarray:

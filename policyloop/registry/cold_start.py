@@ -77,13 +77,15 @@ def created_defaults(spec: PolicySpec) -> PolicyDefaults:
 
 def prior_posterior(weight: np.ndarray, bias: np.ndarray, *, prior: float) -> LinearPosterior:
     """The learner's prior around a head, weight [A, H] and bias [A] (A = 1: one head shared
-    by every candidate): mean the head, covariance ``0.25 / prior * I`` per head row."""
+    by every candidate): mean the head, covariance ``0.25 / prior * I`` per head row, noise
+    variance 0.25 (the learner's before its first example)."""
     rows, h = weight.shape
     covariance = NOISE_VARIANCE / prior * np.eye(h)
     w, b = np.asarray(weight, np.float64), np.asarray(bias, np.float64).reshape(rows)
+    noise = np.full(rows, NOISE_VARIANCE)
     if rows == 1:
-        return LinearPosterior(w[0], covariance, b)
-    return LinearPosterior(w, np.broadcast_to(covariance, (rows, h, h)).copy(), b)
+        return LinearPosterior(w[0], covariance, b, noise)
+    return LinearPosterior(w, np.broadcast_to(covariance, (rows, h, h)).copy(), b, noise)
 
 
 def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
