@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 from policyloop.bus import interface as bus
 from policyloop.contract.errors import InvalidArgument, PolicyloopError, shown
 from policyloop.contract.events import ActivationEvent, DecisionEvent, RewardEvent, usable_reward
+from policyloop.contract.posterior import LinearPosterior
 from policyloop.contract.signature import Categorical
 from policyloop.registry.onnx_model import LoadedModel
 from serving.config import ServeConfig
@@ -231,6 +233,9 @@ class DataPlane:
         # per policy: the strategy its latest version decides with (a growing SquareCB's
         # gamma depends on the version), keyed by (version, the strategy's name)
         self._versioned: dict[str, tuple[tuple[int, str], Strategy]] = {}
+        # per policy: (version, its posterior shrunk by the decisions made since it arrived)
+        self._pending: dict[str, tuple[int, LinearPosterior]] = {}
+        self._pending_lock = threading.Lock()
         # labelled metric children, looked up once (label values are bounded)
         self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._recent_ids = _RecentIds(RECENT_EVENT_IDS)
@@ -277,6 +282,31 @@ class DataPlane:
             cached = (key, for_version(strategy, model.manifest.examples_learned))
             self._versioned[policy] = cached
         return cached[1]
+
+    def _served_posterior(self, policy: str, model: LoadedModel) -> LinearPosterior | None:
+        """The posterior ``model``'s decisions explore with: as published, or (serve
+        ``pending_decisions``, the default) shrunk by every decision made on this version
+        so far (``_observe``)."""
+        if model.posterior is None or not self._config.pending_decisions:
+            return model.posterior
+        pending = self._pending.get(policy)
+        return pending[1] if pending is not None and pending[0] == model.version else (
+            model.posterior)
+
+    def _observe(self, policy: str, model: LoadedModel, row: np.ndarray, head: int) -> None:
+        """A decision of ``model``'s version the learner will fit (its reward still unknown):
+        the posterior later decisions on this version explore with narrows as the
+        learner's will (``LinearPosterior.narrow``, in place on this version's private copy;
+        callers hold ``_pending_lock``), so between two versions UCB and Thompson sampling
+        move on from what they have just tried. Per replica: each replica narrows by its own
+        decisions, the next version replaces them all."""
+        pending = self._pending.get(policy)
+        if pending is None or pending[0] != model.version:
+            if model.posterior is None:
+                return
+            pending = (model.version, model.posterior.narrowable())
+            self._pending[policy] = pending
+        pending[1].narrow(row, head)
 
     def max_candidates(self, policy: str) -> int:
         return self._config.policy(policy).max_candidates
@@ -406,22 +436,29 @@ class DataPlane:
         strategy = self._for_version(p.request.policy, self._strategy(p.request.policy, model),
                                      model)
         rng = np.random.default_rng(p.request.seed) if p.request.seed is not None else self._rng
-        if p.allowed is not None:  # fixed action set: restrict to the allowed actions
-            scores = scores[p.allowed]
-            posterior = (model.posterior.for_actions(p.allowed)
-                         if strategy.needs_posterior and model.posterior is not None else None)
-            embedding = np.broadcast_to(embedding, (len(p.allowed), embedding.shape[-1]))
-        else:
-            posterior = model.posterior if strategy.needs_posterior else None
-        decision = strategy.decide(scores, p.slots, rng, embedding=embedding,
-                                   posterior=posterior)
-        chosen = [Chosen(p.ids[int(i)], int(i), float(q))
-                  for i, q in zip(decision.chosen, decision.propensities, strict=True)]
+        with self._pending_lock:  # _observe narrows the served posterior in place
+            served = (self._served_posterior(p.request.policy, model)
+                      if strategy.needs_posterior else None)
+            posterior = served
+            if p.allowed is not None:  # fixed action set: restrict to the allowed actions
+                scores = scores[p.allowed]
+                posterior = served.for_actions(p.allowed) if served is not None else None
+                embedding = np.broadcast_to(embedding, (len(p.allowed), embedding.shape[-1]))
+            decision = strategy.decide(scores, p.slots, rng, embedding=embedding,
+                                       posterior=posterior)
+            chosen = [Chosen(p.ids[int(i)], int(i), float(q))
+                      for i, q in zip(decision.chosen, decision.propensities, strict=True)]
+            if p.apprentice:  # the baseline is logged, and is what the learner fits
+                chosen = [Chosen(p.request.baseline_action,
+                                 p.ids.index(p.request.baseline_action), 1.0)]
+            if (served is not None and self._config.pending_decisions
+                    and not p.request.deferred):
+                logged = chosen[0].candidate_index
+                self._observe(p.request.policy, model, embedding[logged],
+                              0 if p.allowed is None else int(p.allowed[logged]))
         policy_action = ""
         if p.apprentice:
-            policy_action = chosen[0].action_id
-            baseline = p.ids.index(p.request.baseline_action)
-            chosen = [Chosen(p.request.baseline_action, baseline, 1.0)]
+            policy_action = p.ids[int(decision.chosen[0])]
             match = "true" if policy_action == p.request.baseline_action else "false"
             self._metrics.apprentice_matches.labels(p.request.policy, match).inc()
         self._log_decision(p, decision, chosen, strategy.name, policy_action)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -264,6 +265,40 @@ def test_a_spec_policy_refuses_a_request_missing_features_unless_its_spec_fills_
         full = pb.Features(named={"x": 1.0, "y": 0.0, "z": 2.0})
         assert stub.Decide(pb.DecideRequest(policy="strict", context=full), timeout=5).event_id
         assert stub.Decide(pb.DecideRequest(policy="sparse", context=partial), timeout=5).event_id
+
+
+@pytest.mark.parametrize("pending", [True, False])
+def test_served_ucb_moves_on_from_the_actions_it_has_just_tried(tmp_path: Path,
+                                                               pending: bool) -> None:
+    """Between two versions the served posterior narrows with each decision (serve
+    ``pending_decisions``): a created policy's UCB, asked the same thing five times before any
+    reward, tries each of its five actions once; explored with the published posterior alone
+    (``--no-pending-decisions``) it sends all five to the same one. A new version starts
+    again from what it publishes."""
+    from protos import decision_pb2 as pb
+    from protos import decision_pb2_grpc as pb_grpc
+    from serving.config import PolicyConfig
+    from tests.server_harness import channel, running_server, serve_config
+
+    actions = ["a", "b", "c", "d", "e"]
+    spec = parse_spec(f'name = "fresh"\nkind = "actions"\nactions = {json.dumps(actions)}\n'
+                      '[features]\ncontext = ["x", "y"]\n')
+    registry = LocalRegistry(tmp_path / "registry")
+    model, manifest, posterior = cold_start(spec)
+    registry.publish("fresh", model, manifest, {"head.npz": posterior.to_npz_bytes()})
+    config = serve_config(tmp_path, policies={"fresh": PolicyConfig(strategy="ucb:1")},
+                          pending_decisions=pending, micro_batch_size=1)
+    request = pb.DecideRequest(policy="fresh", context=pb.Features(dense=[1.0, 0.5]))
+    with running_server(config) as server, channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        tried = [stub.Decide(request, timeout=5).chosen[0].action_id for _ in actions]
+        assert sorted(tried) == actions if pending else len(set(tried)) == 1, tried
+        registry.publish("fresh", model, manifest, {"head.npz": posterior.to_npz_bytes()})
+        deadline = time.monotonic() + 10
+        while stub.Decide(request, timeout=5).model_version != 2:
+            assert time.monotonic() < deadline, "version 2 was not served"
+        again = [stub.Decide(request, timeout=5).chosen[0].action_id for _ in actions[1:]]
+        assert sorted(again) == actions[1:] if pending else set(again) == set(tried), again
 
 
 def test_create_refuses_an_existing_policy_unless_forced(tmp_path: Path) -> None:
