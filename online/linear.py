@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policyloop.contract.errors import InvalidArgument
-from policyloop.contract.posterior import LinearPosterior
+from policyloop.contract.posterior import LinearPosterior, add_outer
 
 NOISE_PSEUDO_COUNT = 2.0  # see LinearHeads.noise_variance
 
@@ -68,7 +68,7 @@ class LinearHeads:
             self.data_b *= self.gamma
             self.count *= self.gamma
             self.data_rr *= self.gamma
-        self.data_a[head] += np.outer(x, x)
+        add_outer(self.data_a[head], 1.0, x, x)
         self.data_b[head] += x * reward
         self.count[head] += 1.0
         self.data_rr[head] += reward * reward

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from policyloop.contract.errors import InvalidArgument, Unavailable
-from policyloop.contract.posterior import LinearPosterior
+from policyloop.contract.posterior import LinearPosterior, add_outer
 from serving import exploration
 from serving.exploration import (
     SPECS,
@@ -522,6 +522,22 @@ def test_narrowing_in_place_leaves_the_published_posterior_as_it_was() -> None:
     np.testing.assert_array_equal(published.covariance, before)
     with pytest.raises(ValueError, match="narrowable"):
         published.narrow(np.ones(4))
+
+
+@pytest.mark.parametrize("layout", ["one head", "a head of three", "transposed", "float32"])
+def test_add_outer_updates_the_matrix_itself_whatever_its_layout(layout: str) -> None:
+    """BLAS updates a C-contiguous float64 matrix in place (a head of a stacked [A, H, H]
+    covariance included); any other layout takes NumPy's path: same result, same matrix."""
+    rng = np.random.default_rng(5)
+    stack = rng.standard_normal((3, 5, 5))
+    matrix = {"one head": stack[0].copy(), "a head of three": stack[1],
+              "transposed": stack[2].T, "float32": stack[0].astype(np.float32)}[layout]
+    x, y = rng.standard_normal(5), rng.standard_normal(5)
+    expected = matrix + -0.5 * np.outer(x, y)
+    add_outer(matrix, -0.5, x, y)
+    np.testing.assert_allclose(matrix, expected, rtol=1e-6, atol=1e-6)
+    if layout == "a head of three":
+        np.testing.assert_allclose(stack[1], expected)
 
 
 def test_ucb_moves_on_from_an_action_it_has_just_observed() -> None:
