@@ -295,8 +295,14 @@ def add_outer(matrix: np.ndarray, alpha: float, x: np.ndarray, y: np.ndarray) ->
 
 @functools.cache
 def _dger() -> Callable[..., np.ndarray]:
-    """SciPy's BLAS, imported on first use: it costs a process about 0.4 s to import, which
-    a command that never narrows or learns should not pay."""
+    """SciPy's BLAS, imported on first use (it costs a process about 0.4 s, which a command
+    that never narrows or learns should not pay), and every BLAS of the process held to one
+    thread from then on: SciPy's OpenBLAS and NumPy's each keep a thread pool, and on two
+    cores the two pools spun against each other (the recommendation stream of
+    bench/bandit_bench.py fell from 1,000 to 71 events/s); these products are too small to
+    gain from threads, and ONNX Runtime has its own."""
     from scipy.linalg.blas import dger
+    from threadpoolctl import threadpool_limits
 
+    threadpool_limits(1, user_api="blas")
     return dger
