@@ -17,14 +17,16 @@ order, the same reward draws, and starts from nothing. One row forgets (``learn 
 0.999``, as the demo's drift runs do), for the drift.
 
 - policyloop: the code ``policyloop create`` + ``serve`` + ``learn`` run, in one process and
-  without the bus: version 1 built from a spec by ``policyloop/registry/cold_start.py`` (a linear
-  model per action, zero head, the learner's prior), decisions drawn by serving's exploration
-  strategies (``serving/exploration.py``) from the scores and posterior of the version being
-  served, every example given to the learner (``online/learners.py`` LinearHeadLearner, the
-  default prior; the real loop holds one event in five out for its promotion gate, none with
-  ``--no-gate``), and a new version served as often as ``policyloop learn`` publishes by
-  default (a young learner sooner, then every 500 examples) or, in the rows that say so, every
-  10 events; a real loop adds the reward window and the bus on top.
+  without the bus: version 1 built from a spec by ``policyloop/registry/cold_start.py`` (a
+  linear model per action, zero head, the learner's prior), decisions drawn by serving's
+  exploration strategies (``serving/exploration.py``) from the scores and posterior of the
+  version being served (narrowed by each decision made since that version, as serve's pending
+  decisions do; ``--no-pending-decisions`` rows: as published), every example given to the
+  learner (``online/learners.py`` LinearHeadLearner, the default prior; the real loop holds one
+  event in five out for its promotion gate, none with ``--no-gate``), and a new version served
+  as often as ``policyloop learn`` publishes by default (a young learner sooner, then every 500
+  examples) or, in the rows that say so, every 10 events; a real loop adds the reward window and
+  the bus on top.
 - Vowpal Wabbit ``--cb_explore_adf`` with epsilon-greedy (0.1) and with SquareCB, the action as
   an ADF feature crossed with every context feature (``-q sa``), through its Python API.
 - LinUCB (disjoint, Li et al. 2010), one ridge regression per action, alpha 0.5 and 1.
@@ -112,7 +114,7 @@ def _routing_drift(n: int, seed: int) -> Stream:
 
 def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
                    items: np.ndarray | None, *, strategy: str, publish_every: int | None,
-                   seed: int, gamma: float = 1.0) -> np.ndarray:
+                   seed: int, gamma: float = 1.0, pending: bool = True) -> np.ndarray:
     """``publish_every`` None: the learner's default cadence (``online/learner.py``
     publish_threshold: a young learner publishes sooner, then every 500 examples). A ranking
     stream is a ``kind = "ranking"`` spec, whose created model scores each candidate on its
@@ -135,15 +137,16 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
         f'[features]\ncontext = {context}\n' if items is None else
         f'name = "bench"\nkind = "ranking"\n[features]\ncontext = {context}\n'
         f'action = {json.dumps([f"a{i}" for i in range(items.shape[2])])}\n')
-    data, manifest, posterior = cold_start(spec)
+    data, manifest, prior = cold_start(spec)
     providers = ["CPUExecutionProvider"]
-    serving = Serving(open_model(data, manifest, posterior, providers=providers), data)
+    serving = Serving(open_model(data, manifest, prior, providers=providers), data)
     learner = LinearHeadLearner(serving, gamma=gamma)  # learn --gamma: forgetting
     schedule = strategy_from_spec(strategy)
     explore = for_version(schedule, 0)  # a growing SquareCB's gamma: the version's examples
     rng = np.random.default_rng(seed)
     values = np.empty(len(x))
     model = serving.model
+    posterior = model.posterior  # narrowed by each decision, as serve's pending_decisions
     defaults = LearnConfig(registry=Path("unused"), policy="bench")
     last = 0  # examples learned at the last version
     for i in range(len(x)):
@@ -155,8 +158,13 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
             per_action = embedding[0]
         decision = explore.decide(
             scores[0], 1, rng, embedding=per_action,
-            posterior=model.posterior if explore.needs_posterior else None)
+            posterior=posterior if explore.needs_posterior else None)
         chosen = int(decision.chosen[0])
+        if explore.needs_posterior and pending:  # serving/dataplane.py DataPlane._observe
+            assert posterior is not None
+            if posterior is model.posterior:  # the version's private copy, narrowed in place
+                posterior = posterior.narrowable()
+            posterior.narrow(per_action[chosen], 0 if items is not None else chosen)
         reward = _reward(expected, uniforms, i, chosen)
         values[i] = expected[i, chosen]
         event = DecisionEvent(
@@ -174,6 +182,7 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
             candidate = learner.candidate()
             model = open_model(candidate.model, manifest, _posterior(candidate.extras),
                                providers=providers)
+            posterior = model.posterior
             explore = for_version(schedule, last)
     return values
 
@@ -257,17 +266,21 @@ def _shared_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
 
 
 def learners() -> dict[str, Callable[..., np.ndarray]]:
-    def pl(strategy: str, every: int | None = None,
-           gamma: float = 1.0) -> Callable[..., np.ndarray]:
-        return lambda *stream, seed: run_policyloop(*stream, strategy=strategy,
-                                                    publish_every=every, seed=seed, gamma=gamma)
+    def pl(strategy: str, every: int | None = None, gamma: float = 1.0,
+           pending: bool = True) -> Callable[..., np.ndarray]:
+        return lambda *stream, seed: run_policyloop(
+            *stream, strategy=strategy, publish_every=every, seed=seed, gamma=gamma,
+            pending=pending)
 
     return {
         "policyloop epsilon_greedy:0.1 (serve --strategy default)": pl("epsilon_greedy:0.1"),
         "policyloop thompson": pl("thompson"),
         "policyloop ucb:1": pl("ucb:1"),
+        "policyloop ucb:2 (create's default)": pl("ucb:2"),
+        "policyloop ucb:1, --no-pending-decisions": pl("ucb:1", pending=False),
+        "policyloop thompson, --no-pending-decisions": pl("thompson", pending=False),
         "policyloop squarecb:10 (gamma fixed)": pl("squarecb:10"),
-        "policyloop squarecb (gamma 10 t^0.5, VW's schedule; create's default)": pl("squarecb"),
+        "policyloop squarecb (gamma 10 t^0.5, VW's schedule)": pl("squarecb"),
         "policyloop thompson, a version every 10": pl("thompson", 10),
         "policyloop ucb:1, a version every 10": pl("ucb:1", 10),
         "policyloop thompson, a version every 500 (before publish_ramp)": pl("thompson", 500),
