@@ -524,6 +524,33 @@ def test_narrowing_in_place_leaves_the_published_posterior_as_it_was() -> None:
         published.narrow(np.ones(4))
 
 
+def test_nudged_rewards_give_the_ridge_regressions_mean_whatever_arrived() -> None:
+    """Narrowing observes a row at its predicted score; ``nudge`` replaces that score by the
+    reward when it comes. After four decisions and two rewards, interleaved and in another
+    order than the decisions, the mean is the Bayesian linear regression's on all four rows
+    with the two rewards and the two predicted scores, and the covariance its covariance."""
+    rng = np.random.default_rng(6)
+    noise, prior_var, bias = 0.3, 0.5, 0.1
+    published = LinearPosterior(rng.standard_normal(3), prior_var * np.eye(3),
+                                np.array([bias]), np.array([noise]))
+    private = published.narrowable()
+    rows = rng.standard_normal((4, 3))
+    rewards = {1: 1.0, 0: -0.5}
+    predicted = [private.narrow(rows[0]), private.narrow(rows[1])]
+    assert predicted[0] == pytest.approx(float(rows[0] @ published.mean + bias))
+    private.nudge(rows[1], 0, rewards[1] - predicted[1])  # row 1's reward first
+    predicted += [private.narrow(rows[2]), private.narrow(rows[3])]  # on the moved mean
+    private.nudge(rows[0], 0, rewards[0] - predicted[0])
+    targets = np.array([rewards.get(i, predicted[i]) for i in range(4)]) - bias
+    precision = np.eye(3) / prior_var + rows.T @ rows / noise
+    expected = np.linalg.solve(precision, published.mean / prior_var + rows.T @ targets / noise)
+    np.testing.assert_allclose(private.mean, expected, atol=1e-10)
+    np.testing.assert_allclose(private.covariance, np.linalg.inv(precision), atol=1e-10)
+    assert not published.mean.flags.writeable
+    with pytest.raises(ValueError, match="narrowable"):
+        published.nudge(rows[0], 0, 1.0)
+
+
 @pytest.mark.parametrize("layout", ["one head", "a head of three", "transposed", "float32"])
 def test_add_outer_updates_the_matrix_itself_whatever_its_layout(layout: str) -> None:
     """BLAS updates a C-contiguous float64 matrix in place (a head of a stacked [A, H, H]

@@ -18,7 +18,8 @@ Variances and posterior draws both come from ``F``, so UCB and Thompson see the 
 
 ``noise`` (optional, float64[1] or [A]) is each head's noise variance, the scale the learner
 gives one more example: with it, ``observed`` shrinks the covariance by a decision the learner
-will fit before its reward is known (serving's pending decisions, ``serving/dataplane.py``).
+will fit before its reward is known, and ``nudge`` moves the mean by the reward once it comes
+(serving's pending decisions, ``serving/dataplane.py``).
 
 >>> p = LinearPosterior(np.zeros(2), np.diag([1.0, 4.0]), np.array([0.5]))
 >>> mu, var = p.mean_and_variance(np.array([[1.0, 0.0], [0.0, 1.0]]))
@@ -80,12 +81,12 @@ class LinearPosterior:
 
     def _set(self, mean: np.ndarray, cov: np.ndarray, bias: np.ndarray,
              factor: np.ndarray, noise: np.ndarray | None, *, writeable: bool = False) -> None:
-        """Freeze and store the arrays (``writeable``: covariance and factor stay writable,
-        for ``narrow``)."""
+        """Freeze and store the arrays (``writeable``: mean, covariance and factor stay
+        writable, for ``narrow`` and ``nudge``)."""
         for name, value in (("mean", mean), ("covariance", cov), ("bias", bias),
                             ("_factor", factor), ("noise", noise)):
             if value is not None:
-                value.flags.writeable = writeable and name in ("covariance", "_factor")
+                value.flags.writeable = writeable and name in ("mean", "covariance", "_factor")
             object.__setattr__(self, name, value)
 
     @property
@@ -132,33 +133,58 @@ class LinearPosterior:
         version's posterior once and narrows it by each decision, where ``observed`` would
         copy every head's [H, H] matrices per decision."""
         out = object.__new__(LinearPosterior)
-        out._set(self.mean, self.covariance.copy(), self.bias, self._factor.copy(), self.noise,
-                 writeable=True)
+        out._set(self.mean.copy(), self.covariance.copy(), self.bias, self._factor.copy(),
+                 self.noise, writeable=True)
         return out
 
-    def narrow(self, row: np.ndarray, head: int = 0) -> None:
-        """``observed`` in place, on a copy from ``narrowable`` (no-op without ``noise``)."""
+    def narrow(self, row: np.ndarray, head: int = 0) -> float:
+        """``observed`` in place, on a copy from ``narrowable`` (no-op without ``noise``).
+        Returns the row's predicted score: narrowing is observing the row at that score,
+        which leaves the mean as it is until ``nudge`` replaces it by the reward."""
+        x = self._row(row, head)
+        predicted = float(x @ (self.mean if self.shared else self.mean[head]) + self.bias[head])
         if self.noise is None:
-            return
+            return predicted
         if not self._factor.flags.writeable:
             raise ValueError("narrow needs a copy from narrowable(); use observed()")
-        x = np.asarray(row, np.float64)
-        if x.shape != (self.dim,) or not np.isfinite(x).all():
-            raise InvalidArgument(f"row must be {self.dim} finite values, got shape {x.shape}")
-        if not (0 <= head < len(self.bias)):
-            raise InvalidArgument(f"head must be in 0..{len(self.bias) - 1}, got {head}")
         factor = self._factor if self.shared else self._factor[head]  # views: updated in place
         cov = self.covariance if self.shared else self.covariance[head]
         u = factor.T @ x  # C x = F u, x^T C x = |u|^2
         uu = float(u @ u)
         if not uu > 0:
-            return
+            return predicted
         noise = float(self.noise[head])
         cu = factor @ u
         # (I - c u u^T)^2 = I - u u^T / (noise + |u|^2) for this c
         c = (1.0 - np.sqrt(noise / (noise + uu))) / uu
         add_outer(factor, -c, cu, u)
         add_outer(cov, -1.0 / (noise + uu), cu, cu)
+        return predicted
+
+    def nudge(self, row: np.ndarray, head: int, delta: float) -> None:
+        """The reward of a row ``narrow`` observed at its predicted score has come: ``delta``
+        is the reward minus that score. The mean moves by ``C x delta / noise``, C the
+        covariance now: the posterior mean is linear in the observed scores, so this is the
+        Bayesian linear regression's mean with this row's reward and every other narrowed
+        row still at its predicted score, in any order (tests/test_exploration.py). Serving
+        applies each reward that reaches its replica, so between two versions it learns as
+        LinUCB does, and the next version replaces it with the learner's."""
+        x = self._row(row, head)
+        if self.noise is None or not np.isfinite(delta):
+            return
+        if not self.mean.flags.writeable:
+            raise ValueError("nudge needs a copy from narrowable()")
+        cov = self.covariance if self.shared else self.covariance[head]
+        mean = self.mean if self.shared else self.mean[head]  # a view: updated in place
+        mean += cov @ x * (float(delta) / float(self.noise[head]))
+
+    def _row(self, row: np.ndarray, head: int) -> np.ndarray:
+        x = np.asarray(row, np.float64)
+        if x.shape != (self.dim,) or not np.isfinite(x).all():
+            raise InvalidArgument(f"row must be {self.dim} finite values, got shape {x.shape}")
+        if not (0 <= head < len(self.bias)):
+            raise InvalidArgument(f"head must be in 0..{len(self.bias) - 1}, got {head}")
+        return x
 
     def mean_and_variance(self, embedding: np.ndarray,
                           actions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
