@@ -84,9 +84,10 @@ class ServeConfig:
                                   "slot reward); larger ones are refused with INVALID_ARGUMENT")
     pending_decisions: bool = setting(True, "between two versions, narrow the posterior UCB "
                                       "and Thompson sampling explore with by each decision "
-                                      "made (its reward unknown), as the learner's will "
-                                      "narrow once it fits it; --no-pending-decisions: "
-                                      "explore with the version's posterior as published")
+                                      "made, as the learner's will once it fits it, and move "
+                                      "its mean by each reward that reaches this replica; "
+                                      "--no-pending-decisions: explore with the version's "
+                                      "posterior as published")
     # Micro-batching of concurrent Decide calls (serving/batching.py). On by default: the
     # serving benchmark shows it faster at every load.
     micro_batch_size: int = setting(32, "decide up to N concurrent Decide calls together (1 "

@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import getrandbits
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_SLOTS = 100
 RECENT_EVENT_IDS = 100_000  # caller event ids remembered to report reuse (~10 MB at most)
+# decisions whose reward serve applies to the pending posterior when it reaches this replica
+# (their embedding rows: ~23 MB at most for a 288-wide head); older ones wait for a version
+AWAITED_REWARDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,10 @@ class DataPlane:
         self._versioned: dict[str, tuple[tuple[int, str], Strategy]] = {}
         # per policy: (version, its posterior shrunk by the decisions made since it arrived)
         self._pending: dict[str, tuple[int, LinearPosterior]] = {}
+        # event id -> (policy, version, embedding row, head, predicted score) of a pending
+        # decision whose reward has not reached this replica yet (``_rewarded``)
+        self._awaited: OrderedDict[str, tuple[str, int, np.ndarray, int, float]] = (
+            OrderedDict())
         self._pending_lock = threading.Lock()
         # labelled metric children, looked up once (label values are bounded)
         self._decision_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -293,20 +300,38 @@ class DataPlane:
         return pending[1] if pending is not None and pending[0] == model.version else (
             model.posterior)
 
-    def _observe(self, policy: str, model: LoadedModel, row: np.ndarray, head: int) -> None:
+    def _observe(self, policy: str, model: LoadedModel, row: np.ndarray,
+                 head: int) -> float | None:
         """A decision of ``model``'s version the learner will fit (its reward still unknown):
         the posterior later decisions on this version explore with narrows as the
         learner's will (``LinearPosterior.narrow``, in place on this version's private copy;
         callers hold ``_pending_lock``), so between two versions UCB and Thompson sampling
         move on from what they have just tried. Per replica: each replica narrows by its own
-        decisions, the next version replaces them all."""
+        decisions, the next version replaces them all. Returns the row's predicted score
+        (what ``_rewarded`` replaces by the reward)."""
         pending = self._pending.get(policy)
         if pending is None or pending[0] != model.version:
             if model.posterior is None:
-                return
+                return None
             pending = (model.version, model.posterior.narrowable())
             self._pending[policy] = pending
-        pending[1].narrow(row, head)
+        return pending[1].narrow(row, head)
+
+    def _rewarded(self, event_id: str, value: float) -> None:
+        """A reward for a pending decision of this replica's: the posterior its version
+        explores with moves by it (``LinearPosterior.nudge``), so between two versions the
+        served policy learns from every reward as it arrives, as LinUCB does; the learner's
+        next version replaces it. The first reward of a decision counts here (any later one,
+        a reward of an older version's decision, or one this replica did not decide waits
+        for the learner)."""
+        with self._pending_lock:
+            awaited = self._awaited.pop(event_id, None)
+            if awaited is None:
+                return
+            policy, version, row, head, predicted = awaited
+            pending = self._pending.get(policy)
+            if pending is not None and pending[0] == version:
+                pending[1].nudge(row, head, value - predicted)
 
     def max_candidates(self, policy: str) -> int:
         return self._config.policy(policy).max_candidates
@@ -454,8 +479,14 @@ class DataPlane:
             if (served is not None and self._config.pending_decisions
                     and not p.request.deferred):
                 logged = chosen[0].candidate_index
-                self._observe(p.request.policy, model, embedding[logged],
-                              0 if p.allowed is None else int(p.allowed[logged]))
+                row = np.array(embedding[logged], np.float64)
+                head = 0 if p.allowed is None else int(p.allowed[logged])
+                predicted = self._observe(p.request.policy, model, row, head)
+                if predicted is not None and p.slots == 1:  # a slate's reward is the slate's
+                    self._awaited[p.event_id] = (p.request.policy, model.version, row, head,
+                                                 predicted)
+                    if len(self._awaited) > AWAITED_REWARDS:
+                        self._awaited.popitem(last=False)
         policy_action = ""
         if p.apprentice:
             policy_action = p.ids[int(decision.chosen[0])]
@@ -510,6 +541,8 @@ class DataPlane:
         self._log.submit(bus.REWARDS, event.key, event.to_bytes())
         self._metrics.rewards.labels(r.policy or "unspecified").inc()
         self._metrics.reward_value.labels(r.policy or "unspecified").observe(float(r.value))
+        if self._config.pending_decisions:
+            self._rewarded(r.event_id, float(r.value))
         return r.event_id
 
     def activate(self, event_id: str, policy: str) -> str:

@@ -302,6 +302,41 @@ def test_served_ucb_moves_on_from_the_actions_it_has_just_tried(tmp_path: Path,
         assert sorted(again) == actions[1:] if pending else set(again) == set(tried), again
 
 
+@pytest.mark.parametrize("pending", [True, False])
+def test_served_ucb_learns_from_a_reward_before_the_next_version(tmp_path: Path,
+                                                                 pending: bool) -> None:
+    """A reward that reaches the replica moves the posterior its version explores with: the
+    first action tried, rewarded 1, is UCB's choice again (its mean 0.56, bound 0.93, against
+    an untried action's 0.56); rewarded -1 next, its mean falls to 0 and UCB moves on. With
+    ``--no-pending-decisions`` the version's posterior is served as published: the same
+    action every time."""
+    from protos import decision_pb2 as pb
+    from protos import decision_pb2_grpc as pb_grpc
+    from serving.config import PolicyConfig
+    from tests.server_harness import channel, running_server, serve_config
+
+    spec = parse_spec('name = "fresh"\nkind = "actions"\nactions = ["a", "b", "c"]\n'
+                      '[features]\ncontext = ["x", "y"]\n')
+    registry = LocalRegistry(tmp_path / "registry")
+    model, manifest, posterior = cold_start(spec)
+    registry.publish("fresh", model, manifest, {"head.npz": posterior.to_npz_bytes()})
+    config = serve_config(tmp_path, policies={"fresh": PolicyConfig(strategy="ucb:1")},
+                          pending_decisions=pending, micro_batch_size=1)
+    request = pb.DecideRequest(policy="fresh", context=pb.Features(dense=[1.0, 0.5]))
+    with running_server(config) as server, channel(server.target) as ch:
+        stub = pb_grpc.DecisionServiceStub(ch)
+        first = stub.Decide(request, timeout=5)
+        stub.Reward(pb.RewardRequest(event_id=first.event_id, value=1.0), timeout=5)
+        again = stub.Decide(request, timeout=5)
+        stub.Reward(pb.RewardRequest(event_id=again.event_id, value=-1.0), timeout=5)
+        third = stub.Decide(request, timeout=5)
+    tried = [d.chosen[0].action_id for d in (first, again, third)]
+    if pending:  # rewarded: tried again; then -1: its mean falls to 0, UCB moves on
+        assert tried[0] == tried[1] != tried[2], tried
+    else:
+        assert len(set(tried)) == 1, tried
+
+
 def test_create_refuses_an_existing_policy_unless_forced(tmp_path: Path) -> None:
     spec = tmp_path / "r.toml"
     spec.write_text('name = "r"\nkind = "actions"\nactions = ["a", "b"]\n'
