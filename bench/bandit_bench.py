@@ -20,13 +20,14 @@ order, the same reward draws, and starts from nothing. One row forgets (``learn 
   without the bus: version 1 built from a spec by ``policyloop/registry/cold_start.py`` (a
   linear model per action, zero head, the learner's prior), decisions drawn by serving's
   exploration strategies (``serving/exploration.py``) from the scores and posterior of the
-  version being served (narrowed by each decision made since that version, as serve's pending
-  decisions do; ``--no-pending-decisions`` rows: as published), every example given to the
-  learner (``online/learners.py`` LinearHeadLearner, the default prior; the real loop holds one
-  event in five out for its promotion gate, none with ``--no-gate``), and a new version served
-  as often as ``policyloop learn`` publishes by default (a young learner sooner, then every 500
-  examples) or, in the rows that say so, every 10 events; a real loop adds the reward window and
-  the bus on top.
+  version being served (narrowed by each decision made since that version and moved by its
+  reward, as serve's pending decisions do when each reward reaches the replica before its next
+  decision; the row that says so narrows only; ``--no-pending-decisions`` rows: as published),
+  every example given to the learner (``online/learners.py`` LinearHeadLearner, the default
+  prior; the real loop holds one event in five out for its promotion gate, none with
+  ``--no-gate``), and a new version served as often as ``policyloop learn`` publishes by default
+  (a young learner sooner, then every 500 examples) or, in the rows that say so, every 10
+  events; a real loop adds the reward window and the bus on top.
 - Vowpal Wabbit ``--cb_explore_adf`` with epsilon-greedy (0.1) and with SquareCB, the action as
   an ADF feature crossed with every context feature (``-q sa``), through its Python API.
 - LinUCB (disjoint, Li et al. 2010), one ridge regression per action, alpha 0.5 and 1.
@@ -115,7 +116,8 @@ def _routing_drift(n: int, seed: int) -> Stream:
 
 def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
                    items: np.ndarray | None, *, strategy: str, publish_every: int | None,
-                   seed: int, gamma: float = 1.0, pending: bool = True) -> np.ndarray:
+                   seed: int, gamma: float = 1.0, pending: bool = True,
+                   rewards: bool = True) -> np.ndarray:
     """``publish_every`` None: the learner's default cadence (``online/learner.py``
     publish_threshold: a young learner publishes sooner, then every 500 examples). A ranking
     stream is a ``kind = "ranking"`` spec, whose created model scores each candidate on its
@@ -161,12 +163,15 @@ def run_policyloop(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
             scores[0], 1, rng, embedding=per_action,
             posterior=posterior if explore.needs_posterior else None)
         chosen = int(decision.chosen[0])
+        reward = _reward(expected, uniforms, i, chosen)
         if explore.needs_posterior and pending:  # serving/dataplane.py DataPlane._observe
             assert posterior is not None
             if posterior is model.posterior:  # the version's private copy, narrowed in place
                 posterior = posterior.narrowable()
-            posterior.narrow(per_action[chosen], 0 if items is not None else chosen)
-        reward = _reward(expected, uniforms, i, chosen)
+            head = 0 if items is not None else chosen
+            predicted = posterior.narrow(per_action[chosen], head)
+            if rewards:  # the reward reaches the replica before its next decision
+                posterior.nudge(per_action[chosen], head, reward - predicted)
         values[i] = expected[i, chosen]
         event = DecisionEvent(
             event_id=f"e{i}", policy="bench", model_version=model.version, timestamp_ms=i,
@@ -268,16 +273,18 @@ def _shared_linucb(x: np.ndarray, expected: np.ndarray, uniforms: np.ndarray,
 
 def learners() -> dict[str, Callable[..., np.ndarray]]:
     def pl(strategy: str, every: int | None = None, gamma: float = 1.0,
-           pending: bool = True) -> Callable[..., np.ndarray]:
+           pending: bool = True, rewards: bool = True) -> Callable[..., np.ndarray]:
         return lambda *stream, seed: run_policyloop(
             *stream, strategy=strategy, publish_every=every, seed=seed, gamma=gamma,
-            pending=pending)
+            pending=pending, rewards=rewards)
 
     return {
         "policyloop epsilon_greedy:0.1 (serve --strategy default)": pl("epsilon_greedy:0.1"),
         "policyloop thompson": pl("thompson"),
-        "policyloop ucb:1": pl("ucb:1"),
-        "policyloop ucb:2 (create's default)": pl("ucb:2"),
+        "policyloop ucb:1 (create's default)": pl("ucb:1"),
+        "policyloop ucb:2": pl("ucb:2"),
+        "policyloop ucb:2, pending decisions without their rewards": pl("ucb:2",
+                                                                         rewards=False),
         "policyloop ucb:1, --no-pending-decisions": pl("ucb:1", pending=False),
         "policyloop thompson, --no-pending-decisions": pl("thompson", pending=False),
         "policyloop squarecb:10 (gamma fixed)": pl("squarecb:10"),

@@ -43,9 +43,9 @@ def test_the_spec_contract_is_carried_by_the_version(tmp_path: Path) -> None:
     assert manifest.defaults == PolicyDefaults("thompson", 2500, -1.0, "sum")
     assert Manifest.from_json(manifest.to_json()).defaults == manifest.defaults
     assert parse_spec(f'name = "plain"\n{BASE}').defaults == PolicyDefaults()
-    # created from nothing without a strategy: UCB at alpha 2, the bench's best from nothing
+    # created from nothing without a strategy: UCB at alpha 1, the bench's best from nothing
     plain = _publish(LocalRegistry(tmp_path / "registry"), "plain", "")
-    assert plain.defaults == PolicyDefaults(strategy="ucb:2")
+    assert plain.defaults == PolicyDefaults(strategy="ucb:1")
 
 
 @pytest.mark.parametrize(("table", "message"), [
