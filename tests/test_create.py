@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,6 +270,30 @@ def test_a_spec_policy_refuses_a_request_missing_features_unless_its_spec_fills_
         assert stub.Decide(pb.DecideRequest(policy="sparse", context=partial), timeout=5).event_id
 
 
+@contextmanager
+def _served_ucb(tmp_path: Path, actions: list[str], pending: bool
+                ) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """A policy "fresh" created from nothing (context x, y) and served with ``ucb:1``, one
+    decision at a time: the decision stub, and a call that publishes its version 1 again."""
+    from protos import decision_pb2_grpc as pb_grpc
+    from serving.config import PolicyConfig
+    from tests.server_harness import channel, running_server, serve_config
+
+    spec = parse_spec(f'name = "fresh"\nkind = "actions"\nactions = {json.dumps(actions)}\n'
+                      '[features]\ncontext = ["x", "y"]\n')
+    registry = LocalRegistry(tmp_path / "registry")
+    model, manifest, posterior = cold_start(spec)
+
+    def publish() -> None:
+        registry.publish("fresh", model, manifest, {"head.npz": posterior.to_npz_bytes()})
+
+    publish()
+    config = serve_config(tmp_path, policies={"fresh": PolicyConfig(strategy="ucb:1")},
+                          pending_decisions=pending, micro_batch_size=1)
+    with running_server(config) as server, channel(server.target) as ch:
+        yield pb_grpc.DecisionServiceStub(ch), publish
+
+
 @pytest.mark.parametrize("pending", [True, False])
 def test_served_ucb_moves_on_from_the_actions_it_has_just_tried(tmp_path: Path,
                                                                pending: bool) -> None:
@@ -277,24 +303,13 @@ def test_served_ucb_moves_on_from_the_actions_it_has_just_tried(tmp_path: Path,
     (``--no-pending-decisions``) it sends all five to the same one. A new version starts
     again from what it publishes."""
     from protos import decision_pb2 as pb
-    from protos import decision_pb2_grpc as pb_grpc
-    from serving.config import PolicyConfig
-    from tests.server_harness import channel, running_server, serve_config
 
     actions = ["a", "b", "c", "d", "e"]
-    spec = parse_spec(f'name = "fresh"\nkind = "actions"\nactions = {json.dumps(actions)}\n'
-                      '[features]\ncontext = ["x", "y"]\n')
-    registry = LocalRegistry(tmp_path / "registry")
-    model, manifest, posterior = cold_start(spec)
-    registry.publish("fresh", model, manifest, {"head.npz": posterior.to_npz_bytes()})
-    config = serve_config(tmp_path, policies={"fresh": PolicyConfig(strategy="ucb:1")},
-                          pending_decisions=pending, micro_batch_size=1)
-    request = pb.DecideRequest(policy="fresh", context=pb.Features(dense=[1.0, 0.5]))
-    with running_server(config) as server, channel(server.target) as ch:
-        stub = pb_grpc.DecisionServiceStub(ch)
+    with _served_ucb(tmp_path, actions, pending) as (stub, publish):
+        request = pb.DecideRequest(policy="fresh", context=pb.Features(dense=[1.0, 0.5]))
         tried = [stub.Decide(request, timeout=5).chosen[0].action_id for _ in actions]
         assert sorted(tried) == actions if pending else len(set(tried)) == 1, tried
-        registry.publish("fresh", model, manifest, {"head.npz": posterior.to_npz_bytes()})
+        publish()
         deadline = time.monotonic() + 10
         while stub.Decide(request, timeout=5).model_version != 2:
             assert time.monotonic() < deadline, "version 2 was not served"
@@ -311,20 +326,9 @@ def test_served_ucb_learns_from_a_reward_before_the_next_version(tmp_path: Path,
     ``--no-pending-decisions`` the version's posterior is served as published: the same
     action every time."""
     from protos import decision_pb2 as pb
-    from protos import decision_pb2_grpc as pb_grpc
-    from serving.config import PolicyConfig
-    from tests.server_harness import channel, running_server, serve_config
 
-    spec = parse_spec('name = "fresh"\nkind = "actions"\nactions = ["a", "b", "c"]\n'
-                      '[features]\ncontext = ["x", "y"]\n')
-    registry = LocalRegistry(tmp_path / "registry")
-    model, manifest, posterior = cold_start(spec)
-    registry.publish("fresh", model, manifest, {"head.npz": posterior.to_npz_bytes()})
-    config = serve_config(tmp_path, policies={"fresh": PolicyConfig(strategy="ucb:1")},
-                          pending_decisions=pending, micro_batch_size=1)
-    request = pb.DecideRequest(policy="fresh", context=pb.Features(dense=[1.0, 0.5]))
-    with running_server(config) as server, channel(server.target) as ch:
-        stub = pb_grpc.DecisionServiceStub(ch)
+    with _served_ucb(tmp_path, ["a", "b", "c"], pending) as (stub, _):
+        request = pb.DecideRequest(policy="fresh", context=pb.Features(dense=[1.0, 0.5]))
         first = stub.Decide(request, timeout=5)
         stub.Reward(pb.RewardRequest(event_id=first.event_id, value=1.0), timeout=5)
         again = stub.Decide(request, timeout=5)
