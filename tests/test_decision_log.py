@@ -250,6 +250,8 @@ def test_exhausted_spool_budget_drops_counts_and_logs_once(bus_log: LocalLog, tm
         for key, value in _records(0, 100):
             log.submit(TOPIC, key, value + b"." * 40)
         _wait(lambda: _count(registry, "spooled") + _count(registry, "dropped") == 100)
+        # the writer counts a drop before it logs it
+        _wait(lambda: any("DROPPED" in r.getMessage() for r in caplog.records))
     spooled, dropped = _count(registry, "spooled"), _count(registry, "dropped")
     assert spooled > 0 and dropped > 0
     assert _gauge(registry, "spool_bytes") <= 1000
