@@ -308,11 +308,12 @@ class DataPlane:
         callers hold ``_pending_lock``), so between two versions UCB and Thompson sampling
         move on from what they have just tried. Per replica: each replica narrows by its own
         decisions, the next version replaces them all. Returns the row's predicted score
-        (what ``_rewarded`` replaces by the reward)."""
+        (what ``_rewarded`` replaces by the reward), or None where there is nothing to narrow:
+        a posterior published without its noise variance (a file from before it)."""
+        if model.posterior is None or model.posterior.noise is None:
+            return None
         pending = self._pending.get(policy)
         if pending is None or pending[0] != model.version:
-            if model.posterior is None:
-                return None
             pending = (model.version, model.posterior.narrowable())
             self._pending[policy] = pending
         return pending[1].narrow(row, head)
